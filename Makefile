@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` (the main job) and `make test` (the test suite).
+# Both create/reuse .venv, install requirements-dev.txt when it changes, and (re)build ktkernels._C
+# incrementally with ninja. KTK_BUILD_CUDA=auto|0|1 controls the CUDA kernels (see setup.py).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps-$(shell sha1sum requirements-dev.txt | cut -c1-12)
+MAX_JOBS ?= $(shell nproc)
+
+.PHONY: demo test build lint clean
+
+$(DEPS_STAMP): requirements-dev.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	rm -f $(VENV)/.deps-*
+	touch $@
+
+build: $(DEPS_STAMP)
+	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py -q build_ext --inplace
+
+demo: build
+	$(PY) -m ktkernels.bench blurpool
+
+test: build
+	$(PY) -m pytest -q
+
+lint: $(DEPS_STAMP)
+	$(PY) -m ruff check ktkernels tests benchmarks setup.py
+
+clean:
+	rm -rf build ktkernels/_C*.so

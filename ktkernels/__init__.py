@@ -1,0 +1,25 @@
+"""ktkernels: fused Triton, CUDA and C++ kernels for anti-aliased CNNs and knowledge-transferred fine-tuning.
+
+>>> import torch, ktkernels
+>>> ktkernels.BlurPool2d(3)(torch.randn(2, 3, 8, 8)).shape
+torch.Size([2, 3, 4, 4])
+"""
+
+from . import backend
+from .backend import get_backend, set_backend, use_backend
+from .blurpool import BlurPool1d, BlurPool2d, MaxBlurPool2d, blur_pool1d, blur_pool2d, max_blur_pool2d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlurPool1d",
+    "BlurPool2d",
+    "MaxBlurPool2d",
+    "backend",
+    "blur_pool1d",
+    "blur_pool2d",
+    "get_backend",
+    "max_blur_pool2d",
+    "set_backend",
+    "use_backend",
+]

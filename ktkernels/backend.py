@@ -1,0 +1,144 @@
+"""Backend choice for every ktkernels op: ``auto`` | ``triton`` | ``cuda`` | ``cpu`` | ``torch``.
+
+- ``torch``: the pure-PyTorch reference, on any device.
+- ``cpu``: the C++ (OpenMP) kernels of ``ktkernels._C``, for CPU tensors.
+- ``cuda``: the CUDA C++ kernels of ``ktkernels._C``, for CUDA tensors.
+- ``triton``: the Triton kernels, for CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``).
+- ``auto``: per device and op family, the fastest available (``AUTO_CUDA_ORDER`` follows the committed
+  benchmarks in ``benchmarks/results/``).
+
+A backend named explicitly that cannot run raises ``RuntimeError`` naming what is missing: there is
+no silent fallback. Choose with ``set_backend``, the ``use_backend`` context manager or the
+``KTK_BACKEND`` environment variable (read at import).
+
+Example::
+
+    >>> import ktkernels
+    >>> with ktkernels.use_backend("torch"):
+    ...     y = ktkernels.blur_pool2d(torch.randn(2, 3, 8, 8))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+
+# Order tried by ``auto`` on CUDA tensors, per (op family, layout), from the committed H100 results in
+# benchmarks/results/: the CUDA kernels win on NCHW, the Triton kernels on channels_last.
+AUTO_CUDA_ORDER: dict[tuple[str, bool], tuple[str, ...]] = {
+    ("blurpool", False): ("cuda", "triton"),
+    ("blurpool", True): ("triton", "cuda"),
+}
+
+
+def _validate(name: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    return name.lower()
+
+
+_current = _validate(os.environ.get("KTK_BACKEND", "auto"))
+
+
+def get_backend() -> str:
+    """The backend name currently selected (may be ``auto``)."""
+    return _current
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for all ops: one of ``auto``, ``triton``, ``cuda``, ``cpu``, ``torch``."""
+    global _current
+    _current = _validate(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager that selects a backend and restores the previous choice on exit."""
+    global _current
+    previous, _current = _current, _validate(name)
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+@functools.cache
+def extension_error() -> str | None:
+    """Why ``ktkernels._C`` cannot be loaded, or None when it loads."""
+    try:
+        import ktkernels._C  # noqa: F401
+    except ImportError as exc:
+        return f"the C++ extension ktkernels._C is not built ({exc}); run `pip install --no-build-isolation -e .`"
+    return None
+
+
+@functools.cache
+def has_compiled_kernels(device_type: str) -> bool:
+    """Whether ``ktkernels._C`` registered kernels for this device type (``cpu`` or ``cuda``)."""
+    if extension_error() is not None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key("ktkernels_C::blur_gather_", key)
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _why_unavailable(backend: str, device: torch.device) -> str | None:
+    dev = device.type
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if not has_triton():
+            return "triton is not installed"
+        if dev == "cuda" or (dev == "cpu" and triton_interpreter()):
+            return None
+        return f"triton runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), not {dev} tensors"
+    if backend in ("cpu", "cuda"):
+        if dev != backend:
+            return f"the {backend} backend runs {backend} tensors, not {dev} tensors"
+        if extension_error() is not None:
+            return extension_error()
+        if not has_compiled_kernels(dev):
+            return f"ktkernels._C was built without {backend.upper()} kernels (rebuild with KTK_BUILD_CUDA=1)"
+        return None
+    raise AssertionError(backend)
+
+
+def resolve(family: str, device: torch.device, channels_last: bool = False) -> str:
+    """The concrete backend that runs ``family`` on ``device`` (and layout) under the current choice."""
+    chosen = _current
+    if chosen != "auto":
+        why = _why_unavailable(chosen, device)
+        if why is not None:
+            raise RuntimeError(f"ktkernels backend {chosen!r} cannot run {family} here: {why}")
+        return chosen
+    if device.type == "cuda":
+        for candidate in AUTO_CUDA_ORDER.get((family, channels_last), ("cuda", "triton")):
+            if _why_unavailable(candidate, device) is None:
+                return candidate
+        return "torch"
+    if device.type == "cpu":
+        if _why_unavailable("cpu", device) is None:
+            return "cpu"
+        _warn_once(f"ktkernels: {extension_error()}; using the pure-PyTorch reference on CPU")
+    return "torch"
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -1,0 +1,67 @@
+"""``python -m ktkernels.bench blurpool``: the benchmark table on whatever device is present.
+
+Writes JSON, markdown and a PNG to --out (default benchmarks/results/) and prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+
+from . import blurpool, harness
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ktkernels.bench", description=__doc__)
+    parser.add_argument("family", choices=["blurpool"], nargs="?", default="blurpool")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="default: 128 on GPU, 16 on CPU")
+    parser.add_argument("--dtypes", default=None, help="comma list; default bfloat16,float32 (GPU), float32 (CPU)")
+    parser.add_argument("--layouts", default="NCHW,NHWC")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the recipe")
+    parser.add_argument("--eager", action="store_true", help="time eager calls (host overhead included), not graphs")
+    parser.add_argument("--quick", action="store_true", help="one case per kind, fewer repetitions")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    batch = args.batch or (128 if gpu else 16)
+    dtypes = [getattr(torch, d) for d in (args.dtypes or ("bfloat16,float32" if gpu else "float32")).split(",")]
+    cases = blurpool.RESNET50_CASES
+    if not gpu:  # the CPU job: the maxblur stem and the L2 downsampling blur (the CPU target shape)
+        cases = [c for c in cases if c[0] in ("maxblur k4 stem", "adobe k4 L2 down")]
+    if args.quick:
+        cases = [c for c in cases if c[0] in ("maxblur k4 stem", "adobe k4 L2 down")]
+    compile_cases = set() if args.no_compile else blurpool.COMPILE_CASES
+    env = harness.environment(device)
+    env["timing"] = (
+        "CUDA events around eager calls, host overhead included"
+        if args.eager or not gpu
+        else "device time: 10 calls captured in a CUDA graph, median of 10 replays"
+    )
+    if not gpu:
+        env["timing"] = "wall clock (perf_counter), median"
+    copy_gbps = harness.copy_bandwidth_gbps(device)
+    rows = blurpool.run(
+        device, batch, dtypes, args.layouts.split(","), compile_cases, cases, reps=5 if args.quick else 20
+    )
+    harness.finish(rows, copy_gbps)
+    tag = re.sub(r"[^a-z0-9]+", "_", env["device"].lower()).strip("_") if gpu else "cpu"
+    print(
+        harness.write(
+            rows,
+            env,
+            copy_gbps,
+            args.out,
+            f"blurpool_{tag}{'_eager' if args.eager and gpu else ''}",
+            baseline="pytorch",
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

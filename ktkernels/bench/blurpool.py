@@ -1,0 +1,134 @@
+"""BlurPool family benchmark: ktkernels vs the anchors' PyTorch recipes and torch.compile.
+
+Shapes are ResNet-50's blur layers (baselines.md): the max-blur stem and the blurs of layers 2-4.
+Each case has a geometry (adobe k=4, or timm k=3) and is timed against that anchor's recipe
+(``pytorch``: pad + depthwise conv) in the same run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import backend
+from ..blurpool import geometry, op
+from .harness import Row, graph_median_ms, median_ms, rotating
+
+# (case, channels, size, kind, filt_size, pads (l, r, t, b))
+RESNET50_CASES = [
+    ("maxblur k4 stem", 64, 112, "maxblur", 4, (1, 2, 1, 2)),
+    ("adobe k4 L2 blur", 128, 56, "blur", 4, (1, 2, 1, 2)),
+    ("timm k3 L2 blur", 128, 56, "blur", 3, (1, 1, 1, 1)),
+    ("adobe k4 L2 down", 256, 56, "blur", 4, (1, 2, 1, 2)),
+    ("timm k3 L2 down", 256, 56, "blur", 3, (1, 1, 1, 1)),
+    ("adobe k4 L3 down", 512, 28, "blur", 4, (1, 2, 1, 2)),
+    ("timm k3 L3 down", 512, 28, "blur", 3, (1, 1, 1, 1)),
+    ("adobe k4 L4 down", 1024, 14, "blur", 4, (1, 2, 1, 2)),
+    ("timm k3 L4 down", 1024, 14, "blur", 3, (1, 1, 1, 1)),
+]
+# torch.compile costs tens of seconds per graph on the GPU box: compile the adobe recipe on the two
+# combinations that baselines.md measured.
+COMPILE_CASES = {("adobe k4 L2 down", torch.bfloat16, "NHWC"), ("adobe k4 L2 down", torch.float32, "NCHW")}
+
+
+def recipe(kind: str, filt_size: int, pads: tuple):
+    """The anchors' pure-PyTorch recipe: [max_pool2d(2, 1)] + reflect pad + depthwise conv at stride 2.
+
+    The filter is built once per (channels, dtype, device), as the anchors' layers keep it in a buffer.
+    """
+    filters: dict[tuple, torch.Tensor] = {}
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if kind == "maxblur":
+            x = F.max_pool2d(x, 2, stride=1)
+        c = x.shape[1]
+        key = (c, x.dtype, x.device)
+        if key not in filters:
+            filt = geometry.binomial_filter2d(filt_size, x.dtype).to(x.device)
+            filters[key] = filt.expand(c, 1, filt_size, filt_size).contiguous()
+        return F.conv2d(F.pad(x, pads, mode="reflect"), filters[key], stride=2, groups=c)
+
+    return run
+
+
+def ours(kind: str, filt_size: int, pads: tuple, name: str):
+    """ktkernels with a named backend, same geometry as the recipe."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with backend.use_backend(name):
+            if kind == "maxblur":
+                return op.max_blur_pool2d(x, 2, 0, filt_size, 2, list(pads), "reflect")[0]
+            return op.blur_pool2d(x, filt_size, 2, list(pads), "reflect")
+
+    return run
+
+
+def implementations(device: torch.device, compile_recipe: bool, kind: str, filt_size: int, pads: tuple) -> dict:
+    """Our backends that can run on ``device``, the recipe, and optionally the compiled recipe."""
+    impls = {}
+    for name in ("triton", "cuda") if device.type == "cuda" else ("cpu",):
+        try:
+            with backend.use_backend(name):
+                backend.resolve("blurpool", device)
+        except RuntimeError:
+            continue
+        impls[f"ktk-{name}"] = ours(kind, filt_size, pads, name)
+    impls["pytorch"] = recipe(kind, filt_size, pads)
+    if compile_recipe:
+        impls["pytorch+compile"] = torch.compile(recipe(kind, filt_size, pads), dynamic=False)
+    return impls
+
+
+def _time_case(device, batch, case, channels, size, kind, filt_size, pads, dtype, layout, compiled, reps, graphs):
+    """All implementations of one (case, dtype, layout), forward and forward+backward, on shared inputs."""
+    shape = (batch, channels, size, size)
+    fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+    es = torch.tensor([], dtype=dtype).element_size()
+    m = size - 1 if kind == "maxblur" else size  # the blur runs on the (H-1) max map for maxblur
+    out_size = (m + 1) // 2
+    n_in, n_out = batch * channels * size * size, batch * channels * out_size**2
+    codes = batch * channels * m * m if kind == "maxblur" else 0  # uint8, written once, read once
+    fwd_bytes = (n_in + n_out) * es + codes
+    bytes_by_mode = {"fwd": fwd_bytes, "f+b": fwd_bytes + (n_in + n_out) * es + codes}
+    inputs = rotating(lambda: torch.randn(shape, dtype=dtype, device=device).to(memory_format=fmt), n_in * es, device)
+    out_shape = (batch, channels, out_size, out_size)
+    grads = rotating(
+        lambda: torch.randn(out_shape, dtype=dtype, device=device).to(memory_format=fmt), n_out * es, device
+    )
+    rows = []
+    for mode in ("fwd", "f+b"):
+        for impl, fn in implementations(device, compiled, kind, filt_size, pads).items():
+            if mode == "fwd":
+
+                def step(fn=fn):
+                    return fn(inputs())
+            else:
+
+                def step(fn=fn):
+                    x = inputs().detach().requires_grad_()
+                    return torch.autograd.grad(fn(x), x, grads())
+
+            dtype_name = str(dtype).replace("torch.", "")
+            row = Row("blurpool", case, shape, dtype_name, layout, mode, impl, None, bytes_by_mode[mode])
+            try:
+                if device.type == "cuda" and graphs:
+                    row.ms = graph_median_ms(step)
+                else:
+                    row.ms = median_ms(step, device, reps=reps)
+            except Exception as exc:  # a failing baseline is a result too (recorded, not fatal)
+                row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+            rows.append(row)
+            print(f"{case} {shape} {dtype_name} {layout} {mode} {impl}: {row.ms or row.error}", flush=True)
+    return rows
+
+
+def run(device, batch, dtypes, layouts, compile_cases, cases=RESNET50_CASES, reps=20, graphs=True) -> list[Row]:
+    rows: list[Row] = []
+    for case, channels, size, kind, filt_size, pads in cases:
+        for dtype in dtypes:
+            for layout in layouts:
+                compiled = (case, dtype, layout) in compile_cases
+                rows += _time_case(
+                    device, batch, case, channels, size, kind, filt_size, pads, dtype, layout, compiled, reps, graphs
+                )
+    return rows

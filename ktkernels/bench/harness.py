@@ -1,0 +1,211 @@
+"""Timing, bandwidth accounting and report writing shared by every benchmark family.
+
+Rules (design.md): all compared implementations run in one process, one after the other, on the same
+inputs; GPU times are medians of CUDA-event timings after warm-up, with inputs rotated when they fit
+in L2; achieved bandwidth is reported against a device-to-device copy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+
+@dataclasses.dataclass
+class Row:
+    family: str
+    case: str  # e.g. "adobe k4 L2 down"
+    shape: tuple
+    dtype: str
+    layout: str  # NCHW | NHWC
+    mode: str  # fwd | f+b
+    impl: str  # ktk-triton | ktk-cuda | ktk-cpu | adobe | timm | adobe+compile | ...
+    ms: float | None
+    bytes: int
+    gbps: float | None = None
+    pct_copy: float | None = None
+    error: str | None = None
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 20) -> float:
+    """Median wall time of ``fn`` in ms: CUDA events on GPU, perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def graph_median_ms(fn: Callable[[], object], calls: int = 10, reps: int = 10) -> float:
+    """Device time of ``fn`` on CUDA: ``calls`` invocations captured in one CUDA graph, replayed.
+
+    Replaying removes host (Python, dispatcher, launcher) time between kernels, which would otherwise
+    dominate sub-0.2 ms ops; every implementation in a table is timed the same way.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture: compiles, caches, allocator pools
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None) -> float:
+    """Device copy bandwidth, counting bytes read plus bytes written."""
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 256 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, warmup=3, reps=20 if device.type == "cuda" else 7)
+    return 2 * nbytes / ms / 1e6
+
+
+def rotating(make: Callable[[], object], nbytes: int, device: torch.device) -> Callable[[], object]:
+    """Several copies of the inputs, cycled, so that small working sets do not live in L2."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+    copies = [make() for _ in range(min(4, max(1, math.ceil(3 * l2 / max(nbytes, 1)))))]
+    state = {"i": 0}
+
+    def next_inputs():
+        state["i"] = (state["i"] + 1) % len(copies)
+        return copies[state["i"]]
+
+    return next_inputs
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": commit or os.environ.get("KTK_COMMIT", "unknown"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def finish(rows: Sequence[Row], copy_gbps: float) -> None:
+    for row in rows:
+        if row.ms:
+            row.gbps = row.bytes / row.ms / 1e6
+            row.pct_copy = 100 * row.gbps / copy_gbps
+
+
+def markdown(rows: Sequence[Row], env: dict, copy_gbps: float, baseline: str) -> str:
+    """One line per (case, shape, dtype, layout, mode); ms per implementation, then our best vs baseline."""
+    impls = list(dict.fromkeys(r.impl for r in rows))
+    ours = [i for i in impls if i.startswith("ktk")]
+    head = (
+        f"Device: {env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']} | "
+        f"{env['date']}\n\nMeasured copy bandwidth: {copy_gbps:.0f} GB/s (read + write). Times are medians in ms"
+        f" ({env.get('timing', 'wall clock')}).\n\n"
+    )
+    cols = ["case", "shape", "dtype", "layout", "mode", *impls, "best ktk GB/s", "% of copy", f"speed-up vs {baseline}"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    groups: dict[tuple, dict[str, Row]] = {}
+    for r in rows:
+        groups.setdefault((r.case, r.shape, r.dtype, r.layout, r.mode), {})[r.impl] = r
+    for key, by_impl in groups.items():
+        cells = [key[0], "x".join(map(str, key[1])), key[2], key[3], key[4]]
+        for impl in impls:
+            r = by_impl.get(impl)
+            cells.append("" if r is None else (f"{r.ms:.3f}" if r.ms else f"error: {r.error}"))
+        timed = [by_impl[i] for i in ours if i in by_impl and by_impl[i].ms]
+        best = min(timed, key=lambda r: r.ms) if timed else None
+        base = by_impl.get(baseline)
+        cells += [
+            f"{best.gbps:.0f} ({best.impl})" if best else "",
+            f"{best.pct_copy:.0f}%" if best else "",
+            f"{base.ms / best.ms:.1f}x" if best and base and base.ms else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[Row], path: Path, title: str) -> None:
+    """Bar chart: % of copy bandwidth per case for each implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    impls = list(dict.fromkeys(r.impl for r in rows))
+    keys = list(dict.fromkeys((r.case, r.dtype, r.layout, r.mode) for r in rows))
+    width = 0.8 / max(len(impls), 1)
+    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(keys) * max(len(impls), 1) / 2), 5))
+    for k, impl in enumerate(impls):
+        values = []
+        for key in keys:
+            match = [r for r in rows if (r.case, r.dtype, r.layout, r.mode) == key and r.impl == impl]
+            values.append(match[0].pct_copy or 0 if match else 0)
+        ax.bar([i + k * width for i in range(len(keys))], values, width, label=impl)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
+    ax.set_xticklabels([" ".join(key) for key in keys], rotation=90, fontsize=6)
+    ax.set_ylabel("% of measured copy bandwidth")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(rows: Sequence[Row], env: dict, copy_gbps: float, out_dir: Path, stem: str, baseline: str) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows, env, copy_gbps, baseline)
+    payload = {"env": env, "copy_gbps": copy_gbps, "rows": [dataclasses.asdict(r) for r in rows]}
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    (out_dir / f"{stem}.md").write_text(table)
+    try:
+        plot(rows, out_dir / f"{stem}.png", f"{stem} on {env['device']}")
+    except ImportError:
+        pass
+    return table

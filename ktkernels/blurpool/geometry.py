@@ -1,0 +1,165 @@
+"""The geometry of blur pooling: filter taps, padding, output sizes and the 1-D gather tables.
+
+Every backend computes the same separable operator. Along one axis of length ``L`` a blur pool with
+filter size ``k``, stride ``s``, pads ``(before, after)`` and a pad mode is a sparse ``L_out x L``
+matrix ``R``::
+
+    R[i, p] = sum over taps u with  fold(s*i + u - before) == p  of  a_u / sum(a)
+
+where ``a`` is row ``k`` of Pascal's triangle and ``fold`` maps a padded position back into
+``[0, L)`` (reflect, replicate) or drops it (zero). The 2-D op is ``Y = R_h X R_w^T`` and its
+gradient is ``dX = R_h^T dY R_w``.
+
+Kernels never see pads or modes. They receive each axis as a dense table of (index, weight)
+pairs: ``R`` row by row for the forward, ``R^T`` row by row for the backward. So the forward and
+the backward are one gather kernel, and the index maths of padding lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PAD_MODES = ("reflect", "replicate", "zero")
+PAD_MODE_ALIASES = {
+    "reflect": "reflect",
+    "refl": "reflect",
+    "replicate": "replicate",
+    "repl": "replicate",
+    "zero": "zero",
+    "zeros": "zero",
+    "constant": "zero",
+}
+MAX_FILT_SIZE = 7
+MAX_STRIDE = 4
+
+
+def canonical_pad_mode(mode: str) -> str:
+    """Map the anchors' spellings ('refl', 'repl', 'constant', ...) to reflect | replicate | zero."""
+    if not isinstance(mode, str) or mode.lower() not in PAD_MODE_ALIASES:
+        raise ValueError(f"unknown pad mode {mode!r}; expected one of {sorted(PAD_MODE_ALIASES)}")
+    return PAD_MODE_ALIASES[mode.lower()]
+
+
+def binomial_taps(filt_size: int) -> list[float]:
+    """Row ``filt_size`` of Pascal's triangle, normalised to sum 1 (exact dyadic rationals)."""
+    total = 2 ** (filt_size - 1)
+    return [math.comb(filt_size - 1, i) / total for i in range(filt_size)]
+
+
+def binomial_filter2d(filt_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (k, k) filter ``a a^T / 4^(k-1)`` that every anchor uses."""
+    a = torch.tensor(binomial_taps(filt_size), dtype=torch.float64)
+    return torch.outer(a, a).to(dtype)
+
+
+def adobe_pads(filt_size: int, pad_off: int = 0) -> tuple[int, int]:
+    """antialiased-cnns / kornia>=0.9: ``((k-1)//2 + pad_off, ceil((k-1)/2) + pad_off)``."""
+    return (filt_size - 1) // 2 + pad_off, filt_size // 2 + pad_off
+
+
+def output_size(size: int, filt_size: int, stride: int, pad_before: int, pad_after: int) -> int:
+    """``floor((L + before + after - k) / s) + 1``; works on SymInts too."""
+    return (size + pad_before + pad_after - filt_size) // stride + 1
+
+
+def max_pool_output_size(size: int, kmax: int, pmax: int) -> int:
+    """Size of the stride-1 max map that MaxBlurPool blurs: ``L + 2*pmax - kmax + 1``."""
+    return size + 2 * pmax - kmax + 1
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One spatial axis of a blur pool."""
+
+    size: int
+    filt_size: int
+    stride: int
+    pad_before: int
+    pad_after: int
+    mode: str
+
+    @property
+    def out_size(self) -> int:
+        return output_size(self.size, self.filt_size, self.stride, self.pad_before, self.pad_after)
+
+
+def _fold(pos: np.ndarray, size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Map padded positions into ``[0, size)``; returns (index, valid). Pads are < size for reflect."""
+    if mode == "reflect":
+        pos = np.abs(pos)
+        pos = np.where(pos >= size, 2 * (size - 1) - pos, pos)
+        return pos, np.ones(pos.shape, dtype=bool)
+    if mode == "replicate":
+        return np.clip(pos, 0, size - 1), np.ones(pos.shape, dtype=bool)
+    valid = (pos >= 0) & (pos < size)
+    return np.where(valid, pos, 0), valid
+
+
+@functools.lru_cache(maxsize=512)
+def forward_table(axis: Axis) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``R``: index and weight arrays of shape (out_size, filt_size).
+
+    Taps that fall in zero padding get weight 0 and index 0, so kernels never need a mask.
+    """
+    i = np.arange(axis.out_size, dtype=np.int64)[:, None]
+    u = np.arange(axis.filt_size, dtype=np.int64)[None, :]
+    idx, valid = _fold(axis.stride * i + u - axis.pad_before, axis.size, axis.mode)
+    taps = np.asarray(binomial_taps(axis.filt_size), dtype=np.float32)
+    weight = np.where(valid, taps[None, :], np.float32(0.0)).astype(np.float32)
+    return np.ascontiguousarray(idx, dtype=np.int32), np.ascontiguousarray(weight)
+
+
+@functools.lru_cache(maxsize=512)
+def adjoint_table(axis: Axis) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``R^T``: for each input position, the outputs it feeds and the summed weights.
+
+    Shape (size, M) with M the largest number of distinct outputs any input feeds; unused slots
+    have weight 0 and index 0. Duplicate (input, output) pairs, which reflection creates at the
+    borders, are merged so the gather adds each output once.
+    """
+    f_idx, f_w = forward_table(axis)
+    out_i = np.broadcast_to(np.arange(axis.out_size)[:, None], f_idx.shape).ravel()
+    in_p = f_idx.ravel().astype(np.int64)
+    w = f_w.ravel().astype(np.float64)
+    keep = w != 0
+    out_i, in_p, w = out_i[keep], in_p[keep], w[keep]
+    pair = in_p * max(axis.out_size, 1) + out_i
+    uniq, inverse = np.unique(pair, return_inverse=True)
+    summed = np.zeros(uniq.shape, dtype=np.float64)
+    np.add.at(summed, inverse, w)
+    p, i = uniq // max(axis.out_size, 1), uniq % max(axis.out_size, 1)
+    counts = np.bincount(p, minlength=axis.size)
+    width = max(int(counts.max(initial=0)), 1)
+    slot = np.arange(len(uniq)) - np.repeat(np.cumsum(counts) - counts, counts)
+    idx = np.zeros((axis.size, width), dtype=np.int32)
+    weight = np.zeros((axis.size, width), dtype=np.float32)
+    idx[p, slot] = i
+    weight[p, slot] = summed  # sums of dyadic taps: exact in fp32
+    return idx, weight
+
+
+_DEVICE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def device_table(axis: Axis, adjoint: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (index int32, weight float32) table on ``device``, cached: one host-to-device copy per shape."""
+    key = (axis, adjoint, device)
+    table = _DEVICE_TABLES.get(key)
+    if table is None:
+        idx, weight = (adjoint_table if adjoint else forward_table)(axis)
+        table = (torch.from_numpy(idx).to(device), torch.from_numpy(weight).to(device))
+        _DEVICE_TABLES[key] = table
+    return table
+
+
+def codes_per_owner(max_size: int, out_size: int, stride: int) -> int:
+    """How many max-map positions one output owns along an axis (GPU kernels write each code once).
+
+    Output ``i`` owns positions ``[s*i, s*i + s)``; the last output also owns everything past them.
+    """
+    return max(stride, max_size - stride * (out_size - 1), 1)

@@ -1,0 +1,429 @@
+"""torch.library ops of the blur-pool family: schema, validation, fake impl, autograd, dispatch.
+
+Public ops (all in the ``ktkernels`` namespace):
+
+- ``blur_pool2d(x, filt_size, stride, padding, pad_mode) -> y`` with padding (left, right, top, bottom)
+- ``blur_pool1d(x, filt_size, stride, padding, pad_mode) -> y`` with padding (left, right)
+- ``max_blur_pool2d(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode) -> (y, codes)``
+
+and their ``*_backward`` ops. Backwards save no activations: the blur saves only sizes, the max-blur
+its uint8 argmax codes (one byte per max-map position, not the max map or int64 indices). The blur's
+backward is differentiable again (its adjoint is the forward), so double backward works for it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backend
+from .geometry import (
+    MAX_FILT_SIZE,
+    MAX_STRIDE,
+    PAD_MODES,
+    Axis,
+    device_table,
+    max_pool_output_size,
+    output_size,
+)
+from .reference import (
+    blur_pool1d_backward_reference,
+    blur_pool1d_reference,
+    blur_pool2d_backward_reference,
+    blur_pool2d_reference,
+    max_blur_pool2d_backward_reference,
+    max_blur_pool2d_reference,
+)
+
+FAMILY = "blurpool"
+# A 1-pixel identity axis turns the 2-D gather into BlurPool1d over (N, C, 1, L).
+_UNIT_AXIS = Axis(size=1, filt_size=1, stride=1, pad_before=0, pad_after=0, mode="zero")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (runs in the fake impl too, so torch.compile reports bad input at trace time)
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"in {low}..{high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def check_input(x: Tensor, spatial_dims: int, op: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op} expects a Tensor, got {type(x).__name__}")
+    layout = "(N, C, L)" if spatial_dims == 1 else "(N, C, H, W)"
+    if x.dim() != 2 + spatial_dims:
+        raise ValueError(f"{op} expects a {2 + spatial_dims}-D input {layout}, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op} expects a floating-point input, got {x.dtype}")
+
+
+def check_blur_args(sizes: tuple, filt_size: int, stride: int, padding: list[int], pad_mode: str, op: str) -> None:
+    """Validate filter, stride, pads (before/after per axis, last axis first) and mode against sizes."""
+    _check_int("filt_size", filt_size, 1, MAX_FILT_SIZE)
+    _check_int("stride", stride, 1, MAX_STRIDE)
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+    if len(padding) != 2 * len(sizes):
+        raise ValueError(f"{op} expects {2 * len(sizes)} pads, got {list(padding)}")
+    for p in padding:
+        _check_int("each pad", p, 0)
+    # padding lists the last axis first, as F.pad does.
+    for axis, size in enumerate(reversed(sizes)):
+        before, after = padding[2 * axis], padding[2 * axis + 1]
+        if pad_mode == "reflect" and (before >= size or after >= size):
+            raise ValueError(
+                f"{op}: reflect padding needs each pad < the input size, got pads ({before}, {after}) for size {size}"
+            )
+        out = output_size(size, filt_size, stride, before, after)
+        if out < 1:
+            raise ValueError(
+                f"{op}: input size {size} with pads ({before}, {after}) is smaller than filt_size {filt_size}"
+            )
+
+
+def _check_max(kmax: int, pmax: int) -> None:
+    _check_int("max_kernel", kmax, 1, 3)
+    _check_int("max_padding", pmax, 0, kmax // 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout helpers: outputs keep the input's memory format (channels innermost stays innermost).
+
+
+def channels_inner(x: Tensor) -> bool:
+    """True for channels_last-like tensors (channels the innermost axis), e.g. NHWC or (N, L, C)^T."""
+    return x.size(1) > 1 and x.stride(1) == 1 and not x.is_contiguous()
+
+
+def _alloc(like: Tensor, shape: tuple, channels_last: bool, dtype: torch.dtype | None = None) -> Tensor:
+    dtype = like.dtype if dtype is None else dtype
+    if not channels_last:
+        return like.new_empty(shape, dtype=dtype)
+    if len(shape) == 4:
+        return torch.empty(shape, dtype=dtype, device=like.device, memory_format=torch.channels_last)
+    n, c, length = shape
+    return like.new_empty((n, length, c), dtype=dtype).transpose(1, 2)
+
+
+def _axes2d(h: int, w: int, filt_size: int, stride: int, padding: list[int], pad_mode: str) -> tuple[Axis, Axis]:
+    left, right, top, bottom = padding
+    return Axis(h, filt_size, stride, top, bottom, pad_mode), Axis(w, filt_size, stride, left, right, pad_mode)
+
+
+def _tables(axes: tuple[Axis, Axis], adjoint: bool, device: torch.device) -> tuple:
+    return tuple(device_table(axis, adjoint, device) for axis in axes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel dispatch
+
+
+def _gather(name: str, x: Tensor, axes: tuple[Axis, Axis], adjoint: bool, out: Tensor) -> None:
+    rows, cols = _tables(axes, adjoint, x.device)
+    if name == "triton":
+        from . import triton as kernels
+
+        kernels.blur_gather(x, rows, cols, out)
+    else:
+        torch.ops.ktkernels_C.blur_gather_(x, *rows, *cols, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# blur_pool2d
+
+
+@torch.library.custom_op("ktkernels::blur_pool2d", mutates_args=())
+def blur_pool2d(x: Tensor, filt_size: int, stride: int, padding: list[int], pad_mode: str) -> Tensor:
+    """Blur pool of (N, C, H, W) with the binomial filter; padding = (left, right, top, bottom)."""
+    y = _blur_pool2d_fake(x, filt_size, stride, padding, pad_mode)
+    if y.numel() == 0:
+        return y
+    name = backend.resolve(FAMILY, x.device, channels_inner(x))
+    if name == "torch":
+        y.copy_(blur_pool2d_reference(x, filt_size, stride, tuple(padding), pad_mode))
+    else:
+        _gather(name, x, _axes2d(*x.shape[2:], filt_size, stride, padding, pad_mode), False, y)
+    return y
+
+
+@blur_pool2d.register_fake
+def _blur_pool2d_fake(x, filt_size, stride, padding, pad_mode):
+    check_input(x, 2, "blur_pool2d")
+    check_blur_args(tuple(x.shape[2:]), filt_size, stride, padding, pad_mode, "blur_pool2d")
+    n, c, h, w = x.shape
+    left, right, top, bottom = padding
+    shape = (n, c, output_size(h, filt_size, stride, top, bottom), output_size(w, filt_size, stride, left, right))
+    return _alloc(x, shape, channels_inner(x))
+
+
+@torch.library.custom_op("ktkernels::blur_pool2d_backward", mutates_args=())
+def blur_pool2d_backward(
+    grad: Tensor,
+    input_size: list[int],
+    filt_size: int,
+    stride: int,
+    padding: list[int],
+    pad_mode: str,
+    channels_last: bool,
+) -> Tensor:
+    """Gradient of blur_pool2d w.r.t. its (N, C, *input_size) input: the adjoint gather."""
+    gx = _blur_pool2d_backward_fake(grad, input_size, filt_size, stride, padding, pad_mode, channels_last)
+    if gx.numel() == 0:
+        return gx
+    if grad.numel() == 0:
+        return gx.zero_()
+    name = backend.resolve(FAMILY, grad.device, channels_last)
+    if name == "torch":
+        gx.copy_(blur_pool2d_backward_reference(grad, tuple(input_size), filt_size, stride, tuple(padding), pad_mode))
+    else:
+        _gather(name, grad, _axes2d(*input_size, filt_size, stride, padding, pad_mode), True, gx)
+    return gx
+
+
+@blur_pool2d_backward.register_fake
+def _blur_pool2d_backward_fake(grad, input_size, filt_size, stride, padding, pad_mode, channels_last):
+    n, c = grad.shape[:2]
+    return _alloc(grad, (n, c, *input_size), channels_last)
+
+
+def _blur_pool2d_setup(ctx, inputs, output):
+    x, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode = inputs
+    ctx.input_size = list(x.shape[2:])
+    ctx.channels_last = channels_inner(x)
+
+
+def _blur_pool2d_grad(ctx, grad):
+    gx = blur_pool2d_backward(
+        grad, ctx.input_size, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode, ctx.channels_last
+    )
+    return gx, None, None, None, None
+
+
+def _blur_pool2d_backward_setup(ctx, inputs, output):
+    _, _, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode, _ = inputs
+
+
+def _blur_pool2d_backward_grad(ctx, grad_grad):
+    # The backward is linear in grad; its adjoint is the forward.
+    return (
+        blur_pool2d(grad_grad, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode),
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+blur_pool2d.register_autograd(_blur_pool2d_grad, setup_context=_blur_pool2d_setup)
+blur_pool2d_backward.register_autograd(_blur_pool2d_backward_grad, setup_context=_blur_pool2d_backward_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# blur_pool1d: the 2-D gather over an (N, C, 1, L) view with an identity row axis
+
+
+@torch.library.custom_op("ktkernels::blur_pool1d", mutates_args=())
+def blur_pool1d(x: Tensor, filt_size: int, stride: int, padding: list[int], pad_mode: str) -> Tensor:
+    """Blur pool of (N, C, L) with the binomial filter; padding = (left, right)."""
+    y = _blur_pool1d_fake(x, filt_size, stride, padding, pad_mode)
+    if y.numel() == 0:
+        return y
+    name = backend.resolve(FAMILY, x.device, channels_inner(x))
+    if name == "torch":
+        y.copy_(blur_pool1d_reference(x, filt_size, stride, tuple(padding), pad_mode))
+    else:
+        axis = Axis(x.shape[2], filt_size, stride, padding[0], padding[1], pad_mode)
+        _gather(name, x.unsqueeze(2), (_UNIT_AXIS, axis), False, y.unsqueeze(2))
+    return y
+
+
+@blur_pool1d.register_fake
+def _blur_pool1d_fake(x, filt_size, stride, padding, pad_mode):
+    check_input(x, 1, "blur_pool1d")
+    check_blur_args((x.shape[2],), filt_size, stride, padding, pad_mode, "blur_pool1d")
+    n, c, length = x.shape
+    return _alloc(x, (n, c, output_size(length, filt_size, stride, *padding)), channels_inner(x))
+
+
+@torch.library.custom_op("ktkernels::blur_pool1d_backward", mutates_args=())
+def blur_pool1d_backward(
+    grad: Tensor,
+    input_size: int,
+    filt_size: int,
+    stride: int,
+    padding: list[int],
+    pad_mode: str,
+    channels_last: bool,
+) -> Tensor:
+    """Gradient of blur_pool1d w.r.t. its (N, C, input_size) input."""
+    gx = _blur_pool1d_backward_fake(grad, input_size, filt_size, stride, padding, pad_mode, channels_last)
+    if gx.numel() == 0:
+        return gx
+    if grad.numel() == 0:
+        return gx.zero_()
+    name = backend.resolve(FAMILY, grad.device, channels_last)
+    if name == "torch":
+        gx.copy_(blur_pool1d_backward_reference(grad, input_size, filt_size, stride, tuple(padding), pad_mode))
+    else:
+        axis = Axis(input_size, filt_size, stride, padding[0], padding[1], pad_mode)
+        _gather(name, grad.unsqueeze(2), (_UNIT_AXIS, axis), True, gx.unsqueeze(2))
+    return gx
+
+
+@blur_pool1d_backward.register_fake
+def _blur_pool1d_backward_fake(grad, input_size, filt_size, stride, padding, pad_mode, channels_last):
+    return _alloc(grad, (grad.shape[0], grad.shape[1], input_size), channels_last)
+
+
+def _blur_pool1d_setup(ctx, inputs, output):
+    x, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode = inputs
+    ctx.input_size = x.shape[2]
+    ctx.channels_last = channels_inner(x)
+
+
+def _blur_pool1d_grad(ctx, grad):
+    gx = blur_pool1d_backward(
+        grad, ctx.input_size, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode, ctx.channels_last
+    )
+    return gx, None, None, None, None
+
+
+def _blur_pool1d_backward_grad(ctx, grad_grad):
+    return (
+        blur_pool1d(grad_grad, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode),
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+blur_pool1d.register_autograd(_blur_pool1d_grad, setup_context=_blur_pool1d_setup)
+blur_pool1d_backward.register_autograd(_blur_pool1d_backward_grad, setup_context=_blur_pool2d_backward_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# max_blur_pool2d: max_pool2d(max_kernel, stride=1, max_padding) then the blur pool, in one kernel
+
+
+@torch.library.custom_op("ktkernels::max_blur_pool2d", mutates_args=())
+def max_blur_pool2d(
+    x: Tensor, max_kernel: int, max_padding: int, filt_size: int, stride: int, padding: list[int], pad_mode: str
+) -> tuple[Tensor, Tensor]:
+    """Fused max pool (stride 1) + blur pool of (N, C, H, W). Returns (y, uint8 argmax codes)."""
+    y, codes = _max_blur_pool2d_fake(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)
+    if y.numel() == 0:
+        return y, codes
+    name = backend.resolve(FAMILY, x.device, channels_inner(x))
+    if name == "torch":
+        ref_y, ref_codes = max_blur_pool2d_reference(
+            x, max_kernel, max_padding, filt_size, stride, tuple(padding), pad_mode
+        )
+        y.copy_(ref_y)
+        codes.copy_(ref_codes)
+        return y, codes
+    axes = _axes2d(*codes.shape[2:], filt_size, stride, padding, pad_mode)
+    rows, cols = _tables(axes, False, x.device)
+    if name == "triton":
+        from . import triton as kernels
+
+        kernels.max_blur_forward(x, max_kernel, max_padding, (stride, stride), rows, cols, y, codes)
+    else:
+        torch.ops.ktkernels_C.max_blur_forward_(x, max_kernel, max_padding, stride, stride, *rows, *cols, y, codes)
+    return y, codes
+
+
+@max_blur_pool2d.register_fake
+def _max_blur_pool2d_fake(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode):
+    check_input(x, 2, "max_blur_pool2d")
+    _check_max(max_kernel, max_padding)
+    n, c, h, w = x.shape
+    hm, wm = max_pool_output_size(h, max_kernel, max_padding), max_pool_output_size(w, max_kernel, max_padding)
+    check_blur_args((hm, wm), filt_size, stride, padding, pad_mode, "max_blur_pool2d")
+    left, right, top, bottom = padding
+    shape = (n, c, output_size(hm, filt_size, stride, top, bottom), output_size(wm, filt_size, stride, left, right))
+    layout = channels_inner(x)
+    return _alloc(x, shape, layout), _alloc(x, (n, c, hm, wm), layout, dtype=torch.uint8)
+
+
+@torch.library.custom_op("ktkernels::max_blur_pool2d_backward", mutates_args=())
+def max_blur_pool2d_backward(
+    grad: Tensor,
+    codes: Tensor,
+    input_size: list[int],
+    max_kernel: int,
+    max_padding: int,
+    filt_size: int,
+    stride: int,
+    padding: list[int],
+    pad_mode: str,
+    channels_last: bool,
+) -> Tensor:
+    """Gradient of max_blur_pool2d w.r.t. its input, from the output gradient and the argmax codes."""
+    gx = _max_blur_pool2d_backward_fake(
+        grad, codes, input_size, max_kernel, max_padding, filt_size, stride, padding, pad_mode, channels_last
+    )
+    if gx.numel() == 0:
+        return gx
+    if grad.numel() == 0:
+        return gx.zero_()
+    name = backend.resolve(FAMILY, grad.device, channels_last)
+    if name == "torch":
+        gx.copy_(
+            max_blur_pool2d_backward_reference(
+                grad, codes, tuple(input_size), max_kernel, max_padding, filt_size, stride, tuple(padding), pad_mode
+            )
+        )
+        return gx
+    axes = _axes2d(*codes.shape[2:], filt_size, stride, padding, pad_mode)
+    rows, cols = _tables(axes, True, grad.device)
+    if name == "triton":
+        from . import triton as kernels
+
+        kernels.max_blur_backward(grad, codes, max_kernel, max_padding, rows, cols, gx)
+    else:
+        torch.ops.ktkernels_C.max_blur_backward_(grad, codes, max_kernel, max_padding, *rows, *cols, gx)
+    return gx
+
+
+@max_blur_pool2d_backward.register_fake
+def _max_blur_pool2d_backward_fake(
+    grad, codes, input_size, max_kernel, max_padding, filt_size, stride, padding, pad_mode, channels_last
+):
+    return _alloc(grad, (grad.shape[0], grad.shape[1], *input_size), channels_last)
+
+
+def _max_blur_pool2d_setup(ctx, inputs, output):
+    x, ctx.max_kernel, ctx.max_padding, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode = inputs
+    ctx.save_for_backward(output[1])
+    ctx.input_size = list(x.shape[2:])
+    ctx.channels_last = channels_inner(x)
+
+
+def _max_blur_pool2d_grad(ctx, grad, _grad_codes):
+    (codes,) = ctx.saved_tensors
+    gx = max_blur_pool2d_backward(
+        grad,
+        codes,
+        ctx.input_size,
+        ctx.max_kernel,
+        ctx.max_padding,
+        ctx.filt_size,
+        ctx.stride,
+        ctx.padding,
+        ctx.pad_mode,
+        ctx.channels_last,
+    )
+    return gx, None, None, None, None, None, None
+
+
+max_blur_pool2d.register_autograd(_max_blur_pool2d_grad, setup_context=_max_blur_pool2d_setup)

@@ -1,0 +1,60 @@
+"""Builds ktkernels._C: the C++ CPU kernels always, the CUDA kernels when they can be built.
+
+KTK_BUILD_CUDA=auto (default) builds CUDA when torch is a CUDA build and nvcc exists;
+KTK_BUILD_CUDA=1 insists (and fails loudly otherwise); KTK_BUILD_CUDA=0 skips it.
+No -std= flag is passed: torch picks C++17 (2.11) or C++20 (2.14) itself.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+# torch guesses CUDA_HOME from the nvcc on PATH (/usr/local/bin here, a wrapper); point it at the toolkit
+# before cpp_extension reads it at import time.
+if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _build_cuda() -> bool:
+    flag = os.environ.get("KTK_BUILD_CUDA", "auto").strip().lower()
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    possible = torch.version.cuda is not None and nvcc is not None and os.path.exists(nvcc)
+    why_not = f"torch.version.cuda={torch.version.cuda!r}, nvcc={nvcc!r}"
+    if flag in ("0", "off", "false", "no"):
+        return False
+    if flag in ("1", "on", "true", "yes"):
+        if not possible:
+            raise RuntimeError(f"KTK_BUILD_CUDA=1 but the CUDA kernels cannot be built: {why_not}")
+        return True
+    if flag != "auto":
+        raise ValueError(f"KTK_BUILD_CUDA must be auto, 0 or 1, not {flag!r}")
+    if not possible:
+        print(f"ktkernels: building without CUDA kernels ({why_not})")
+    return possible
+
+
+with_cuda = _build_cuda()
+if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    # With no GPU to detect (CI), torch's arch detection fails; Ampere + Hopper cover our targets.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
+
+sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
+cxx_flags = ["-O3", "-fopenmp"]
+if with_cuda:
+    sources += sorted(glob.glob("csrc/*/*_cuda.cu")) + sorted(glob.glob("csrc/*/*_cuda.cpp"))
+    extension = CUDAExtension(
+        "ktkernels._C",
+        sources,
+        extra_compile_args={"cxx": cxx_flags + ["-DKTK_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=["-fopenmp"],
+    )
+else:
+    extension = CppExtension(
+        "ktkernels._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
+    )
+
+setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

@@ -1,0 +1,432 @@
+"""BlurPool family: every backend against the float64 reference, autograd, opcheck, compile, errors."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+
+import pytest
+import torch
+
+import ktkernels
+from ktkernels import backend
+from ktkernels.blurpool import geometry, op
+from ktkernels.blurpool import reference as ref
+
+GPU = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# (backend, device). CUDA targets carry the gpu marker; the Triton-on-CPU target needs the interpreter.
+TARGETS = [
+    pytest.param(("cpu", "cpu"), id="cpu"),
+    pytest.param(("torch", "cpu"), id="torch"),
+    pytest.param(
+        ("triton", "cpu"),
+        id="triton-interp",
+        marks=pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1 (CPU machines)"),
+    ),
+    pytest.param(("cuda", "cuda"), id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="no GPU")]),
+    pytest.param(
+        ("triton", "cuda"), id="triton-gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="no GPU")]
+    ),
+]
+KERNEL_TARGETS = [t for t in TARGETS if t.values[0][0] != "torch"]
+
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def dtypes_for(target):
+    return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """Relative to the reference's scale; NaN anywhere (e.g. an unwritten, poisoned element) fails."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape
+    assert not torch.isnan(actual).any(), "output has NaN (unwritten elements?)"
+    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= TOL[dtype] * scale, f"max abs error {err:.3e} > {TOL[dtype] * scale:.3e} ({dtype})"
+
+
+def make_input(shape, dtype, device, layout: str) -> torch.Tensor:
+    """Fresh random input in the requested memory layout: nchw | channels_last | strided."""
+    if layout == "strided":
+        n, c, *spatial = shape
+        big = torch.randn(n, c + 1, *[2 * s + 1 for s in spatial], dtype=torch.float64)
+        x = big[(slice(None), slice(1, None), *[slice(1, None, 2) for _ in spatial])]
+        assert not x.is_contiguous()
+    else:
+        x = torch.randn(shape, dtype=torch.float64)
+    x = x.to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last) if x.dim() == 4 else x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x
+
+
+def random_case(rng: random.Random, filt_size: int, stride: int, mode: str, spatial: int = 2):
+    """Sizes and pads valid for the mode: odd, rectangular, sometimes 1 pixel wide."""
+    sizes, pads = [], []
+    for _ in range(spatial):
+        if mode == "reflect":
+            before, after = (
+                geometry.adobe_pads(filt_size) if rng.random() < 0.6 else (rng.randint(0, 3), rng.randint(0, 3))
+            )
+            size = rng.randint(max(before, after, filt_size - before - after, 0) + 1, 13)
+        else:
+            before, after = rng.randint(0, filt_size + 1), rng.randint(0, filt_size + 1)
+            size = rng.randint(max(1, filt_size - before - after), 13)
+        sizes.append(size)
+        pads = [before, after] + pads  # F.pad order: last axis first
+    return sizes, pads
+
+
+BLUR_CASES = [(k, s, m) for k in range(1, 8) for s in range(1, 5) for m in geometry.PAD_MODES]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("filt_size,stride,mode", BLUR_CASES)
+def test_blur_pool2d_matches_reference(target, filt_size, stride, mode):
+    """Every filt_size x stride x mode, forward and backward, with a rotating dtype and layout."""
+    name, device = target
+    index = BLUR_CASES.index((filt_size, stride, mode))
+    if (name, device) == ("triton", "cuda") and index % 7:
+        pytest.skip("Triton runs the full matrix under the interpreter; on the GPU a sample bounds JIT time")
+    rng = random.Random(f"{filt_size}-{stride}-{mode}")
+    sizes, pads = random_case(rng, filt_size, stride, mode)
+    dtype = dtypes_for(target)[index % 4]
+    layout = ("nchw", "channels_last", "strided")[index % 3]
+    x = make_input((2, 3, *sizes), dtype, device, layout).requires_grad_()
+    with ktkernels.use_backend(name):
+        y = op.blur_pool2d(x, filt_size, stride, pads, mode)
+        grad = torch.randn_like(y)
+        y.backward(grad)
+    x64 = x.detach().double().cpu().requires_grad_()
+    expected = ref.blur_pool2d_reference(x64, filt_size, stride, tuple(pads), mode)
+    expected.backward(grad.double().cpu())
+    assert_close(y, expected, dtype)
+    assert_close(x.grad, x64.grad, dtype)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_adobe_default_every_dtype_and_layout(target, dtype, layout):
+    """The common case (k=4, s=2, reflect) on odd, rectangular maps; stride-0 (expanded) grads."""
+    name, device = target
+    x = make_input((3, 5, 11, 8), dtype, device, layout).requires_grad_()
+    with ktkernels.use_backend(name):
+        y = ktkernels.blur_pool2d(x)
+        grad = torch.randn((), dtype=dtype, device=device).expand_as(y)
+        y.backward(grad)
+    x64 = x.detach().double().cpu().requires_grad_()
+    expected = ref.blur_pool2d_reference(x64, 4, 2, (1, 2, 1, 2), "reflect")
+    expected.backward(grad.double().cpu())
+    assert y.shape == (3, 5, 6, 4)
+    assert_close(y, expected, dtype)
+    assert_close(x.grad, x64.grad, dtype)
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize(
+    "filt_size,stride,mode", [(3, 2, "reflect"), (4, 2, "zero"), (5, 3, "replicate"), (2, 1, "reflect")]
+)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_blur_pool1d_matches_reference(target, filt_size, stride, mode, layout):
+    name, device = target
+    rng = random.Random(filt_size * 100 + stride)
+    (length,), pads = random_case(rng, filt_size, stride, mode, spatial=1)
+    dtype = torch.float64 if name != "cuda" else torch.float32
+    x = make_input((2, 4, length + 6), dtype, device, layout).requires_grad_()
+    with ktkernels.use_backend(name):
+        y = op.blur_pool1d(x, filt_size, stride, pads, mode)
+        grad = torch.randn_like(y)
+        y.backward(grad)
+    x64 = x.detach().double().cpu().requires_grad_()
+    expected = ref.blur_pool1d_reference(x64, filt_size, stride, tuple(pads), mode)
+    expected.backward(grad.double().cpu())
+    assert_close(y, expected, dtype)
+    assert_close(x.grad, x64.grad, dtype)
+
+
+MAX_CASES = [
+    (2, 0, 4, 2, "reflect"),  # antialiased-cnns / kornia stem
+    (3, 1, 4, 2, "reflect"),  # DenseNet stem
+    (2, 0, 3, 2, "zero"),  # kornia k=3
+    (2, 0, 5, 3, "replicate"),
+    (3, 1, 2, 1, "zero"),
+    (3, 0, 7, 4, "zero"),
+]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("kmax,pmax,filt_size,stride,mode", MAX_CASES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_max_blur_pool2d_matches_reference(target, kmax, pmax, filt_size, stride, mode, layout):
+    """Values, argmax codes and gradient. fp64 random data has no ties, so argmax is unambiguous."""
+    name, device = target
+    dtype = torch.float64 if name != "cuda" else torch.float32
+    h, w = 13, 10
+    pads = list(geometry.adobe_pads(filt_size)) * 2
+    x = make_input((2, 3, h, w), dtype, device, layout).requires_grad_()
+    with ktkernels.use_backend(name):
+        y, codes = op.max_blur_pool2d(x, kmax, pmax, filt_size, stride, pads, mode)
+        grad = torch.randn_like(y)
+        y.backward(grad)
+    exp_y, exp_codes = ref.max_blur_pool2d_reference(
+        x.detach().double().cpu(), kmax, pmax, filt_size, stride, tuple(pads), mode
+    )
+    assert codes.dtype == torch.uint8
+    assert torch.equal(codes.cpu(), exp_codes), "argmax codes differ"
+    assert_close(y, exp_y, dtype)
+    x64 = x.detach().double().cpu().requires_grad_()
+    expected = ref.blur_pool2d_reference(
+        torch.nn.functional.max_pool2d(x64, kmax, 1, pmax), filt_size, stride, tuple(pads), mode
+    )
+    expected.backward(grad.double().cpu())
+    assert_close(x.grad, x64.grad, dtype)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_max_blur_pool2d_low_precision(target, dtype):
+    """Distinct values (a permutation) so that low-precision inputs have no ties either."""
+    name, device = target
+    n, c, h, w = 2, 3, 12, 9
+    values = torch.randperm(n * c * h * w).double() / 64 - 8  # exact in bf16 for this range
+    x = values.view(n, c, h, w).to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    with ktkernels.use_backend(name):
+        y = ktkernels.max_blur_pool2d(x)
+    exp_y, _ = ref.max_blur_pool2d_reference(x.double().cpu(), 2, 0, 4, 2, (1, 2, 1, 2), "reflect")
+    assert_close(y, exp_y, dtype)
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+def test_worked_examples_from_the_anchors(target):
+    """Values published for antialiased-cnns / kornia on eye(5) and 1..5 (reference notes section 2.4)."""
+    name, device = target
+    eye = torch.eye(5, dtype=torch.float64, device=device).view(1, 1, 5, 5)
+    expected = {
+        (3, "zero"): [[0.3125, 0.0625, 0], [0.0625, 0.375, 0.0625], [0, 0.0625, 0.3125]],
+        (3, "reflect"): [[0.5, 0.125, 0], [0.125, 0.375, 0.125], [0, 0.125, 0.5]],
+        (4, "reflect"): [[0.40625, 0.109375, 0.015625], [0.109375, 0.3125, 0.28125], [0.015625, 0.28125, 0.40625]],
+        (4, "zero"): [[0.296875, 0.09375, 0], [0.09375, 0.3125, 0.09375], [0, 0.09375, 0.15625]],
+    }
+    line = torch.arange(1.0, 6.0, dtype=torch.float64, device=device).view(1, 1, 5)
+    expected_1d = {
+        (3, "replicate"): [1.25, 3.0, 4.75],
+        (4, "zero"): [1.5, 3.5, 2.375],
+        (5, "reflect"): [1.75, 3.0, 4.25],
+    }
+    with ktkernels.use_backend(name):
+        for (k, mode), values in expected.items():
+            dtype = torch.float64 if name != "cuda" else torch.float32
+            got = ktkernels.blur_pool2d(eye.to(dtype), filt_size=k, pad_mode=mode)
+            assert torch.equal(got.double().cpu()[0, 0], torch.tensor(values, dtype=torch.float64)), (k, mode)
+        for (k, mode), values in expected_1d.items():
+            got = ktkernels.blur_pool1d(line.float(), filt_size=k, pad_mode=mode)
+            assert torch.equal(got.double().cpu()[0, 0], torch.tensor(values, dtype=torch.float64)), (k, mode)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_empty_batch_and_channels(target):
+    name, device = target
+    with ktkernels.use_backend(name):
+        for shape in [(0, 3, 8, 8), (2, 0, 8, 8)]:
+            x = torch.randn(shape, device=device, requires_grad=True)
+            y = ktkernels.blur_pool2d(x)
+            assert y.shape == (*shape[:2], 4, 4)
+            y.sum().backward()
+            assert x.grad.shape == shape
+            assert ktkernels.max_blur_pool2d(x).shape == (*shape[:2], 4, 4)
+        assert ktkernels.blur_pool1d(torch.randn(0, 3, 9, device=device)).shape == (0, 3, 5)
+
+
+@pytest.mark.parametrize("target", [t for t in KERNEL_TARGETS if t.values[0][1] == "cpu"])
+def test_backward_is_deterministic(target):
+    name, device = target
+    x = torch.randn(2, 4, 15, 14, dtype=torch.float32, requires_grad=True)
+    grads = []
+    with ktkernels.use_backend(name):
+        for _ in range(2):
+            for fn in (ktkernels.blur_pool2d, ktkernels.max_blur_pool2d):
+                x.grad = None
+                fn(x).backward(torch.ones(1).expand(fn(x).shape))
+                grads.append(x.grad.clone())
+    assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[3])
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.values[0][1] == "cpu"])
+def test_gradcheck_fp64(target):
+    name, _ = target
+    x = torch.randn(2, 2, 7, 6, dtype=torch.float64, requires_grad=True)
+    x1 = torch.randn(2, 2, 9, dtype=torch.float64, requires_grad=True)
+    with ktkernels.use_backend(name):
+        for mode in ("reflect", "zero", "replicate"):
+            fn = lambda t, mode=mode: op.blur_pool2d(t, 3, 2, [1, 2, 0, 1], mode)  # noqa: E731
+            assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
+            assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=True)
+        assert torch.autograd.gradcheck(lambda t: op.blur_pool1d(t, 4, 2, [1, 2], "reflect"), (x1,), fast_mode=True)
+        assert torch.autograd.gradgradcheck(lambda t: op.blur_pool1d(t, 4, 2, [1, 2], "reflect"), (x1,), fast_mode=True)
+        assert torch.autograd.gradcheck(
+            lambda t: ktkernels.max_blur_pool2d(t, max_kernel=3, max_padding=1), (x,), fast_mode=True
+        )
+
+
+@pytest.mark.parametrize("target", [t for t in KERNEL_TARGETS if t.values[0][1] == "cpu"])
+def test_opcheck(target):
+    name, _ = target
+    x = torch.randn(2, 3, 9, 8, requires_grad=True)
+    xl = torch.randn(2, 3, 9, 8).to(memory_format=torch.channels_last).requires_grad_()
+    x1 = torch.randn(2, 3, 11, requires_grad=True)
+    g = torch.randn(2, 3, 5, 4)
+    with ktkernels.use_backend(name):
+        for t in (x, xl):
+            torch.library.opcheck(op.blur_pool2d, (t, 4, 2, [1, 2, 1, 2], "reflect"))
+            torch.library.opcheck(op.max_blur_pool2d, (t, 2, 0, 4, 2, [1, 2, 1, 2], "zero"))
+        torch.library.opcheck(op.blur_pool2d_backward, (g, [9, 8], 4, 2, [1, 2, 1, 2], "reflect", False))
+        torch.library.opcheck(op.blur_pool1d, (x1, 3, 2, [1, 1], "replicate"))
+        torch.library.opcheck(op.blur_pool1d_backward, (torch.randn(2, 3, 6), 11, 3, 2, [1, 1], "replicate", False))
+        _, codes = op.max_blur_pool2d(x.detach(), 2, 0, 4, 2, [1, 2, 1, 2], "zero")
+        torch.library.opcheck(
+            op.max_blur_pool2d_backward,
+            (torch.randn(2, 3, 4, 4), codes, [9, 8], 2, 0, 4, 2, [1, 2, 1, 2], "zero", False),
+        )
+
+
+@pytest.mark.parametrize("target", [t for t in KERNEL_TARGETS if t.values[0][1] == "cpu"])
+def test_torch_compile_fullgraph(target):
+    name, _ = target
+    torch._dynamo.reset()
+    modules = [
+        (ktkernels.BlurPool2d(4), (2, 4, 10, 9)),
+        (ktkernels.MaxBlurPool2d(4), (2, 4, 10, 9)),
+        (ktkernels.BlurPool1d(4, pad_type="zero", filt_size=5), (2, 4, 17)),
+    ]
+    with ktkernels.use_backend(name):
+        for module, shape in modules:
+            x = torch.randn(shape, requires_grad=True)
+            compiled = torch.compile(module, fullgraph=True)
+            y = compiled(x)
+            y.square().sum().backward()
+            x_eager = x.detach().clone().requires_grad_()
+            y_eager = module(x_eager)
+            y_eager.square().sum().backward()
+            assert torch.equal(y, y_eager)
+            assert torch.equal(x.grad, x_eager.grad)
+
+
+def test_module_state_dict_and_attributes():
+    layer = ktkernels.BlurPool2d(6, pad_type="refl", filt_size=5, stride=3, pad_off=1)
+    assert (layer.filt_size, layer.stride, layer.pad_off, layer.channels) == (5, 3, 1, 6)
+    assert layer.pad_sizes == [3, 3, 3, 3] and layer.pad_type == "reflect"
+    state = layer.state_dict()
+    assert list(state) == ["filt"] and state["filt"].shape == (6, 1, 5, 5)
+    assert torch.equal(state["filt"][3, 0], geometry.binomial_filter2d(5))
+    ktkernels.BlurPool2d(6, filt_size=5).load_state_dict(state, strict=True)
+    assert ktkernels.BlurPool1d(4).state_dict()["filt"].shape == (4, 1, 3)
+    assert ktkernels.MaxBlurPool2d(8).state_dict()["filt"].shape == (8, 1, 4, 4)
+    # pad_off widens the output the way antialiased-cnns does: floor((H - 1 + 2*pad_off) / s) + 1
+    assert ktkernels.BlurPool2d(2, pad_off=1)(torch.randn(1, 2, 8, 8)).shape == (1, 2, 5, 5)
+    assert ktkernels.BlurPool2d(None)(torch.randn(1, 7, 8, 8)).shape == (1, 7, 4, 4)
+
+
+def test_modules_match_functional_and_reference():
+    x = torch.randn(2, 3, 21, 18)
+    for pad_type, k in itertools.product(("reflect", "repl", "zero"), (1, 2, 3, 4, 7)):
+        layer = ktkernels.BlurPool2d(3, pad_type=pad_type, filt_size=k)
+        mode = geometry.canonical_pad_mode(pad_type)
+        expected = ref.blur_pool2d_reference(x.double(), k, 2, tuple(layer.pad_sizes), mode)
+        assert_close(layer(x), expected, torch.float32)
+    stem = ktkernels.MaxBlurPool2d(3)
+    expected = ref.blur_pool2d_reference(
+        torch.nn.functional.max_pool2d(x.double(), 2, 1), 4, 2, (1, 2, 1, 2), "reflect"
+    )
+    assert_close(stem(x), expected, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: ktkernels.blur_pool2d(torch.randn(3, 8, 8)), ValueError, "4-D"),
+        (lambda: ktkernels.blur_pool2d(torch.ones(1, 1, 8, 8, dtype=torch.int32)), TypeError, "floating"),
+        (lambda: ktkernels.blur_pool2d(torch.randn(1, 1, 8, 8), filt_size=8), ValueError, "filt_size"),
+        (lambda: ktkernels.blur_pool2d(torch.randn(1, 1, 8, 8), filt_size=0), ValueError, "filt_size"),
+        (lambda: ktkernels.blur_pool2d(torch.randn(1, 1, 8, 8), stride=0), ValueError, "stride"),
+        (lambda: ktkernels.blur_pool2d(torch.randn(1, 1, 8, 8), stride=5), ValueError, "stride"),
+        (lambda: ktkernels.blur_pool2d(torch.randn(1, 1, 8, 8), pad_mode="circular"), ValueError, "circular"),
+        (lambda: ktkernels.blur_pool2d(torch.randn(1, 1, 2, 8)), ValueError, "reflect padding"),
+        (lambda: ktkernels.blur_pool2d(torch.randn(1, 1, 8, 8), padding=(1, -1, 0, 0)), ValueError, "pad"),
+        (lambda: ktkernels.blur_pool2d(torch.randn(1, 1, 2, 2), padding=0, pad_mode="zero"), ValueError, "smaller"),
+        (lambda: ktkernels.blur_pool2d(torch.randn(1, 1, 8, 8), filt_size=2.5), TypeError, "filt_size"),
+        (lambda: ktkernels.BlurPool2d(4)(torch.randn(1, 2, 8, 8)), ValueError, "4 channels"),
+        (lambda: ktkernels.BlurPool1d(4)(torch.randn(1, 8, 8)), ValueError, "4 channels"),
+        (lambda: ktkernels.BlurPool2d(4, pad_type="wrap"), ValueError, "wrap"),
+        (lambda: ktkernels.BlurPool2d(4, filt_size=3, pad_off=-2), ValueError, "negative"),
+        (lambda: ktkernels.blur_pool1d(torch.randn(1, 8, 8, 8)), ValueError, "3-D"),
+        (lambda: ktkernels.max_blur_pool2d(torch.randn(1, 1, 8, 8), max_kernel=4), ValueError, "max_kernel"),
+        (
+            lambda: ktkernels.max_blur_pool2d(torch.randn(1, 1, 8, 8), max_kernel=2, max_padding=2),
+            ValueError,
+            "max_padding",
+        ),
+    ],
+)
+def test_bad_input_raises_before_any_kernel(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_backend_selection():
+    assert backend.get_backend() in backend.BACKENDS
+    with pytest.raises(ValueError, match="unknown backend"):
+        ktkernels.set_backend("metal")
+    before = backend.get_backend()
+    with ktkernels.use_backend("torch"):
+        assert backend.get_backend() == "torch"
+        assert backend.resolve("blurpool", torch.device("cpu")) == "torch"
+    assert backend.get_backend() == before
+    # A named backend that cannot run never falls back silently.
+    with ktkernels.use_backend("cuda"), pytest.raises(RuntimeError, match="cuda"):
+        ktkernels.blur_pool2d(torch.randn(1, 1, 8, 8))
+    if not INTERPRET:
+        with ktkernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            ktkernels.blur_pool2d(torch.randn(1, 1, 8, 8))
+    assert backend.resolve("blurpool", torch.device("cpu")) == "cpu"
+
+
+def test_backend_env_var(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import ktkernels; print(ktkernels.get_backend())"
+    env = {**os.environ, "KTK_BACKEND": "torch"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch"
+
+
+def test_adjoint_table_is_the_transpose():
+    """R^T from the adjoint table equals the transpose of R from the forward table, densely."""
+    for size, k, s, before, after, mode in [
+        (9, 4, 2, 1, 2, "reflect"),
+        (5, 7, 1, 3, 3, "replicate"),
+        (6, 3, 3, 4, 0, "zero"),
+    ]:
+        axis = geometry.Axis(size, k, s, before, after, mode)
+        dense = torch.zeros(axis.out_size, size, dtype=torch.float64)
+        idx, w = geometry.forward_table(axis)
+        for i in range(axis.out_size):
+            for u in range(k):
+                dense[i, idx[i, u]] += float(w[i, u])
+        dense_t = torch.zeros(size, axis.out_size, dtype=torch.float64)
+        idx, w = geometry.adjoint_table(axis)
+        for p in range(size):
+            for m in range(idx.shape[1]):
+                dense_t[p, idx[p, m]] += float(w[p, m])
+        assert torch.equal(dense_t, dense.T)
