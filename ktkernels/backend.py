@@ -31,11 +31,14 @@ import torch
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 
-# Order tried by ``auto`` on CUDA tensors, per (op family, layout), from the committed H100 results in
-# benchmarks/results/: the CUDA kernels win on NCHW, the Triton kernels on channels_last.
+# Order tried by ``auto`` on CUDA tensors, per (op family, channels_last), from the committed H100 results
+# (benchmarks/results/blurpool_h100.md): for the blur, CUDA wins on NCHW and Triton on channels_last, forward
+# and backward; for the fused max-blur, CUDA wins in both layouts.
 AUTO_CUDA_ORDER: dict[tuple[str, bool], tuple[str, ...]] = {
     ("blurpool", False): ("cuda", "triton"),
     ("blurpool", True): ("triton", "cuda"),
+    ("maxblur", False): ("cuda", "triton"),
+    ("maxblur", True): ("cuda", "triton"),
 }
 
 

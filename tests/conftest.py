@@ -1,8 +1,13 @@
 """Test set-up: the Triton interpreter on CPU-only machines, seeding, and poisoned op outputs."""
 
 import os
+import tempfile
 
 import torch
+
+# A private Inductor cache per run: the on-disk cache does not key on custom-op schemas, so graphs compiled
+# against an older schema of our ops would be replayed (seen when an argument changed from int to int[]).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ktk-inductor-"))
 
 # Must happen before anything imports ktkernels' Triton kernels (@triton.jit reads it at decoration).
 if not torch.cuda.is_available():

@@ -292,7 +292,7 @@ def test_opcheck(target):
             torch.library.opcheck(op.max_blur_pool2d, (t, 2, 0, 4, 2, [1, 2, 1, 2], "zero"))
         torch.library.opcheck(op.blur_pool2d_backward, (g, [9, 8], 4, 2, [1, 2, 1, 2], "reflect", False))
         torch.library.opcheck(op.blur_pool1d, (x1, 3, 2, [1, 1], "replicate"))
-        torch.library.opcheck(op.blur_pool1d_backward, (torch.randn(2, 3, 6), 11, 3, 2, [1, 1], "replicate", False))
+        torch.library.opcheck(op.blur_pool1d_backward, (torch.randn(2, 3, 6), [11], 3, 2, [1, 1], "replicate", False))
         _, codes = op.max_blur_pool2d(x.detach(), 2, 0, 4, 2, [1, 2, 1, 2], "zero")
         torch.library.opcheck(
             op.max_blur_pool2d_backward,
@@ -365,6 +365,10 @@ def test_modules_match_functional_and_reference():
         (lambda: ktkernels.blur_pool2d(torch.randn(1, 1, 8, 8), padding=(1, -1, 0, 0)), ValueError, "pad"),
         (lambda: ktkernels.blur_pool2d(torch.randn(1, 1, 2, 2), padding=0, pad_mode="zero"), ValueError, "smaller"),
         (lambda: ktkernels.blur_pool2d(torch.randn(1, 1, 8, 8), filt_size=2.5), TypeError, "filt_size"),
+        (lambda: ktkernels.blur_pool2d(torch.randn(1, 1, 8, 8), stride=2.0), TypeError, "stride"),
+        (lambda: ktkernels.blur_pool1d(torch.randn(1, 1, 8), padding=(1.5, 1)), TypeError, "pad"),
+        (lambda: ktkernels.BlurPool2d(4, filt_size=9), ValueError, "filt_size"),
+        (lambda: ktkernels.MaxBlurPool2d(4, max_kernel=5), ValueError, "max_kernel"),
         (lambda: ktkernels.BlurPool2d(4)(torch.randn(1, 2, 8, 8)), ValueError, "4 channels"),
         (lambda: ktkernels.BlurPool1d(4)(torch.randn(1, 8, 8)), ValueError, "4 channels"),
         (lambda: ktkernels.BlurPool2d(4, pad_type="wrap"), ValueError, "wrap"),
@@ -430,3 +434,20 @@ def test_adjoint_table_is_the_transpose():
             for m in range(idx.shape[1]):
                 dense_t[p, idx[p, m]] += float(w[p, m])
         assert torch.equal(dense_t, dense.T)
+
+
+def test_backward_saves_no_activations_and_compact_codes():
+    """The blur saves nothing; the max-blur saves only uint8 codes (no max map, no int64 indices)."""
+    saved: list[torch.Tensor] = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(2, 3, 12, 10, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ktkernels.blur_pool2d(x).sum().backward()
+        assert saved == []
+        ktkernels.max_blur_pool2d(x).sum().backward()
+    assert len(saved) == 1 and saved[0].dtype == torch.uint8
+    assert saved[0].shape == (2, 3, 11, 9)  # one byte per max-map position

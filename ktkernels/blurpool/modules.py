@@ -19,16 +19,23 @@ from . import op
 from .geometry import adobe_pads, binomial_filter2d, binomial_taps, canonical_pad_mode
 
 
-def _padding(padding: int | Sequence[int] | None, filt_size: int, sides: int) -> list[int]:
-    """None -> antialiased-cnns pads ((k-1)//2, ceil((k-1)/2)) per axis; int -> every side."""
+def _padding(padding: int | Sequence[int] | None, filt_size: int, stride: int, sides: int) -> list[int]:
+    """Validated pads. None -> antialiased-cnns pads ((k-1)//2, ceil((k-1)/2)) per axis; int -> every side.
+
+    Types are checked here, before the dispatcher, so bad values raise TypeError/ValueError naming them.
+    """
+    op.check_blur_params(filt_size, stride, [])
     if padding is None:
-        return list(adobe_pads(filt_size)) * (sides // 2)
-    if isinstance(padding, int) and not isinstance(padding, bool):
-        return [padding] * sides
-    padding = list(padding)
-    if len(padding) != sides:
-        raise ValueError(f"padding must be an int or {sides} ints, got {padding}")
-    return padding
+        pads = list(adobe_pads(filt_size)) * (sides // 2)
+    elif isinstance(padding, int) and not isinstance(padding, bool):
+        pads = [padding] * sides
+    else:
+        pads = list(padding)
+        if len(pads) != sides:
+            raise ValueError(f"padding must be an int or {sides} ints, got {pads}")
+    for p in pads:
+        op.check_int("each pad", p, 0)
+    return pads
 
 
 def blur_pool2d(
@@ -48,7 +55,7 @@ def blur_pool2d(
     >>> blur_pool2d(torch.randn(2, 3, 7, 9)).shape
     torch.Size([2, 3, 4, 5])
     """
-    pads = _padding(padding, filt_size, 4)
+    pads = _padding(padding, filt_size, stride, 4)
     return op.blur_pool2d(x, filt_size, stride, pads, canonical_pad_mode(pad_mode))
 
 
@@ -64,7 +71,7 @@ def blur_pool1d(
     >>> blur_pool1d(torch.arange(1.0, 6.0).view(1, 1, 5))
     tensor([[[1.5000, 3.0000, 4.5000]]])
     """
-    pads = _padding(padding, filt_size, 2)
+    pads = _padding(padding, filt_size, stride, 2)
     return op.blur_pool1d(x, filt_size, stride, pads, canonical_pad_mode(pad_mode))
 
 
@@ -86,7 +93,8 @@ def max_blur_pool2d(
     >>> max_blur_pool2d(torch.randn(2, 3, 112, 112)).shape
     torch.Size([2, 3, 56, 56])
     """
-    pads = _padding(padding, filt_size, 4)
+    pads = _padding(padding, filt_size, stride, 4)
+    op.check_max(max_kernel, max_padding)
     y, _ = op.max_blur_pool2d(x, max_kernel, max_padding, filt_size, stride, pads, canonical_pad_mode(pad_mode))
     return y
 
@@ -105,6 +113,7 @@ class _BlurBase(nn.Module):
         self.stride = stride
         self.pad_off = pad_off
         self.pad_type = canonical_pad_mode(pad_type)
+        op.check_blur_params(filt_size, stride, [])
         self.off = (stride - 1) // 2
         self.pad_sizes = list(adobe_pads(filt_size, pad_off)) * self.spatial_dims
         if any(p < 0 for p in self.pad_sizes):
@@ -195,6 +204,7 @@ class MaxBlurPool2d(_BlurBase):
         max_padding: int = 0,
     ) -> None:
         super().__init__(channels, pad_type, filt_size, stride, pad_off)
+        op.check_max(max_kernel, max_padding)
         self.max_kernel = max_kernel
         self.max_padding = max_padding
 

@@ -36,6 +36,7 @@ from .reference import (
 )
 
 FAMILY = "blurpool"
+MAX_FAMILY = "maxblur"  # its own entry in backend.AUTO_CUDA_ORDER: the fastest backend differs
 # A 1-pixel identity axis turns the 2-D gather into BlurPool1d over (N, C, 1, L).
 _UNIT_AXIS = Axis(size=1, filt_size=1, stride=1, pad_before=0, pad_after=0, mode="zero")
 
@@ -44,7 +45,7 @@ _UNIT_AXIS = Axis(size=1, filt_size=1, stride=1, pad_before=0, pad_after=0, mode
 # Validation (runs in the fake impl too, so torch.compile reports bad input at trace time)
 
 
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+def check_int(name: str, value: object, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < low or (high is not None and value > high):
@@ -62,16 +63,21 @@ def check_input(x: Tensor, spatial_dims: int, op: str) -> None:
         raise TypeError(f"{op} expects a floating-point input, got {x.dtype}")
 
 
+def check_blur_params(filt_size: int, stride: int, padding: list[int]) -> None:
+    """Types and ranges that need no input: run by the public API before the dispatcher sees the values."""
+    check_int("filt_size", filt_size, 1, MAX_FILT_SIZE)
+    check_int("stride", stride, 1, MAX_STRIDE)
+    for p in padding:
+        check_int("each pad", p, 0)
+
+
 def check_blur_args(sizes: tuple, filt_size: int, stride: int, padding: list[int], pad_mode: str, op: str) -> None:
     """Validate filter, stride, pads (before/after per axis, last axis first) and mode against sizes."""
-    _check_int("filt_size", filt_size, 1, MAX_FILT_SIZE)
-    _check_int("stride", stride, 1, MAX_STRIDE)
+    check_blur_params(filt_size, stride, padding)
     if pad_mode not in PAD_MODES:
         raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
     if len(padding) != 2 * len(sizes):
         raise ValueError(f"{op} expects {2 * len(sizes)} pads, got {list(padding)}")
-    for p in padding:
-        _check_int("each pad", p, 0)
     # padding lists the last axis first, as F.pad does.
     for axis, size in enumerate(reversed(sizes)):
         before, after = padding[2 * axis], padding[2 * axis + 1]
@@ -86,9 +92,9 @@ def check_blur_args(sizes: tuple, filt_size: int, stride: int, padding: list[int
             )
 
 
-def _check_max(kmax: int, pmax: int) -> None:
-    _check_int("max_kernel", kmax, 1, 3)
-    _check_int("max_padding", pmax, 0, kmax // 2)
+def check_max(kmax: int, pmax: int) -> None:
+    check_int("max_kernel", kmax, 1, 3)
+    check_int("max_padding", pmax, 0, kmax // 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,9 +116,20 @@ def _alloc(like: Tensor, shape: tuple, channels_last: bool, dtype: torch.dtype |
     return like.new_empty((n, length, c), dtype=dtype).transpose(1, 2)
 
 
-def _axes2d(h: int, w: int, filt_size: int, stride: int, padding: list[int], pad_mode: str) -> tuple[Axis, Axis]:
-    left, right, top, bottom = padding
-    return Axis(h, filt_size, stride, top, bottom, pad_mode), Axis(w, filt_size, stride, left, right, pad_mode)
+def blur_axes(sizes: tuple, filt_size: int, stride: int, padding: list[int], pad_mode: str) -> tuple[Axis, Axis]:
+    """(row axis, column axis) of the gather; padding lists the last axis first, as F.pad does.
+
+    A 1-D op gets an identity row axis and runs the 2-D gather over an (N, C, 1, L) view.
+    """
+    axes = [
+        Axis(size, filt_size, stride, padding[2 * a], padding[2 * a + 1], pad_mode)
+        for a, size in enumerate(reversed(sizes))
+    ][::-1]
+    return (_UNIT_AXIS, axes[0]) if len(axes) == 1 else (axes[0], axes[1])
+
+
+def _as4d(t: Tensor) -> Tensor:
+    return t if t.dim() == 4 else t.unsqueeze(2)
 
 
 def _tables(axes: tuple[Axis, Axis], adjoint: bool, device: torch.device) -> tuple:
@@ -125,6 +142,7 @@ def _tables(axes: tuple[Axis, Axis], adjoint: bool, device: torch.device) -> tup
 
 def _gather(name: str, x: Tensor, axes: tuple[Axis, Axis], adjoint: bool, out: Tensor) -> None:
     rows, cols = _tables(axes, adjoint, x.device)
+    x, out = _as4d(x), _as4d(out)
     if name == "triton":
         from . import triton as kernels
 
@@ -134,181 +152,88 @@ def _gather(name: str, x: Tensor, axes: tuple[Axis, Axis], adjoint: bool, out: T
 
 
 # ----------------------------------------------------------------------------------------------
-# blur_pool2d
+# blur_pool2d / blur_pool1d: one definition, two ops
 
 
-@torch.library.custom_op("ktkernels::blur_pool2d", mutates_args=())
-def blur_pool2d(x: Tensor, filt_size: int, stride: int, padding: list[int], pad_mode: str) -> Tensor:
-    """Blur pool of (N, C, H, W) with the binomial filter; padding = (left, right, top, bottom)."""
-    y = _blur_pool2d_fake(x, filt_size, stride, padding, pad_mode)
-    if y.numel() == 0:
+def _define_blur(spatial: int):
+    """Define ``ktkernels::blur_pool{spatial}d`` and its backward op, with fake impls and autograd."""
+    name = f"blur_pool{spatial}d"
+    reference = {1: blur_pool1d_reference, 2: blur_pool2d_reference}[spatial]
+    reference_backward = {1: blur_pool1d_backward_reference, 2: blur_pool2d_backward_reference}[spatial]
+
+    def forward_fake(x, filt_size, stride, padding, pad_mode):
+        check_input(x, spatial, name)
+        sizes = tuple(x.shape[2:])
+        check_blur_args(sizes, filt_size, stride, padding, pad_mode, name)
+        axes = blur_axes(sizes, filt_size, stride, padding, pad_mode)[2 - spatial :]
+        return _alloc(x, (*x.shape[:2], *(axis.out_size for axis in axes)), channels_inner(x))
+
+    def forward(x: Tensor, filt_size: int, stride: int, padding: list[int], pad_mode: str) -> Tensor:
+        y = forward_fake(x, filt_size, stride, padding, pad_mode)
+        if y.numel() == 0:
+            return y
+        backend_name = backend.resolve(FAMILY, x.device, channels_inner(x))
+        if backend_name == "torch":
+            y.copy_(reference(x, filt_size, stride, tuple(padding), pad_mode))
+        else:
+            _gather(backend_name, x, blur_axes(tuple(x.shape[2:]), filt_size, stride, padding, pad_mode), False, y)
         return y
-    name = backend.resolve(FAMILY, x.device, channels_inner(x))
-    if name == "torch":
-        y.copy_(blur_pool2d_reference(x, filt_size, stride, tuple(padding), pad_mode))
-    else:
-        _gather(name, x, _axes2d(*x.shape[2:], filt_size, stride, padding, pad_mode), False, y)
-    return y
 
+    def backward_fake(grad, input_size, filt_size, stride, padding, pad_mode, channels_last):
+        return _alloc(grad, (*grad.shape[:2], *input_size), channels_last)
 
-@blur_pool2d.register_fake
-def _blur_pool2d_fake(x, filt_size, stride, padding, pad_mode):
-    check_input(x, 2, "blur_pool2d")
-    check_blur_args(tuple(x.shape[2:]), filt_size, stride, padding, pad_mode, "blur_pool2d")
-    n, c, h, w = x.shape
-    left, right, top, bottom = padding
-    shape = (n, c, output_size(h, filt_size, stride, top, bottom), output_size(w, filt_size, stride, left, right))
-    return _alloc(x, shape, channels_inner(x))
-
-
-@torch.library.custom_op("ktkernels::blur_pool2d_backward", mutates_args=())
-def blur_pool2d_backward(
-    grad: Tensor,
-    input_size: list[int],
-    filt_size: int,
-    stride: int,
-    padding: list[int],
-    pad_mode: str,
-    channels_last: bool,
-) -> Tensor:
-    """Gradient of blur_pool2d w.r.t. its (N, C, *input_size) input: the adjoint gather."""
-    gx = _blur_pool2d_backward_fake(grad, input_size, filt_size, stride, padding, pad_mode, channels_last)
-    if gx.numel() == 0:
+    def backward(
+        grad: Tensor,
+        input_size: list[int],
+        filt_size: int,
+        stride: int,
+        padding: list[int],
+        pad_mode: str,
+        channels_last: bool,
+    ) -> Tensor:
+        gx = backward_fake(grad, input_size, filt_size, stride, padding, pad_mode, channels_last)
+        if gx.numel() == 0:
+            return gx
+        if grad.numel() == 0:
+            return gx.zero_()
+        backend_name = backend.resolve(FAMILY, grad.device, channels_last)
+        if backend_name == "torch":
+            args = (filt_size, stride, tuple(padding), pad_mode)
+            gx.copy_(reference_backward(grad, tuple(input_size) if spatial == 2 else input_size[0], *args))
+        else:
+            _gather(backend_name, grad, blur_axes(tuple(input_size), filt_size, stride, padding, pad_mode), True, gx)
         return gx
-    if grad.numel() == 0:
-        return gx.zero_()
-    name = backend.resolve(FAMILY, grad.device, channels_last)
-    if name == "torch":
-        gx.copy_(blur_pool2d_backward_reference(grad, tuple(input_size), filt_size, stride, tuple(padding), pad_mode))
-    else:
-        _gather(name, grad, _axes2d(*input_size, filt_size, stride, padding, pad_mode), True, gx)
-    return gx
+
+    forward.__doc__ = f"Blur pool over the last {spatial} dim(s) of (N, C, ...); padding lists the last axis first."
+    backward.__doc__ = f"Gradient of {name} w.r.t. its input: the gather over the adjoint tables."
+    forward_op = torch.library.custom_op(f"ktkernels::{name}", forward, mutates_args=())
+    backward_op = torch.library.custom_op(f"ktkernels::{name}_backward", backward, mutates_args=())
+    forward_op.register_fake(forward_fake)
+    backward_op.register_fake(backward_fake)
+
+    def forward_setup(ctx, inputs, output):
+        x, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode = inputs
+        ctx.input_size = list(x.shape[2:])
+        ctx.channels_last = channels_inner(x)
+
+    def forward_grad(ctx, grad):
+        args = (ctx.input_size, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode, ctx.channels_last)
+        return backward_op(grad, *args), None, None, None, None
+
+    def backward_setup(ctx, inputs, output):
+        _, _, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode, _ = inputs
+
+    def backward_grad(ctx, grad_grad):
+        # The backward is linear in grad and its adjoint is the forward: double backward for free.
+        return forward_op(grad_grad, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode), *([None] * 6)
+
+    forward_op.register_autograd(forward_grad, setup_context=forward_setup)
+    backward_op.register_autograd(backward_grad, setup_context=backward_setup)
+    return forward_op, backward_op
 
 
-@blur_pool2d_backward.register_fake
-def _blur_pool2d_backward_fake(grad, input_size, filt_size, stride, padding, pad_mode, channels_last):
-    n, c = grad.shape[:2]
-    return _alloc(grad, (n, c, *input_size), channels_last)
-
-
-def _blur_pool2d_setup(ctx, inputs, output):
-    x, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode = inputs
-    ctx.input_size = list(x.shape[2:])
-    ctx.channels_last = channels_inner(x)
-
-
-def _blur_pool2d_grad(ctx, grad):
-    gx = blur_pool2d_backward(
-        grad, ctx.input_size, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode, ctx.channels_last
-    )
-    return gx, None, None, None, None
-
-
-def _blur_pool2d_backward_setup(ctx, inputs, output):
-    _, _, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode, _ = inputs
-
-
-def _blur_pool2d_backward_grad(ctx, grad_grad):
-    # The backward is linear in grad; its adjoint is the forward.
-    return (
-        blur_pool2d(grad_grad, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode),
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-blur_pool2d.register_autograd(_blur_pool2d_grad, setup_context=_blur_pool2d_setup)
-blur_pool2d_backward.register_autograd(_blur_pool2d_backward_grad, setup_context=_blur_pool2d_backward_setup)
-
-
-# ----------------------------------------------------------------------------------------------
-# blur_pool1d: the 2-D gather over an (N, C, 1, L) view with an identity row axis
-
-
-@torch.library.custom_op("ktkernels::blur_pool1d", mutates_args=())
-def blur_pool1d(x: Tensor, filt_size: int, stride: int, padding: list[int], pad_mode: str) -> Tensor:
-    """Blur pool of (N, C, L) with the binomial filter; padding = (left, right)."""
-    y = _blur_pool1d_fake(x, filt_size, stride, padding, pad_mode)
-    if y.numel() == 0:
-        return y
-    name = backend.resolve(FAMILY, x.device, channels_inner(x))
-    if name == "torch":
-        y.copy_(blur_pool1d_reference(x, filt_size, stride, tuple(padding), pad_mode))
-    else:
-        axis = Axis(x.shape[2], filt_size, stride, padding[0], padding[1], pad_mode)
-        _gather(name, x.unsqueeze(2), (_UNIT_AXIS, axis), False, y.unsqueeze(2))
-    return y
-
-
-@blur_pool1d.register_fake
-def _blur_pool1d_fake(x, filt_size, stride, padding, pad_mode):
-    check_input(x, 1, "blur_pool1d")
-    check_blur_args((x.shape[2],), filt_size, stride, padding, pad_mode, "blur_pool1d")
-    n, c, length = x.shape
-    return _alloc(x, (n, c, output_size(length, filt_size, stride, *padding)), channels_inner(x))
-
-
-@torch.library.custom_op("ktkernels::blur_pool1d_backward", mutates_args=())
-def blur_pool1d_backward(
-    grad: Tensor,
-    input_size: int,
-    filt_size: int,
-    stride: int,
-    padding: list[int],
-    pad_mode: str,
-    channels_last: bool,
-) -> Tensor:
-    """Gradient of blur_pool1d w.r.t. its (N, C, input_size) input."""
-    gx = _blur_pool1d_backward_fake(grad, input_size, filt_size, stride, padding, pad_mode, channels_last)
-    if gx.numel() == 0:
-        return gx
-    if grad.numel() == 0:
-        return gx.zero_()
-    name = backend.resolve(FAMILY, grad.device, channels_last)
-    if name == "torch":
-        gx.copy_(blur_pool1d_backward_reference(grad, input_size, filt_size, stride, tuple(padding), pad_mode))
-    else:
-        axis = Axis(input_size, filt_size, stride, padding[0], padding[1], pad_mode)
-        _gather(name, grad.unsqueeze(2), (_UNIT_AXIS, axis), True, gx.unsqueeze(2))
-    return gx
-
-
-@blur_pool1d_backward.register_fake
-def _blur_pool1d_backward_fake(grad, input_size, filt_size, stride, padding, pad_mode, channels_last):
-    return _alloc(grad, (grad.shape[0], grad.shape[1], input_size), channels_last)
-
-
-def _blur_pool1d_setup(ctx, inputs, output):
-    x, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode = inputs
-    ctx.input_size = x.shape[2]
-    ctx.channels_last = channels_inner(x)
-
-
-def _blur_pool1d_grad(ctx, grad):
-    gx = blur_pool1d_backward(
-        grad, ctx.input_size, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode, ctx.channels_last
-    )
-    return gx, None, None, None, None
-
-
-def _blur_pool1d_backward_grad(ctx, grad_grad):
-    return (
-        blur_pool1d(grad_grad, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode),
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-blur_pool1d.register_autograd(_blur_pool1d_grad, setup_context=_blur_pool1d_setup)
-blur_pool1d_backward.register_autograd(_blur_pool1d_backward_grad, setup_context=_blur_pool2d_backward_setup)
+blur_pool2d, blur_pool2d_backward = _define_blur(2)
+blur_pool1d, blur_pool1d_backward = _define_blur(1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +248,7 @@ def max_blur_pool2d(
     y, codes = _max_blur_pool2d_fake(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)
     if y.numel() == 0:
         return y, codes
-    name = backend.resolve(FAMILY, x.device, channels_inner(x))
+    name = backend.resolve(MAX_FAMILY, x.device, channels_inner(x))
     if name == "torch":
         ref_y, ref_codes = max_blur_pool2d_reference(
             x, max_kernel, max_padding, filt_size, stride, tuple(padding), pad_mode
@@ -331,7 +256,7 @@ def max_blur_pool2d(
         y.copy_(ref_y)
         codes.copy_(ref_codes)
         return y, codes
-    axes = _axes2d(*codes.shape[2:], filt_size, stride, padding, pad_mode)
+    axes = blur_axes(tuple(codes.shape[2:]), filt_size, stride, padding, pad_mode)
     rows, cols = _tables(axes, False, x.device)
     if name == "triton":
         from . import triton as kernels
@@ -345,12 +270,12 @@ def max_blur_pool2d(
 @max_blur_pool2d.register_fake
 def _max_blur_pool2d_fake(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode):
     check_input(x, 2, "max_blur_pool2d")
-    _check_max(max_kernel, max_padding)
+    check_max(max_kernel, max_padding)
     n, c, h, w = x.shape
     hm, wm = max_pool_output_size(h, max_kernel, max_padding), max_pool_output_size(w, max_kernel, max_padding)
     check_blur_args((hm, wm), filt_size, stride, padding, pad_mode, "max_blur_pool2d")
-    left, right, top, bottom = padding
-    shape = (n, c, output_size(hm, filt_size, stride, top, bottom), output_size(wm, filt_size, stride, left, right))
+    rows, cols = blur_axes((hm, wm), filt_size, stride, padding, pad_mode)
+    shape = (n, c, rows.out_size, cols.out_size)
     layout = channels_inner(x)
     return _alloc(x, shape, layout), _alloc(x, (n, c, hm, wm), layout, dtype=torch.uint8)
 
@@ -376,7 +301,7 @@ def max_blur_pool2d_backward(
         return gx
     if grad.numel() == 0:
         return gx.zero_()
-    name = backend.resolve(FAMILY, grad.device, channels_last)
+    name = backend.resolve(MAX_FAMILY, grad.device, channels_last)
     if name == "torch":
         gx.copy_(
             max_blur_pool2d_backward_reference(
@@ -384,7 +309,7 @@ def max_blur_pool2d_backward(
             )
         )
         return gx
-    axes = _axes2d(*codes.shape[2:], filt_size, stride, padding, pad_mode)
+    axes = blur_axes(tuple(codes.shape[2:]), filt_size, stride, padding, pad_mode)
     rows, cols = _tables(axes, True, grad.device)
     if name == "triton":
         from . import triton as kernels
