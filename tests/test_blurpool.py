@@ -451,3 +451,14 @@ def test_backward_saves_no_activations_and_compact_codes():
         ktkernels.max_blur_pool2d(x).sum().backward()
     assert len(saved) == 1 and saved[0].dtype == torch.uint8
     assert saved[0].shape == (2, 3, 11, 9)  # one byte per max-map position
+
+
+def test_torch_export_keeps_the_custom_ops():
+    """torch.export traces through the fake impls and keeps one ktkernels op per layer."""
+    model = torch.nn.Sequential(ktkernels.MaxBlurPool2d(3), ktkernels.BlurPool2d(3, pad_type="zero", filt_size=3))
+    x = torch.randn(2, 3, 17, 16)
+    exported = torch.export.export(model, (x,))
+    targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert any("ktkernels.max_blur_pool2d" in t for t in targets)
+    assert any("ktkernels.blur_pool2d" in t for t in targets)
+    assert torch.equal(exported.module()(x), model(x))

@@ -52,6 +52,13 @@ namespace ktkernels {
 namespace blurpool_cpu {
 namespace {
 
+// torch.max_pool2d's selection rule, scanning a window in row-major order from its first in-range
+// element: a later element wins when it is larger or NaN (so ties keep the first, NaN propagates).
+template <typename acc_t>
+inline bool takes_max(acc_t v, acc_t best) {
+  return (v > best) | (v != v);
+}
+
 using at::Tensor;
 
 // Largest number of non-zero taps in one row of a table (the Python tables have at most 7).
@@ -809,7 +816,7 @@ void max_row_planar(const scalar_t* xp, int64_t sH, int64_t sW, int64_t H, int64
     for (int a = a_lo; a < a_hi; ++a) {
       for (int b = (a == a_lo ? b_lo + 1 : b_lo); b < b_hi; ++b) {
         const acc_t v = static_cast<acc_t>(xp[win + a * sH + b * sW]);
-        if (v > best || std::isnan(v)) {
+        if (takes_max(v, best)) {
           best = v;
           code = a * kmax + b;
         }
@@ -845,7 +852,7 @@ void max_row_planar(const scalar_t* xp, int64_t sH, int64_t sW, int64_t H, int64
         const acc_t cv = static_cast<acc_t>(a * kmax + b);
         for (int64_t j = 0; j < n; ++j) {
           const acc_t v = static_cast<acc_t>(src[j]);
-          const bool take = (v > best[j]) | (v != v);
+          const bool take = takes_max(v, best[j]);
           best[j] = take ? v : best[j];
           code[j] = take ? cv : code[j];
         }
@@ -887,7 +894,7 @@ void max_row_channels(const scalar_t* xp, int64_t sH, int64_t sW, int64_t H, int
         const uint8_t cv = static_cast<uint8_t>(a * kmax + b);
         for (int64_t ch = 0; ch < cb; ++ch) {
           const acc_t v = static_cast<acc_t>(src[ch]);
-          const bool take = (v > best[ch]) | (v != v);
+          const bool take = takes_max(v, best[ch]);
           best[ch] = take ? v : best[ch];
           code[ch] = take ? cv : code[ch];
         }

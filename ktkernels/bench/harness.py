@@ -172,30 +172,46 @@ def markdown(rows: Sequence[Row], env: dict, copy_gbps: float, baseline: str) ->
 
 
 def plot(rows: Sequence[Row], path: Path, title: str) -> None:
-    """Bar chart: % of copy bandwidth per case for each implementation."""
+    """% of copy bandwidth per case and implementation; one panel per (dtype, layout, mode)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     impls = list(dict.fromkeys(r.impl for r in rows))
-    keys = list(dict.fromkeys((r.case, r.dtype, r.layout, r.mode) for r in rows))
+    panels = list(dict.fromkeys((r.dtype, r.layout, r.mode) for r in rows))
+    cases = list(dict.fromkeys(r.case for r in rows))
+    ncols = 2 if len(panels) > 1 else 1
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(7 * ncols, 3.2 * nrows), squeeze=False, sharey=True)
     width = 0.8 / max(len(impls), 1)
-    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(keys) * max(len(impls), 1) / 2), 5))
-    for k, impl in enumerate(impls):
-        values = []
-        for key in keys:
-            match = [r for r in rows if (r.case, r.dtype, r.layout, r.mode) == key and r.impl == impl]
-            values.append(match[0].pct_copy or 0 if match else 0)
-        ax.bar([i + k * width for i in range(len(keys))], values, width, label=impl)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
-    ax.set_xticklabels([" ".join(key) for key in keys], rotation=90, fontsize=6)
-    ax.set_ylabel("% of measured copy bandwidth")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        for k, impl in enumerate(impls):
+            values = []
+            for case in cases:
+                match = [r for r in rows if (r.dtype, r.layout, r.mode) == panel and r.case == case and r.impl == impl]
+                values.append((match[0].pct_copy or 0) if match else 0)
+            ax.bar([i + k * width for i in range(len(cases))], values, width, label=impl)
+        ax.set_title(" ".join(panel), fontsize=9)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+        ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=7)
+        ax.axhline(80, color="grey", lw=0.6, ls="--")
+        ax.set_ylabel("% of copy bandwidth", fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(json_path: Path) -> None:
+    """Redraw a committed result's PNG from its JSON (no device needed)."""
+    payload = json.loads(Path(json_path).read_text())
+    fields = {f.name for f in dataclasses.fields(Row)}
+    rows = [Row(**{k: v for k, v in r.items() if k in fields}) for r in payload["rows"]]
+    plot(rows, Path(json_path).with_suffix(".png"), f"{Path(json_path).stem} on {payload['env']['device']}")
 
 
 def write(rows: Sequence[Row], env: dict, copy_gbps: float, out_dir: Path, stem: str, baseline: str) -> str:
