@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -72,9 +72,8 @@ def max_pool_output_size(size: int, kmax: int, pmax: int) -> int:
     return size + 2 * pmax - kmax + 1
 
 
-@dataclass(frozen=True)
-class Axis:
-    """One spatial axis of a blur pool."""
+class Axis(NamedTuple):
+    """One spatial axis of a blur pool (a NamedTuple: hashed in C, it keys the per-call caches)."""
 
     size: int
     filt_size: int

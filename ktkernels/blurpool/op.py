@@ -13,6 +13,8 @@ backward is differentiable again (its adjoint is the forward), so double backwar
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -128,6 +130,23 @@ def blur_axes(sizes: tuple, filt_size: int, stride: int, padding: list[int], pad
     return (_UNIT_AXIS, axes[0]) if len(axes) == 1 else (axes[0], axes[1])
 
 
+@functools.lru_cache(maxsize=4096)
+def _cached_plan(sizes: tuple, filt_size: int, stride: int, padding: tuple, pad_mode: str, op: str) -> tuple:
+    check_blur_args(sizes, filt_size, stride, list(padding), pad_mode, op)
+    return blur_axes(sizes, filt_size, stride, padding, pad_mode)
+
+
+def blur_plan(sizes: tuple, filt_size: int, stride: int, padding: list[int], pad_mode: str, op: str) -> tuple:
+    """Validated (row axis, column axis) for these sizes, cached: training calls repeat the same few shapes.
+
+    Symbolic sizes (torch.compile tracing) are validated every time and never cached.
+    """
+    if all(type(v) is int for v in (*sizes, filt_size, stride, *padding)):
+        return _cached_plan(tuple(sizes), filt_size, stride, tuple(padding), pad_mode, op)
+    check_blur_args(sizes, filt_size, stride, padding, pad_mode, op)
+    return blur_axes(sizes, filt_size, stride, padding, pad_mode)
+
+
 def _as4d(t: Tensor) -> Tensor:
     return t if t.dim() == 4 else t.unsqueeze(2)
 
@@ -161,22 +180,24 @@ def _define_blur(spatial: int):
     reference = {1: blur_pool1d_reference, 2: blur_pool2d_reference}[spatial]
     reference_backward = {1: blur_pool1d_backward_reference, 2: blur_pool2d_backward_reference}[spatial]
 
-    def forward_fake(x, filt_size, stride, padding, pad_mode):
+    def allocate(x, filt_size, stride, padding, pad_mode):
         check_input(x, spatial, name)
-        sizes = tuple(x.shape[2:])
-        check_blur_args(sizes, filt_size, stride, padding, pad_mode, name)
-        axes = blur_axes(sizes, filt_size, stride, padding, pad_mode)[2 - spatial :]
-        return _alloc(x, (*x.shape[:2], *(axis.out_size for axis in axes)), channels_inner(x))
+        axes = blur_plan(tuple(x.shape[2:]), filt_size, stride, padding, pad_mode, name)
+        out_sizes = (axis.out_size for axis in axes[2 - spatial :])
+        return axes, _alloc(x, (*x.shape[:2], *out_sizes), channels_inner(x))
+
+    def forward_fake(x, filt_size, stride, padding, pad_mode):
+        return allocate(x, filt_size, stride, padding, pad_mode)[1]
 
     def forward(x: Tensor, filt_size: int, stride: int, padding: list[int], pad_mode: str) -> Tensor:
-        y = forward_fake(x, filt_size, stride, padding, pad_mode)
+        axes, y = allocate(x, filt_size, stride, padding, pad_mode)
         if y.numel() == 0:
             return y
         backend_name = backend.resolve(FAMILY, x.device, channels_inner(x))
         if backend_name == "torch":
             y.copy_(reference(x, filt_size, stride, tuple(padding), pad_mode))
         else:
-            _gather(backend_name, x, blur_axes(tuple(x.shape[2:]), filt_size, stride, padding, pad_mode), False, y)
+            _gather(backend_name, x, axes, False, y)
         return y
 
     def backward_fake(grad, input_size, filt_size, stride, padding, pad_mode, channels_last):
@@ -201,7 +222,9 @@ def _define_blur(spatial: int):
             args = (filt_size, stride, tuple(padding), pad_mode)
             gx.copy_(reference_backward(grad, tuple(input_size) if spatial == 2 else input_size[0], *args))
         else:
-            _gather(backend_name, grad, blur_axes(tuple(input_size), filt_size, stride, padding, pad_mode), True, gx)
+            _gather(
+                backend_name, grad, blur_plan(tuple(input_size), filt_size, stride, padding, pad_mode, name), True, gx
+            )
         return gx
 
     forward.__doc__ = f"Blur pool over the last {spatial} dim(s) of (N, C, ...); padding lists the last axis first."
@@ -256,7 +279,7 @@ def max_blur_pool2d(
         y.copy_(ref_y)
         codes.copy_(ref_codes)
         return y, codes
-    axes = blur_axes(tuple(codes.shape[2:]), filt_size, stride, padding, pad_mode)
+    axes = blur_plan(tuple(codes.shape[2:]), filt_size, stride, padding, pad_mode, "max_blur_pool2d")
     rows, cols = _tables(axes, False, x.device)
     if name == "triton":
         from . import triton as kernels
@@ -273,8 +296,7 @@ def _max_blur_pool2d_fake(x, max_kernel, max_padding, filt_size, stride, padding
     check_max(max_kernel, max_padding)
     n, c, h, w = x.shape
     hm, wm = max_pool_output_size(h, max_kernel, max_padding), max_pool_output_size(w, max_kernel, max_padding)
-    check_blur_args((hm, wm), filt_size, stride, padding, pad_mode, "max_blur_pool2d")
-    rows, cols = blur_axes((hm, wm), filt_size, stride, padding, pad_mode)
+    rows, cols = blur_plan((hm, wm), filt_size, stride, padding, pad_mode, "max_blur_pool2d")
     shape = (n, c, rows.out_size, cols.out_size)
     layout = channels_inner(x)
     return _alloc(x, shape, layout), _alloc(x, (n, c, hm, wm), layout, dtype=torch.uint8)
@@ -309,7 +331,7 @@ def max_blur_pool2d_backward(
             )
         )
         return gx
-    axes = blur_axes(tuple(codes.shape[2:]), filt_size, stride, padding, pad_mode)
+    axes = blur_plan(tuple(codes.shape[2:]), filt_size, stride, padding, pad_mode, "max_blur_pool2d")
     rows, cols = _tables(axes, True, grad.device)
     if name == "triton":
         from . import triton as kernels
