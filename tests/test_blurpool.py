@@ -36,8 +36,7 @@ KERNEL_TARGETS = [t for t in TARGETS if t.values[0][0] != "torch"]
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def dtypes_for(target):
-    return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
@@ -66,7 +65,7 @@ def make_input(shape, dtype, device, layout: str) -> torch.Tensor:
     return x
 
 
-def random_case(rng: random.Random, filt_size: int, stride: int, mode: str, spatial: int = 2):
+def random_case(rng: random.Random, filt_size: int, mode: str, spatial: int = 2):
     """Sizes and pads valid for the mode: odd, rectangular, sometimes 1 pixel wide."""
     sizes, pads = [], []
     for _ in range(spatial):
@@ -95,8 +94,8 @@ def test_blur_pool2d_matches_reference(target, filt_size, stride, mode):
     if (name, device) == ("triton", "cuda") and index % 7:
         pytest.skip("Triton runs the full matrix under the interpreter; on the GPU a sample bounds JIT time")
     rng = random.Random(f"{filt_size}-{stride}-{mode}")
-    sizes, pads = random_case(rng, filt_size, stride, mode)
-    dtype = dtypes_for(target)[index % 4]
+    sizes, pads = random_case(rng, filt_size, mode)
+    dtype = DTYPES[index % 4]
     layout = ("nchw", "channels_last", "strided")[index % 3]
     x = make_input((2, 3, *sizes), dtype, device, layout).requires_grad_()
     with ktkernels.use_backend(name):
@@ -141,7 +140,7 @@ def test_adobe_default_every_dtype_and_layout(target, dtype, layout):
 def test_blur_pool1d_matches_reference(target, filt_size, stride, mode, layout):
     name, device = target
     rng = random.Random(filt_size * 100 + stride)
-    (length,), pads = random_case(rng, filt_size, stride, mode, spatial=1)
+    (length,), pads = random_case(rng, filt_size, mode, spatial=1)
     dtype = torch.float64 if name != "cuda" else torch.float32
     x = make_input((2, 4, length + 6), dtype, device, layout).requires_grad_()
     with ktkernels.use_backend(name):
@@ -405,7 +404,7 @@ def test_backend_selection():
     assert backend.resolve("blurpool", torch.device("cpu")) == "cpu"
 
 
-def test_backend_env_var(tmp_path):
+def test_backend_env_var():
     import subprocess
     import sys
 
