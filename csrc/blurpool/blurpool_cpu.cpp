@@ -59,6 +59,19 @@ inline bool takes_max(acc_t v, acc_t best) {
   return (v > best) | (v != v);
 }
 
+// Folds one window element into n contiguous running maxima and their codes. Branch-free selects,
+// so the loop vectorises.
+template <typename scalar_t, typename acc_t, typename code_t>
+inline void fold_window_element(const scalar_t* __restrict src, int64_t n, code_t cv, acc_t* __restrict best,
+                                code_t* __restrict code) {
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t v = static_cast<acc_t>(src[j]);
+    const bool take = takes_max(v, best[j]);
+    best[j] = take ? v : best[j];
+    code[j] = take ? cv : code[j];
+  }
+}
+
 using at::Tensor;
 
 // Largest number of non-zero taps in one row of a table (the Python tables have at most 7).
@@ -848,14 +861,7 @@ void max_row_planar(const scalar_t* xp, int64_t sH, int64_t sW, int64_t H, int64
     }
     for (int a = a_lo; a < a_hi; ++a) {
       for (int b = (a == a_lo ? 1 : 0); b < kmax; ++b) {
-        const scalar_t* src = xp + (base + a * sH + b);
-        const acc_t cv = static_cast<acc_t>(a * kmax + b);
-        for (int64_t j = 0; j < n; ++j) {
-          const acc_t v = static_cast<acc_t>(src[j]);
-          const bool take = takes_max(v, best[j]);
-          best[j] = take ? v : best[j];
-          code[j] = take ? cv : code[j];
-        }
+        fold_window_element(xp + (base + a * sH + b), n, static_cast<acc_t>(a * kmax + b), best, code);
       }
     }
     if (codes) {
@@ -890,14 +896,7 @@ void max_row_channels(const scalar_t* xp, int64_t sH, int64_t sW, int64_t H, int
     }
     for (int a = a_lo; a < a_hi; ++a) {
       for (int b = (a == a_lo ? b_lo + 1 : b_lo); b < b_hi; ++b) {
-        const scalar_t* src = xp + (win + a * sH + b * sW);
-        const uint8_t cv = static_cast<uint8_t>(a * kmax + b);
-        for (int64_t ch = 0; ch < cb; ++ch) {
-          const acc_t v = static_cast<acc_t>(src[ch]);
-          const bool take = takes_max(v, best[ch]);
-          best[ch] = take ? v : best[ch];
-          code[ch] = take ? cv : code[ch];
-        }
+        fold_window_element(xp + (win + a * sH + b * sW), cb, static_cast<uint8_t>(a * kmax + b), best, code);
       }
     }
     if (codes) {
