@@ -11,7 +11,8 @@ extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C",
-      "ktkernels C++/CUDA kernels; the ops live in torch.ops.ktkernels_C", -1, nullptr};
+      "ktkernels C++/CUDA kernels; the ops live in torch.ops.ktkernels_C", -1, nullptr, nullptr, nullptr, nullptr,
+      nullptr};
   return PyModule_Create(&module_def);
 }
 }
