@@ -26,7 +26,6 @@ from .geometry import (
     Axis,
     device_table,
     max_pool_output_size,
-    output_size,
 )
 from .reference import (
     blur_pool1d_backward_reference,
@@ -80,18 +79,14 @@ def check_blur_args(sizes: tuple, filt_size: int, stride: int, padding: list[int
         raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
     if len(padding) != 2 * len(sizes):
         raise ValueError(f"{op} expects {2 * len(sizes)} pads, got {list(padding)}")
-    # padding lists the last axis first, as F.pad does.
-    for axis, size in enumerate(reversed(sizes)):
-        before, after = padding[2 * axis], padding[2 * axis + 1]
-        if pad_mode == "reflect" and (before >= size or after >= size):
+    for axis in _spatial_axes(sizes, filt_size, stride, padding, pad_mode):
+        pads = (axis.pad_before, axis.pad_after)
+        if pad_mode == "reflect" and max(pads) >= axis.size:
             raise ValueError(
-                f"{op}: reflect padding needs each pad < the input size, got pads ({before}, {after}) for size {size}"
+                f"{op}: reflect padding needs each pad < the input size, got pads {pads} for size {axis.size}"
             )
-        out = output_size(size, filt_size, stride, before, after)
-        if out < 1:
-            raise ValueError(
-                f"{op}: input size {size} with pads ({before}, {after}) is smaller than filt_size {filt_size}"
-            )
+        if axis.out_size < 1:
+            raise ValueError(f"{op}: input size {axis.size} with pads {pads} is smaller than filt_size {filt_size}")
 
 
 def check_max(kmax: int, pmax: int) -> None:
@@ -118,15 +113,20 @@ def _alloc(like: Tensor, shape: tuple, channels_last: bool, dtype: torch.dtype |
     return like.new_empty((n, length, c), dtype=dtype).transpose(1, 2)
 
 
+def _spatial_axes(sizes: tuple, filt_size: int, stride: int, padding: list[int], pad_mode: str) -> list[Axis]:
+    """One Axis per spatial dim, in dim order; ``padding`` lists the last dim first, as F.pad does."""
+    return [
+        Axis(size, filt_size, stride, padding[2 * a], padding[2 * a + 1], pad_mode)
+        for a, size in enumerate(reversed(sizes))
+    ][::-1]
+
+
 def blur_axes(sizes: tuple, filt_size: int, stride: int, padding: list[int], pad_mode: str) -> tuple[Axis, Axis]:
     """(row axis, column axis) of the gather; padding lists the last axis first, as F.pad does.
 
     A 1-D op gets an identity row axis and runs the 2-D gather over an (N, C, 1, L) view.
     """
-    axes = [
-        Axis(size, filt_size, stride, padding[2 * a], padding[2 * a + 1], pad_mode)
-        for a, size in enumerate(reversed(sizes))
-    ][::-1]
+    axes = _spatial_axes(sizes, filt_size, stride, padding, pad_mode)
     return (_UNIT_AXIS, axes[0]) if len(axes) == 1 else (axes[0], axes[1])
 
 
