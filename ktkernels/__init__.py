@@ -5,9 +5,11 @@
 torch.Size([2, 3, 4, 4])
 """
 
-from . import backend
+from . import backend, compat, models
 from .backend import get_backend, set_backend, use_backend
-from .blurpool import BlurPool1d, BlurPool2d, MaxBlurPool2d, blur_pool1d, blur_pool2d, max_blur_pool2d
+from .blurpool import BlurPool1d, BlurPool2d, MaxBlurPool2d, blur_pool1d, blur_pool2d, decomposed, max_blur_pool2d
+from .compat import antialias, convert
+from .export import export_onnx
 
 __version__ = "0.1.0"
 
@@ -15,11 +17,17 @@ __all__ = [
     "BlurPool1d",
     "BlurPool2d",
     "MaxBlurPool2d",
+    "antialias",
     "backend",
     "blur_pool1d",
     "blur_pool2d",
+    "compat",
+    "convert",
+    "decomposed",
+    "export_onnx",
     "get_backend",
     "max_blur_pool2d",
+    "models",
     "set_backend",
     "use_backend",
 ]

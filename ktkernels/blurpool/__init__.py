@@ -3,6 +3,26 @@
 Reads geometry -> reference -> kernels (triton.py, csrc/blurpool) -> op -> modules.
 """
 
-from .modules import BlurPool1d, BlurPool2d, MaxBlurPool2d, blur_pool1d, blur_pool2d, max_blur_pool2d
+from .modules import (
+    BlurLayer,
+    BlurPool1d,
+    BlurPool2d,
+    MaxBlurPool2d,
+    MaxThenBlur,
+    blur_pool1d,
+    blur_pool2d,
+    decomposed,
+    max_blur_pool2d,
+)
 
-__all__ = ["BlurPool1d", "BlurPool2d", "MaxBlurPool2d", "blur_pool1d", "blur_pool2d", "max_blur_pool2d"]
+__all__ = [
+    "BlurLayer",
+    "BlurPool1d",
+    "BlurPool2d",
+    "MaxBlurPool2d",
+    "MaxThenBlur",
+    "blur_pool1d",
+    "blur_pool2d",
+    "decomposed",
+    "max_blur_pool2d",
+]

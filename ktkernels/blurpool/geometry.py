@@ -62,6 +62,32 @@ def adobe_pads(filt_size: int, pad_off: int = 0) -> tuple[int, int]:
     return (filt_size - 1) // 2 + pad_off, filt_size // 2 + pad_off
 
 
+FLAVOURS = ("adobe", "kornia09", "kornia_legacy", "timm", "composer", "ffcv")
+
+
+def flavour_pads(flavour: str, filt_size: int, stride: int = 2, pad_off: int = 0) -> tuple[int, int]:
+    """(before, after) padding of one axis, per anchor (reference/blurpool_anchors.md section 2.3).
+
+    - ``adobe`` (antialiased-cnns) and ``kornia09``: ``((k-1)//2 + pad_off, k//2 + pad_off)`` -> ceil(L/s);
+    - ``kornia_legacy`` (kornia <= 0.8): ``((k-1)//2, (k-1)//2)`` -> one short for even k and odd L;
+    - ``timm``: ``p = ((s-1) + (k-1))//2`` on both sides (even k shifts the grid by one pixel);
+    - ``composer`` / ``ffcv``: the 3x3 filter with pad 1 on both sides.
+
+    >>> [flavour_pads(f, 4) for f in FLAVOURS[:4]]
+    [(1, 2), (1, 2), (1, 1), (2, 2)]
+    """
+    if flavour in ("adobe", "kornia09"):
+        return adobe_pads(filt_size, pad_off if flavour == "adobe" else 0)
+    if flavour == "kornia_legacy":
+        return (filt_size - 1) // 2, (filt_size - 1) // 2
+    if flavour == "timm":
+        p = ((stride - 1) + (filt_size - 1)) // 2
+        return p, p
+    if flavour in ("composer", "ffcv"):
+        return filt_size // 2, filt_size // 2
+    raise ValueError(f"unknown flavour {flavour!r}; expected one of {FLAVOURS}")
+
+
 def output_size(size: int, filt_size: int, stride: int, pad_before: int, pad_after: int) -> int:
     """``floor((L + before + after - k) / s) + 1``; works on SymInts too."""
     return (size + pad_before + pad_after - filt_size) // stride + 1

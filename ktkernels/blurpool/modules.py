@@ -10,13 +10,18 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from typing import List  # noqa: UP035 (TorchScript reads the annotations)
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import op
-from .geometry import adobe_pads, binomial_filter2d, binomial_taps, canonical_pad_mode
+from .geometry import MAX_FILT_SIZE, MAX_STRIDE, adobe_pads, binomial_filter2d, binomial_taps, canonical_pad_mode
+from .reference import blur_pool_decomposed
 
 
 def _padding(padding: int | Sequence[int] | None, filt_size: int, stride: int, sides: int) -> list[int]:
@@ -99,25 +104,198 @@ def max_blur_pool2d(
     return y
 
 
-class _BlurBase(nn.Module):
-    """Shared constructor: antialiased-cnns attributes and a persistent ``filt`` buffer."""
+# ----------------------------------------------------------------------------------------------
+# The decomposed path: pad + grouped conv, for exporters and tracers that cannot see custom ops
+
+
+class _DecomposeState(threading.local):
+    active = False
+    zero_pad = False
+
+
+_DECOMPOSE = _DecomposeState()
+
+
+@contextlib.contextmanager
+def decomposed(zero_pad: bool = False) -> Iterator[None]:
+    """Inside this block every ktkernels blur layer runs as ``F.pad`` + grouped ``F.conv2d``.
+
+    That is what ONNX (and any exporter or runtime without the ktkernels ops) should see: ``Pad`` +
+    ``Conv(group=C)``. ``zero_pad=True`` exports zero padding instead of reflect/replicate, for
+    runtimes that lack them; this **changes the border values** and is the caller's choice.
+    ``torch.jit.script`` and ``torch.fx.symbolic_trace`` take this path on their own.
+
+    >>> layer = BlurPool2d(3)
+    >>> x = torch.randn(1, 3, 8, 8)
+    >>> with decomposed():
+    ...     y = layer(x)
+    >>> torch.allclose(y, layer(x))
+    True
+    """
+    previous = (_DECOMPOSE.active, _DECOMPOSE.zero_pad)
+    _DECOMPOSE.active, _DECOMPOSE.zero_pad = True, bool(zero_pad)
+    try:
+        yield
+    finally:
+        _DECOMPOSE.active, _DECOMPOSE.zero_pad = previous
+
+
+def _pair(value: int | Sequence[int], name: str) -> list[int]:
+    pair = [value, value] if isinstance(value, int) else list(value)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an int or a pair, got {value!r}")
+    return pair
+
+
+class BlurLayer(nn.Module):
+    """Base of every ktkernels blur layer (the compat flavours included).
+
+    A subclass calls :meth:`_configure` with the op's parameters and registers whatever buffers its
+    anchor keeps in the state dict. ``forward`` runs the fused custom op; TorchScript, FX tracing and
+    the :func:`decomposed` context run the pad + grouped-conv decomposition of the same maths.
+    """
+
+    def _configure(
+        self,
+        *,
+        spatial_dims: int,
+        filt_size: int,
+        stride: int | Sequence[int],
+        padding: Sequence[int],
+        pad_mode: str,
+        channels: int | None,
+        max_kernel: int | Sequence[int] = 1,
+        max_padding: int | Sequence[int] = 0,
+        max_dilation: int | Sequence[int] = 1,
+    ) -> None:
+        """Store the op's parameters. ``padding`` is in F.pad order (last axis first, before/after).
+
+        The fused ops cover filt_size 1..7, one stride 1..4 for both axes and the max-pool pairs
+        (2, pad 0) / (3, pad 1). Anything else an anchor accepts (kornia's k > 7, a (2, 1) stride,
+        kornia's max_pool_size=3 without padding) runs the decomposition, with the same values.
+        """
+        if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
+            raise ValueError(f"channels must be a positive int or None, got {channels!r}")
+        op.check_int("filt_size", filt_size, 1)
+        strides = [stride] * spatial_dims if isinstance(stride, int) else list(stride)
+        if len(strides) != spatial_dims:
+            raise ValueError(f"stride must be an int or {spatial_dims} ints, got {stride!r}")
+        for s in strides:
+            op.check_int("stride", s, 1)
+        padding = list(padding)
+        if len(padding) != 2 * spatial_dims:
+            raise ValueError(f"expected {2 * spatial_dims} pads, got {padding}")
+        for p in padding:
+            op.check_int("each pad", p, 0)
+        pool = [
+            _pair(v, name)
+            for v, name in ((max_kernel, "max_kernel"), (max_padding, "max_padding"), (max_dilation, "max_dilation"))
+        ]
+        for axis in range(2):
+            op.check_int("max_kernel", pool[0][axis], 1)
+            op.check_int("max_padding", pool[1][axis], 0, pool[0][axis] // 2)
+            op.check_int("max_dilation", pool[2][axis], 1)
+        self._spatial_dims = spatial_dims
+        self._filt_size = filt_size
+        self._stride = strides[0]
+        self._strides: List[int] = strides  # noqa: UP006
+        self._padding: List[int] = padding  # noqa: UP006 (F.pad order: last axis first)
+        self._pad_mode = canonical_pad_mode(pad_mode)
+        self._expected_channels = channels or 0  # 0: any (TorchScript wants one attribute type)
+        self._max_kernel_hw: List[int] = pool[0]  # noqa: UP006
+        self._max_padding_hw: List[int] = pool[1]  # noqa: UP006
+        self._max_dilation_hw: List[int] = pool[2]  # noqa: UP006
+        self._has_max = pool[0] != [1, 1]
+        self._max_kernel = pool[0][0] if self._has_max else 1
+        self._max_padding = pool[1][0]
+        self._taps: List[float] = binomial_taps(filt_size)  # noqa: UP006
+        square = all(v[0] == v[1] for v in pool)
+        self._fused_max = square and pool[2] == [1, 1] and (pool[0][0], pool[1][0]) in ((2, 0), (3, 1))
+        self._has_fused_op = (
+            filt_size <= MAX_FILT_SIZE
+            and len(set(strides)) == 1
+            and strides[0] <= MAX_STRIDE
+            and (not self._has_max or self._fused_max)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._decomposed(x, self._pad_mode)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return self._decomposed(x, self._pad_mode)
+        self._check_channels(x)
+        if _DECOMPOSE.active:
+            return self._decomposed(x, "zero" if _DECOMPOSE.zero_pad else self._pad_mode)
+        if not self._has_fused_op:
+            op.check_input(x, self._spatial_dims, type(self).__name__)
+            return self._decomposed(x, self._pad_mode)
+        return self._fused(x)
+
+    def _decomposed(self, x: Tensor, pad_mode: str) -> Tensor:
+        if self._has_max:
+            x = F.max_pool2d(x, self._max_kernel_hw, 1, self._max_padding_hw, self._max_dilation_hw)
+        return blur_pool_decomposed(x, self._taps, self._strides, self._padding, pad_mode, self._spatial_dims)
+
+    @torch.jit.unused
+    def _fused(self, x: Tensor) -> Tensor:
+        args = (self._filt_size, self._stride, self._padding, self._pad_mode)
+        if self._has_max:
+            return op.max_blur_pool2d(x, self._max_kernel, self._max_padding, *args)[0]
+        if self._spatial_dims == 1:
+            return op.blur_pool1d(x, *args)
+        return op.blur_pool2d(x, *args)
+
+    @torch.jit.unused
+    def _check_channels(self, x: Tensor) -> None:
+        if self._expected_channels and x.dim() >= 2 and x.shape[1] != self._expected_channels:
+            raise ValueError(
+                f"{type(self).__name__} was built for {self._expected_channels} channels, "
+                f"got an input with {x.shape[1]}"
+            )
+
+
+class _AdobeLayer(BlurLayer):
+    """antialiased-cnns constructor: its attributes and a persistent ``filt`` buffer."""
 
     spatial_dims = 2
 
-    def __init__(self, channels: int | None, pad_type: str, filt_size: int, stride: int, pad_off: int) -> None:
+    def __init__(
+        self,
+        channels: int | None,
+        pad_type: str,
+        filt_size: int,
+        stride: int,
+        pad_off: int,
+        max_kernel: int = 1,
+        max_padding: int = 0,
+    ) -> None:
         super().__init__()
-        if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
-            raise ValueError(f"channels must be a positive int or None, got {channels!r}")
+        op.check_blur_params(filt_size, stride, [])
+        op.check_int("pad_off", pad_off, -filt_size)
+        pad_sizes = list(adobe_pads(filt_size, pad_off)) * self.spatial_dims
+        if any(p < 0 for p in pad_sizes):
+            raise ValueError(f"pad_off={pad_off} gives negative pads {pad_sizes} for filt_size={filt_size}")
+        self._configure(
+            spatial_dims=self.spatial_dims,
+            filt_size=filt_size,
+            stride=stride,
+            padding=pad_sizes,
+            pad_mode=pad_type,
+            channels=channels,
+            max_kernel=max_kernel,
+            max_padding=max_padding,
+        )
         self.channels = channels
         self.filt_size = filt_size
         self.stride = stride
         self.pad_off = pad_off
-        self.pad_type = canonical_pad_mode(pad_type)
-        op.check_blur_params(filt_size, stride, [])
+        self.pad_type = self._pad_mode
         self.off = (stride - 1) // 2
-        self.pad_sizes = list(adobe_pads(filt_size, pad_off)) * self.spatial_dims
-        if any(p < 0 for p in self.pad_sizes):
-            raise ValueError(f"pad_off={pad_off} gives negative pads {self.pad_sizes} for filt_size={filt_size}")
+        self.pad_sizes = pad_sizes
         # Persistent (C, 1, k, k) like antialiased-cnns, so its checkpoints load with strict=True.
         # The kernels use exact taps and never read it.
         if self.spatial_dims == 2:
@@ -126,12 +304,6 @@ class _BlurBase(nn.Module):
             filt = torch.tensor(binomial_taps(filt_size), dtype=torch.float32)[None, None]
         self.register_buffer("filt", filt.repeat(channels or 1, *([1] * (filt.dim() - 1))))
 
-    def _check_channels(self, x: Tensor) -> None:
-        if self.channels is not None and x.dim() >= 2 and x.shape[1] != self.channels:
-            raise ValueError(
-                f"{type(self).__name__} was built for {self.channels} channels, got an input with {x.shape[1]}"
-            )
-
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, pad_type={self.pad_type!r}, filt_size={self.filt_size}, "
@@ -139,7 +311,7 @@ class _BlurBase(nn.Module):
         )
 
 
-class BlurPool2d(_BlurBase):
+class BlurPool2d(_AdobeLayer):
     """Drop-in for ``antialiased_cnns.BlurPool``: (N, C, H, W) -> (N, C, ceil(H/stride), ceil(W/stride)).
 
     Args:
@@ -160,12 +332,8 @@ class BlurPool2d(_BlurBase):
     ) -> None:
         super().__init__(channels, pad_type, filt_size, stride, pad_off)
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_channels(x)
-        return op.blur_pool2d(x, self.filt_size, self.stride, self.pad_sizes, self.pad_type)
 
-
-class BlurPool1d(_BlurBase):
+class BlurPool1d(_AdobeLayer):
     """Drop-in for ``antialiased_cnns.BlurPool1D``: (N, C, L) -> (N, C, ceil(L/stride)); filt_size default 3."""
 
     spatial_dims = 1
@@ -180,12 +348,8 @@ class BlurPool1d(_BlurBase):
     ) -> None:
         super().__init__(channels, pad_type, filt_size, stride, pad_off)
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_channels(x)
-        return op.blur_pool1d(x, self.filt_size, self.stride, self.pad_sizes, self.pad_type)
 
-
-class MaxBlurPool2d(_BlurBase):
+class MaxBlurPool2d(_AdobeLayer):
     """``MaxPool2d(max_kernel, stride=1, padding=max_padding)`` then ``BlurPool2d``, fused.
 
     (N, C, H, W) -> (N, C, ceil(H_m/stride), ceil(W_m/stride)) with H_m = H + 2*max_padding - max_kernel + 1.
@@ -203,17 +367,62 @@ class MaxBlurPool2d(_BlurBase):
         max_kernel: int = 2,
         max_padding: int = 0,
     ) -> None:
-        super().__init__(channels, pad_type, filt_size, stride, pad_off)
         op.check_max(max_kernel, max_padding)
+        super().__init__(channels, pad_type, filt_size, stride, pad_off, max_kernel, max_padding)
         self.max_kernel = max_kernel
         self.max_padding = max_padding
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_channels(x)
-        y, _ = op.max_blur_pool2d(
-            x, self.max_kernel, self.max_padding, self.filt_size, self.stride, self.pad_sizes, self.pad_type
-        )
-        return y
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, max_kernel={self.max_kernel}, max_padding={self.max_padding}"
+
+
+class MaxThenBlur(nn.Sequential):
+    """``Sequential(MaxPool2d(k, stride=1, padding=p), blur)`` that runs as one fused max-blur kernel.
+
+    The antialiased-cnns layout (``maxpool = Sequential(MaxPool2d(2, 1), BlurPool(64))``) with the same
+    state-dict keys (``maxpool.1.filt``). Falls back to running the two children when the pair is not
+    one the fused op covers (max kernel 2 pad 0 or 3 pad 1, dilation 1, no ceil effect).
+    """
+
+    def __init__(self, max_pool: nn.MaxPool2d, blur: BlurLayer) -> None:
+        super().__init__(max_pool, blur)
+
+    def _fusable(self) -> bool:
+        pool, blur = self[0], self[1]
+        if not isinstance(pool, nn.MaxPool2d) or not isinstance(blur, BlurLayer) or blur._spatial_dims != 2:
+            return False
+        kernel, stride, padding, dilation = (
+            (v, v) if isinstance(v, int) else tuple(v)
+            for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation)
+        )
+        square = kernel[0] == kernel[1] and padding[0] == padding[1]
+        fused_pair = (kernel[0], padding[0]) in ((2, 0), (3, 1))
+        return (
+            square
+            and fused_pair
+            and stride == (1, 1)
+            and dilation == (1, 1)
+            and not pool.return_indices
+            and not blur._has_max
+            and blur._has_fused_op
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            for module in self:
+                x = module(x)
+            return x
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy) or _DECOMPOSE.active or not self._fusable():
+            for module in self:
+                x = module(x)
+            return x
+        pool, blur = self[0], self[1]
+        blur._check_channels(x)
+        kernel = pool.kernel_size if isinstance(pool.kernel_size, int) else pool.kernel_size[0]
+        padding = pool.padding if isinstance(pool.padding, int) else pool.padding[0]
+        args = (blur._filt_size, blur._stride, blur._padding, blur._pad_mode)
+        return op.max_blur_pool2d(x, kernel, padding, *args)[0]

@@ -6,6 +6,8 @@ derivations of the same maths. It is also the ``torch`` backend.
 
 from __future__ import annotations
 
+from typing import List  # noqa: UP035 (TorchScript reads the annotations)
+
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +42,31 @@ def blur_pool1d_reference(
     xp = F.pad(x, tuple(padding), mode=_TORCH_PAD[pad_mode])
     taps = torch.tensor(binomial_taps(filt_size), dtype=x.dtype, device=x.device)
     return F.conv1d(xp, taps.expand(c, 1, filt_size), stride=stride, groups=c)
+
+
+def blur_pool_decomposed(
+    x: torch.Tensor,
+    taps: List[float],  # noqa: UP006 (TorchScript)
+    stride: List[int],  # noqa: UP006
+    padding: List[int],  # noqa: UP006
+    pad_mode: str,
+    spatial: int,
+) -> torch.Tensor:
+    """``pad`` + depthwise ``conv{spatial}d`` with per-axis ``stride``, for TorchScript, FX and ONNX.
+
+    The taps become a constant and the channel count is read off ``x``, so FX traces it with
+    ``channels=None`` and exporters emit ``Pad`` + ``Conv(group=C)``.
+    """
+    k = len(taps)
+    a = torch.tensor(taps, dtype=torch.float64)
+    c = x.shape[1]
+    if pad_mode == "zero":
+        xp = F.pad(x, padding)
+    else:
+        xp = F.pad(x, padding, mode=pad_mode)
+    if spatial == 1:
+        return F.conv1d(xp, a.view(1, 1, k).to(x).expand(c, 1, k), stride=stride, groups=c)
+    return F.conv2d(xp, torch.outer(a, a).view(1, 1, k, k).to(x).expand(c, 1, k, k), stride=stride, groups=c)
 
 
 def _blur_backward_reference(

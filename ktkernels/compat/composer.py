@@ -1,0 +1,311 @@
+"""Composer drop-in (``composer.algorithms.blurpool``): layers, functionals and ``apply_blurpool`` surgery.
+
+The 3x3 ``[1,2,1]^2/16`` filter with zero pad 1, so ``H_out = ceil(H/stride)``: the same values as
+antialiased-cnns ``BlurPool(pad_type='zero', filt_size=3)``. Buffers keep Composer's names and
+persistence (``blur_filter``, ``filt2d``) and ``conv._already_blurpooled`` marks converted convs.
+
+Improvements that change no value Composer computes correctly:
+
+- ``BlurMaxPool2d`` honours ``ceil_mode``: its output has the replaced ``MaxPool2d``'s size (Composer's is
+  one row/column short there); the extra row blurs the zero-padded max map.
+- ``BlurConv2d(blur_first=True)`` on a strided 1x1 conv runs the exact rewrite: blur-pool at the stride, then
+  the conv at stride 1 (s^2 less blur output and conv input).
+- ``from_conv2d`` keeps the conv's dtype, device and ``padding_mode``; channels are static (FX, ONNX).
+- ``apply_blurpool`` reuses the original ``Parameter`` objects, so optimizers need no rebuilding.
+
+>>> import torch
+>>> BlurPool2d(8)(torch.randn(1, 8, 7, 7)).shape
+torch.Size([1, 8, 4, 4])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import List  # noqa: UP035 (TorchScript reads the annotations)
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..blurpool.geometry import binomial_filter2d
+from ..blurpool.modules import BlurLayer
+
+__all__ = ["BlurConv2d", "BlurMaxPool2d", "BlurPool2d", "apply_blurpool", "blur_2d", "blurmax_pool2d"]
+
+
+def _filter3x3(channels: int = 1) -> Tensor:
+    return binomial_filter2d(3)[None, None].repeat(channels, 1, 1, 1)
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class _Blur3x3(BlurLayer):
+    """The bare 3x3 zero-padded blur at a stride, with ``extra`` zero rows/cols after (ceil_mode); no buffers."""
+
+    def __init__(
+        self,
+        stride: int | Sequence[int],
+        channels: int | None = None,
+        extra: Sequence[int] = (0, 0),
+        max_kernel: int | Sequence[int] = 1,
+        max_padding: int | Sequence[int] = 0,
+        max_dilation: int | Sequence[int] = 1,
+    ) -> None:
+        super().__init__()
+        sh, sw = _pair(stride)
+        self._configure(
+            spatial_dims=2,
+            filt_size=3,
+            stride=[sh, sw],
+            padding=[1, 1 + extra[1], 1, 1 + extra[0]],
+            pad_mode="zero",
+            channels=channels,
+            max_kernel=max_kernel,
+            max_padding=max_padding,
+            max_dilation=max_dilation,
+        )
+
+
+class BlurPool2d(nn.Module):
+    """``composer...BlurPool2d(channels=0, stride=2, padding=1)``: (N, C, H, W) -> (N, C, ceil(H/s), ceil(W/s)).
+
+    ``channels`` 0 or -1 reads C from the input; ``padding`` is stored and, as in Composer, ignored.
+    """
+
+    def __init__(self, channels: int = 0, stride: int | Sequence[int] = 2, padding: int | Sequence[int] = 1) -> None:
+        super().__init__()
+        self.channels = channels
+        self.stride = stride
+        self.padding = padding
+        self.register_buffer("blur_filter", _filter3x3(max(channels, 1)))
+        self.blur = _Blur3x3(stride, channels if channels > 0 else None)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.blur(input)
+
+
+class BlurMaxPool2d(nn.Module):
+    """``composer...BlurMaxPool2d``: ``max_pool2d(kernel_size, stride=1, padding, dilation)`` then the 3x3 blur.
+
+    (N, C, H, W) -> the size ``nn.MaxPool2d(kernel_size, stride, padding, dilation, ceil_mode)`` gives.
+    Fused into one kernel for (kernel 2, pad 0) and (kernel 3, pad 1) with dilation 1.
+    """
+
+    def __init__(
+        self,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] | None = None,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        ceil_mode: bool = False,
+    ) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride if stride is not None else kernel_size
+        self.padding = padding
+        self.dilation = dilation
+        self.ceil_mode = ceil_mode
+        self.register_buffer("filt2d", _filter3x3())
+        stride_hw = _pair(self.stride)
+        # ceil_mode: s - 1 extra zero rows give ceil((H_m - 1)/s) + 1 rows; forward crops to torch's rule.
+        extra = tuple(s - 1 for s in stride_hw) if ceil_mode else (0, 0)
+        self.blur = _Blur3x3(stride_hw, None, extra, kernel_size, padding, dilation)
+        self._stride_hw: List[int] = list(stride_hw)  # noqa: UP006 (TorchScript)
+        self._padding_hw: List[int] = list(_pair(padding))  # noqa: UP006
+
+    def extra_repr(self) -> str:
+        return (
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"dilation={self.dilation}, ceil_mode={self.ceil_mode}"
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        out = self.blur(input)
+        if self.ceil_mode:
+            # torch drops a last window that would start past the input and its padding; slicing never
+            # grows a tensor, so this crop is min(size, limit) without control flow (FX traces it).
+            sh, sw = self._stride_hw
+            ph, pw = self._padding_hw
+            out = out[:, :, : (input.shape[2] + ph + sh - 1) // sh, : (input.shape[3] + pw + sw - 1) // sw]
+        return out
+
+    @staticmethod
+    def from_maxpool2d(module: nn.MaxPool2d, module_index: int = -1) -> BlurMaxPool2d:
+        """The replacement for ``module`` (its kernel, stride, padding, dilation and ceil_mode)."""
+        return BlurMaxPool2d(module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
+
+
+def _is_exact_pool_rewrite(conv: nn.Conv2d) -> bool:
+    """A 1x1, unpadded, strided conv commutes with the blur: blur-pool at the stride, then conv at stride 1."""
+    return conv.kernel_size == (1, 1) and conv.padding in ((0, 0), "valid") and max(conv.stride) > 1
+
+
+class BlurThenConv(nn.Module):
+    """Shared by Composer's ``BlurConv2d(blur_first=True)`` and FFCV's ``BlurPoolConv2d``: ``conv(blur_s1(x))``.
+
+    For a strided 1x1 conv it computes ``conv_s1(blurpool_s(x))`` instead: the same values (the blur
+    commutes with a 1x1 conv), with s^2 less blur output and conv input.
+    """
+
+    def _setup_blur_then_conv(self, conv: nn.Conv2d) -> None:
+        self._pool_rewrite = _is_exact_pool_rewrite(conv)
+        self.pool_blur = _Blur3x3(conv.stride, conv.in_channels)  # stateless: no state-dict keys
+
+    def _blur_then_conv(self, input: Tensor) -> Tensor:
+        """Needs ``self.conv`` and ``self.blur`` (the stride-1 blur)."""
+        if self._pool_rewrite:
+            return F.conv2d(self.pool_blur(input), self.conv.weight, self.conv.bias, 1, 0, 1, self.conv.groups)
+        return self.conv(self.blur(input))
+
+
+class BlurConv2d(BlurThenConv):
+    """``composer...BlurConv2d``: a 3x3 blur on the input at stride 1, then the strided conv (``blur_first``),
+    or the conv at stride 1, then the blur at the stride. (N, C_in, H, W) -> what the plain conv gives.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] | None = None,
+        padding: int | Sequence[int] | str = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        blur_first: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if blur_first and stride is None:
+            raise ValueError("BlurConv2d(blur_first=True) needs an explicit stride")
+        self.blur_first = blur_first
+        if blur_first:
+            conv_stride, self.blur_stride, self.blur_nchannels = stride, 1, in_channels
+        else:
+            conv_stride, self.blur_nchannels = 1, out_channels
+            self.blur_stride = kernel_size if stride is None else stride
+        self.conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            conv_stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        self.conv._already_blurpooled = True
+        self.register_buffer("blur_filter", _filter3x3(self.blur_nchannels).to(device=device))
+        self.blur = _Blur3x3(self.blur_stride, self.blur_nchannels)
+        self._setup_blur_then_conv(self.conv)
+        self._pool_rewrite = self._pool_rewrite and blur_first
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.blur_first:
+            return self.blur(self.conv(input))
+        return self._blur_then_conv(input)
+
+    @staticmethod
+    def from_conv2d(module: nn.Conv2d, module_index: int = -1, blur_first: bool = True) -> BlurConv2d:
+        """The replacement for ``module``, with its weights copied (dtype, device, padding_mode kept)."""
+        conv = BlurConv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.bias is not None,
+            blur_first,
+            module.padding_mode,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
+        with torch.no_grad():
+            conv.conv.weight.copy_(module.weight)
+            if module.bias is not None:
+                conv.conv.bias.copy_(module.bias)
+        return conv
+
+
+def blur_2d(input: Tensor, channels: int = -1, stride: int | Sequence[int] = 1, filter: Tensor | None = None) -> Tensor:
+    """``composer...blur_2d``: depthwise blur with zero 'same' padding at ``stride``; (N, C, H, W) in.
+
+    The default 3x3 binomial filter runs fused; a custom (odd-sized) ``filter`` runs as ``F.conv2d``.
+    """
+    if filter is not None:
+        _, _, fh, fw = filter.shape
+        if fh % 2 == 0 or fw % 2 == 0:
+            raise IndexError(f"Filter must have odd height and width; got {fh}x{fw}")
+        c = input.shape[1] if channels < 1 else channels
+        if filter.shape[0] == 1 and c > 1:
+            filter = filter.expand(c, 1, fh, fw)
+        return F.conv2d(input, filter.to(input), None, _pair(stride), (fh // 2, fw // 2), 1, c)
+    return _Blur3x3(stride, channels if channels > 0 else None)(input)
+
+
+def blurmax_pool2d(
+    input: Tensor,
+    kernel_size: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] = 2,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    ceil_mode: bool = False,
+    filter: Tensor | None = None,
+) -> Tensor:
+    """``composer...blurmax_pool2d``: max pool at stride 1, then the blur at ``stride`` (ceil_mode honoured)."""
+    kernel_size = (2, 2) if kernel_size is None else kernel_size
+    if filter is not None:
+        maxs = F.max_pool2d(input, kernel_size, 1, padding, dilation)
+        return blur_2d(maxs, -1, stride, filter)
+    return BlurMaxPool2d(kernel_size, stride, padding, dilation, ceil_mode)(input)
+
+
+def apply_blurpool(
+    model: nn.Module,
+    replace_convs: bool = True,
+    replace_maxpools: bool = True,
+    blur_first: bool = True,
+    min_channels: int = 16,
+    optimizers=None,
+) -> nn.Module:
+    """Composer's surgery, in place: strided ``nn.Conv2d`` (subclasses too) with ``in_channels >= min_channels``
+    become :class:`BlurConv2d`; every ``nn.MaxPool2d`` becomes :class:`BlurMaxPool2d`. Idempotent.
+
+    The new convs hold the original ``Parameter`` objects, so ``optimizers`` (accepted for Composer's
+    signature) need no rebuilding. Returns ``model``.
+    """
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            replacement = None
+            if (
+                replace_convs
+                and isinstance(child, nn.Conv2d)
+                and max(child.stride) > 1
+                and child.in_channels >= min_channels
+                and not getattr(child, "_already_blurpooled", False)
+            ):
+                replacement = BlurConv2d.from_conv2d(child, blur_first=blur_first)
+                replacement.conv.weight = child.weight
+                if child.bias is not None:
+                    replacement.conv.bias = child.bias
+            elif replace_maxpools and isinstance(child, nn.MaxPool2d):
+                replacement = BlurMaxPool2d.from_maxpool2d(child).to(_device_of(child, model))
+            if replacement is not None:
+                setattr(parent, name, replacement)
+    return model
+
+
+def _device_of(module: nn.Module, model: nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers(), *model.parameters()):
+        return tensor.device
+    return torch.device("cpu")

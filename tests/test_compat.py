@@ -1,0 +1,578 @@
+"""Compat layers: the anchors' geometry tables, the real kornia / timm / antialiased-cnns packages, Composer and
+FFCV from the reference's worked examples, convert(), and every layer under compile / export / script / FX."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ktkernels
+from ktkernels.blurpool import decomposed
+from ktkernels.compat import antialiased_cnns as adobe
+from ktkernels.compat import composer, convert, ffcv
+from ktkernels.compat import kornia as kornia_compat
+from ktkernels.compat import timm as timm_compat
+
+EYE5 = torch.eye(5, dtype=torch.float64)[None, None]
+
+
+def recipe(x: torch.Tensor, k: int, stride: int, pads: tuple[int, int, int, int], mode: str) -> torch.Tensor:
+    """The anchors' recipe in float64, written here from the maths: pad, then depthwise binomial conv."""
+    a = torch.tensor([float(math.comb(k - 1, i)) for i in range(k)], dtype=torch.float64)
+    w = (torch.outer(a, a) / a.sum() ** 2).to(x)[None, None].expand(x.shape[1], 1, k, k)
+    xp = F.pad(x, pads, mode={"zero": "constant"}.get(mode, mode))
+    return F.conv2d(xp, w, stride=stride, groups=x.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference section 2.3: output sizes at stride 2 per flavour ("err": the layer must refuse the input)
+
+FLAVOUR_LAYERS = {
+    "adobe k3 refl": lambda: adobe.BlurPool(2, filt_size=3),
+    "adobe k4 refl": lambda: adobe.BlurPool(2, filt_size=4),
+    "adobe k4 zero": lambda: adobe.BlurPool(2, "zero", filt_size=4),
+    "kornia09 k3": lambda: kornia_compat.BlurPool2D(3),
+    "kornia09 k4": lambda: kornia_compat.BlurPool2D(4),
+    "kornia08 k3": lambda: kornia_compat.BlurPool2D(3, legacy_even_padding=True),
+    "kornia08 k4": lambda: kornia_compat.BlurPool2D(4, legacy_even_padding=True),
+    "timm k3": lambda: timm_compat.BlurPool2d(2, filt_size=3),
+    "timm k4": lambda: timm_compat.BlurPool2d(2, filt_size=4),
+    "composer": lambda: composer.BlurPool2d(2),
+}
+E = None  # the table's "err"
+SIZE_TABLE = {  # H: one column per FLAVOUR_LAYERS entry, in order
+    1: [E, E, 1, 1, 1, 1, E, E, E, 1],
+    2: [1, E, 1, 1, 1, 1, 1, 1, E, 1],
+    3: [2, 2, 2, 2, 2, 2, 1, 2, 2, 2],
+    4: [2, 2, 2, 2, 2, 2, 2, 2, 3, 2],
+    5: [3, 3, 3, 3, 3, 3, 2, 3, 3, 3],
+    8: [4, 4, 4, 4, 4, 4, 4, 4, 5, 4],
+    15: [8, 8, 8, 8, 8, 8, 7, 8, 8, 8],
+    56: [28, 28, 28, 28, 28, 28, 28, 28, 29, 28],
+    111: [56, 56, 56, 56, 56, 56, 55, 56, 56, 56],
+    112: [56, 56, 56, 56, 56, 56, 56, 56, 57, 56],
+}
+
+
+@pytest.mark.parametrize("height", sorted(SIZE_TABLE))
+def test_output_sizes_match_the_reference_table(height):
+    x = torch.randn(1, 2, height, 9)
+    for (name, make), expected in zip(FLAVOUR_LAYERS.items(), SIZE_TABLE[height], strict=True):
+        layer = make()
+        if expected is None:
+            with pytest.raises(ValueError):
+                layer(x)
+        else:
+            assert layer(x).shape[2] == expected, name
+            with decomposed():
+                assert layer(x).shape[2] == expected, f"{name} (decomposed)"
+
+
+# Reference section 2.4: x = eye(5), stride 2
+EYE_EXAMPLES = {
+    "k3 zero": (
+        [
+            adobe.BlurPool(1, "zero", 3),
+            kornia_compat.BlurPool2D(3),
+            composer.BlurPool2d(1),
+            timm_compat.create_aa("blurpc", channels=1),
+        ],
+        [[0.3125, 0.0625, 0], [0.0625, 0.375, 0.0625], [0, 0.0625, 0.3125]],
+    ),
+    "k3 reflect": (
+        [adobe.BlurPool(1, filt_size=3), timm_compat.BlurPool2d(1)],
+        [[0.5, 0.125, 0], [0.125, 0.375, 0.125], [0, 0.125, 0.5]],
+    ),
+    "k4 reflect": (
+        [adobe.BlurPool(1)],
+        [[0.40625, 0.109375, 0.015625], [0.109375, 0.3125, 0.28125], [0.015625, 0.28125, 0.40625]],
+    ),
+    "k4 zero": (
+        [adobe.BlurPool(1, "zero"), kornia_compat.BlurPool2D(4)],
+        [[0.296875, 0.09375, 0], [0.09375, 0.3125, 0.09375], [0, 0.09375, 0.15625]],
+    ),
+    "k4 kornia<=0.8": (
+        [kornia_compat.BlurPool2D(4, legacy_even_padding=True)],
+        [[0.296875, 0.09375], [0.09375, 0.3125]],
+    ),
+    "k4 timm": (
+        [timm_compat.BlurPool2d(1, filt_size=4)],
+        [[0.40625, 0.28125, 0.015625], [0.28125, 0.3125, 0.109375], [0.015625, 0.109375, 0.40625]],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EYE_EXAMPLES))
+def test_worked_eye5_examples(case):
+    layers, expected = EYE_EXAMPLES[case]
+    for layer in layers:
+        torch.testing.assert_close(
+            layer(EYE5),
+            torch.tensor(expected, dtype=torch.float64)[None, None],
+            rtol=0,
+            atol=1e-12,
+            msg=f"{case}: {type(layer).__module__}",
+        )
+
+
+# Reference section 2.4, 1-D: x = 1..6 and 1..5, stride 2
+ONE_D = [
+    (2, "reflect", [1.5, 3.5, 5.5], [1.5, 3.5, 4.5]),
+    (2, "zero", [1.5, 3.5, 5.5], [1.5, 3.5, 2.5]),
+    (3, "reflect", [1.5, 3.0, 5.0], [1.5, 3.0, 4.5]),
+    (3, "replicate", [1.25, 3.0, 5.0], [1.25, 3.0, 4.75]),
+    (3, "zero", [1.0, 3.0, 5.0], [1.0, 3.0, 3.5]),
+    (4, "reflect", [1.75, 3.5, 5.25], [1.75, 3.5, 4.25]),
+    (4, "replicate", [1.625, 3.5, 5.375], [1.625, 3.5, 4.875]),
+    (4, "zero", [1.5, 3.5, 4.625], [1.5, 3.5, 2.375]),
+    (5, "reflect", [1.75, 3.0, 4.875], [1.75, 3.0, 4.25]),
+    (5, "zero", [1.0625, 3.0, 4.5625], [1.0625, 3.0, 3.0625]),
+]
+
+
+@pytest.mark.parametrize("k,mode,even,odd", ONE_D)
+def test_worked_1d_examples(k, mode, even, odd):
+    layer = adobe.BlurPool1D(1, mode, filt_size=k)
+    for length, expected in ((6, even), (5, odd)):
+        x = torch.arange(1.0, length + 1, dtype=torch.float64).view(1, 1, -1)
+        torch.testing.assert_close(layer(x)[0, 0], torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Against the real packages
+
+
+SHAPES = [(8, 8), (7, 9), (15, 16), (57, 55)]
+
+
+def _assert_same(ours: nn.Module, theirs: nn.Module, x: torch.Tensor) -> None:
+    expected = theirs(x)
+    actual = ours(x)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", range(1, 8))
+def test_antialiased_cnns_package(k):
+    aa = pytest.importorskip("antialiased_cnns", reason="antialiased-cnns is an optional test oracle")
+    for (h, w), mode, stride, pad_off in itertools.product(SHAPES, ("reflect", "replicate", "zero"), (1, 2, 3), (0, 1)):
+        x = torch.randn(2, 3, h, w)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = aa.BlurPool(3, pad_type=mode, filt_size=k, stride=stride, pad_off=pad_off)
+        ours = adobe.BlurPool(3, pad_type=mode, filt_size=k, stride=stride, pad_off=pad_off)
+        assert ours.state_dict().keys() == theirs.state_dict().keys()
+        torch.testing.assert_close(ours.filt, theirs.filt, rtol=0, atol=0)
+        for attr in ("filt_size", "pad_off", "pad_sizes", "stride", "off", "channels"):
+            assert getattr(ours, attr) == getattr(theirs, attr), attr
+        assert type(ours.pad) is type(theirs.pad)
+        ours.load_state_dict(theirs.state_dict(), strict=True)
+        _assert_same(ours, theirs, x)
+        theirs_1d = aa.BlurPool1D(3, pad_type=mode, filt_size=k, stride=stride, pad_off=pad_off)
+        _assert_same(adobe.BlurPool1D(3, mode, k, stride, pad_off), theirs_1d, x[:, :, 0])
+
+
+@pytest.mark.parametrize("k", range(1, 10))
+def test_kornia_package(k):
+    kornia = pytest.importorskip("kornia", reason="kornia is a test dependency")
+    for (h, w), stride in itertools.product(SHAPES, (1, 2, 3)):
+        x = torch.randn(2, 3, h, w)
+        _assert_same(kornia_compat.BlurPool2D(k, stride), kornia.filters.BlurPool2D(k, stride), x)
+        _assert_same(kornia_compat.BlurPool2D((k, k), stride), kornia.filters.BlurPool2D((k, k), stride), x)
+        torch.testing.assert_close(kornia_compat.blur_pool2d(x, k, stride), kornia.filters.blur_pool2d(x, k, stride))
+        for max_pool_size in (2, 3):
+            _assert_same(
+                kornia_compat.MaxBlurPool2D(k, stride, max_pool_size),
+                kornia.filters.MaxBlurPool2D(k, stride, max_pool_size),
+                x,
+            )
+        torch.testing.assert_close(
+            kornia_compat.max_blur_pool2d(x, k, stride), kornia.filters.max_blur_pool2d(x, k, stride)
+        )
+    assert kornia_compat.BlurPool2D(k).state_dict().keys() == kornia.filters.BlurPool2D(k).state_dict().keys()
+
+
+def test_kornia_legacy_padding_and_errors():
+    # <= 0.8: identical to adobe-zero for odd k, and for even k on even sizes; one short on odd sizes
+    x = torch.randn(1, 2, 8, 10)
+    for k in range(2, 8):
+        torch.testing.assert_close(
+            kornia_compat.BlurPool2D(k, legacy_even_padding=True)(x), adobe.BlurPool(2, "zero", k)(x)
+        )
+    assert kornia_compat.BlurPool2D(4, legacy_even_padding=True)(torch.randn(1, 2, 15, 9)).shape[2:] == (7, 4)
+    with pytest.raises(ValueError, match="Invalid kernel shape"):
+        kornia_compat.BlurPool2D((3, 5))
+    with pytest.raises(TypeError, match="floating-point"):
+        kornia_compat.BlurPool2D(3)(torch.ones(1, 1, 8, 8, dtype=torch.int64))
+    with pytest.warns(DeprecationWarning, match="ceil_mode"):
+        kornia_compat.MaxBlurPool2D(3, ceil_mode=True)
+    # a 2021-2023 checkpoint with the (k, k) kernel still loads strictly
+    layer = kornia_compat.BlurPool2D(3)
+    layer.load_state_dict({"kernel": torch.ones(3, 3)}, strict=True)
+
+
+@pytest.mark.parametrize("k", range(2, 8))
+def test_timm_package(k):
+    timm = pytest.importorskip("timm", reason="timm is a test dependency")
+    from timm.layers import BlurPool2d as TimmBlurPool2d
+    from timm.layers import create_aa as timm_create_aa
+
+    for (h, w), stride, mode, channels in itertools.product(
+        SHAPES, (1, 2, 3), ("reflect", "constant", "replicate"), (3, None)
+    ):
+        x = torch.randn(2, 3, h, w)
+        theirs = TimmBlurPool2d(channels, filt_size=k, stride=stride, pad_mode=mode)
+        ours = timm_compat.BlurPool2d(channels, filt_size=k, stride=stride, pad_mode=mode)
+        assert ours.padding == theirs.padding and ours.state_dict().keys() == theirs.state_dict().keys() == set()
+        torch.testing.assert_close(ours.filt, theirs.filt, rtol=0, atol=0)
+        _assert_same(ours, theirs, x)
+    for alias in ("avg", "blur", "blurpc", "blur_pool"):
+        ours, theirs = timm_compat.create_aa(alias, channels=3), timm_create_aa(alias, channels=3)
+        _assert_same(ours, theirs, torch.randn(1, 3, 9, 8))
+    assert (
+        isinstance(timm_compat.create_aa(None), nn.Identity)
+        and timm_compat.create_aa("blur", enable=False, noop=None) is None
+    )
+    assert timm.__version__
+
+
+def test_timm_meta_device_init():
+    layer = timm_compat.BlurPool2d(4, device="meta")
+    layer = layer.to_empty(device="cpu")
+    layer.init_non_persistent_buffers()
+    torch.testing.assert_close(layer.filt[0, 0], ktkernels.blurpool.geometry.binomial_filter2d(3))
+    with pytest.raises(ValueError, match="filt_size > 1"):
+        timm_compat.BlurPool2d(filt_size=1)
+
+
+def test_adobe_errors_and_aliases():
+    with pytest.raises(ValueError, match="built for 8 channels"):
+        adobe.BlurPool(8)(torch.randn(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="unknown pad mode"):
+        adobe.BlurPool(8, pad_type="circular")
+    assert adobe.get_pad_layer("refl") is nn.ReflectionPad2d and adobe.get_pad_layer_1d("zero") is nn.ZeroPad1d
+    legacy = adobe.Downsample("repl", 3, 2, 4)
+    torch.testing.assert_close(legacy(x := torch.randn(1, 4, 9, 9)), adobe.BlurPool(4, "replicate", 3)(x))
+    # pad_off=-1 with k=3 pads nothing; pad_off=1 widens the output
+    assert adobe.BlurPool(1, filt_size=3, pad_off=-1)(torch.randn(1, 1, 9, 9)).shape[2:] == (4, 4)
+    assert adobe.BlurPool(1, filt_size=3, pad_off=1)(torch.randn(1, 1, 9, 9)).shape[2:] == (6, 6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Composer and FFCV, from the reference's descriptions
+
+
+def test_composer_blurpool_equals_adobe_zero_k3():
+    x = torch.randn(2, 4, 13, 10, dtype=torch.float64)
+    for stride in (1, 2, 3):
+        expected = recipe(x, 3, stride, (1, 1, 1, 1), "zero")
+        torch.testing.assert_close(composer.BlurPool2d(4, stride)(x), expected)
+        torch.testing.assert_close(composer.BlurPool2d(0, stride)(x), expected)
+        torch.testing.assert_close(composer.blur_2d(x, stride=stride), expected)
+        torch.testing.assert_close(composer.blur_2d(x, stride=stride, filter=composer._filter3x3()), expected)
+    assert set(composer.BlurPool2d(4).state_dict()) == {"blur_filter"}
+    assert composer.BlurPool2d(4).blur_filter.shape == (4, 1, 3, 3)
+    assert composer.BlurPool2d(0).blur_filter.shape == (1, 1, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,padding,dilation",
+    [(2, 2, 0, 1), (3, 2, 1, 1), (3, 2, 0, 1), (2, 1, 0, 1), (3, 2, 1, 2), (3, 3, 1, 1)],
+)
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_composer_blurmaxpool_sizes_and_values(kernel, stride, padding, dilation, ceil_mode):
+    pool = nn.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil_mode)
+    layer = composer.BlurMaxPool2d.from_maxpool2d(pool)
+    for size in (112, 56, 9, 10):
+        x = torch.randn(1, 2, size, size + 1, dtype=torch.float64)
+        y = layer(x)
+        assert y.shape == pool(x).shape  # Composer itself is one short with ceil_mode=True
+        maxs = F.max_pool2d(x, kernel, 1, padding, dilation)
+        extra = stride - 1 if ceil_mode else 0
+        expected = recipe(maxs, 3, stride, (1, 1 + extra, 1, 1 + extra), "zero")[:, :, : y.shape[2], : y.shape[3]]
+        torch.testing.assert_close(y, expected)
+    assert set(layer.state_dict()) == {"filt2d"}
+
+
+def test_composer_ceil_mode_examples_from_the_reference():
+    assert composer.BlurMaxPool2d(3, 2, 0, ceil_mode=True)(torch.randn(1, 1, 112, 112)).shape[2] == 56
+    assert composer.BlurMaxPool2d(3, 2, 1, ceil_mode=True)(torch.randn(1, 1, 56, 56)).shape[2] == 29
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(1, 2, 0), (3, 2, 1), (1, 2, 1), (3, 1, 1), (5, 2, 2)])
+@pytest.mark.parametrize("blur_first", [True, False])
+def test_composer_blurconv(kernel, stride, padding, blur_first):
+    conv = nn.Conv2d(16, 8, kernel, stride, padding, bias=True).double()
+    layer = composer.BlurConv2d.from_conv2d(conv, blur_first=blur_first)
+    x = torch.randn(2, 16, 11, 12, dtype=torch.float64)
+    if blur_first:
+        expected = conv(recipe(x, 3, 1, (1, 1, 1, 1), "zero"))
+    else:
+        expected = recipe(F.conv2d(x, conv.weight, conv.bias, 1, padding), 3, stride, (1, 1, 1, 1), "zero")
+    torch.testing.assert_close(layer(x), expected)  # the 1x1 rewrite is exact, not approximate
+    assert layer.conv._already_blurpooled and layer.conv.weight.dtype == torch.float64
+    assert set(layer.state_dict()) == {"conv.weight", "conv.bias", "blur_filter"}
+    assert layer._pool_rewrite == (blur_first and kernel == 1 and padding == 0 and stride > 1)
+    with pytest.raises(ValueError, match="explicit stride"):
+        composer.BlurConv2d(4, 4, 3, stride=None, blur_first=True)
+
+
+def test_composer_apply_blurpool_on_resnet50():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet50()
+    params = {name: p for name, p in model.named_parameters()}
+    composer.apply_blurpool(model)
+    kinds = [type(m).__name__ for m in model.modules()]
+    assert kinds.count("BlurMaxPool2d") == 1 and kinds.count("BlurConv2d") == 6  # Composer's documented result
+    assert {id(p) for p in model.parameters()} == {id(p) for p in params.values()}  # optimizers keep working
+    before = model.state_dict().keys()
+    composer.apply_blurpool(model)
+    assert model.state_dict().keys() == before  # idempotent
+    assert [type(m).__name__ for m in model.modules()] == kinds
+    model.eval()
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_ffcv_blurpoolconv():
+    for kernel, stride, padding in [(3, 2, 1), (1, 2, 0), (3, 1, 1)]:
+        conv = nn.Conv2d(16, 4, kernel, stride, padding).double()
+        layer = ffcv.BlurPoolConv2d(conv)
+        x = torch.randn(1, 16, 9, 10, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), conv(recipe(x, 3, 1, (1, 1, 1, 1), "zero")))
+        assert set(layer.state_dict()) == {"conv.weight", "conv.bias", "blur_filter"}
+        assert layer.blur_filter.shape == (16, 1, 3, 3)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, 2), nn.Conv2d(16, 16, 3, 2), nn.Conv2d(16, 16, 3, 1))
+    ffcv.apply_blurpool(model)
+    assert [type(m).__name__ for m in model] == ["Conv2d", "BlurPoolConv2d", "Conv2d"]
+    ffcv.apply_blurpool(model)
+    assert [type(m).__name__ for m in model] == ["Conv2d", "BlurPoolConv2d", "Conv2d"]
+
+
+# ----------------------------------------------------------------------------------------------
+# convert()
+
+
+def _fake_package_module(name: str, classes: dict[str, type]) -> None:
+    """Register stand-ins for a package that is not installed (Composer, an FFCV training script)."""
+    module = types.ModuleType(name)
+    for cls_name, cls in classes.items():
+        cls.__module__, cls.__qualname__, cls.__name__ = name, cls_name, cls_name
+        setattr(module, cls_name, cls)
+    sys.modules.setdefault(name, module)
+
+
+class _ComposerBlurPool2d(nn.Module):  # Composer's recipe, from the reference's description
+    def __init__(self, channels=0, stride=2, padding=1):
+        super().__init__()
+        self.channels, self.stride, self.padding = channels, stride, padding
+        self.register_buffer("blur_filter", composer._filter3x3(max(channels, 1)))
+
+    def forward(self, x):
+        return F.conv2d(
+            x, self.blur_filter.expand(x.shape[1], 1, 3, 3), stride=self.stride, padding=1, groups=x.shape[1]
+        )
+
+
+class _ComposerBlurConv2d(nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.conv, self.blur_first = conv, True
+        self.register_buffer("blur_filter", composer._filter3x3(conv.in_channels))
+
+    def forward(self, x):
+        return self.conv(F.conv2d(x, self.blur_filter, padding=1, groups=x.shape[1]))
+
+
+class _ComposerBlurMaxPool2d(nn.Module):
+    def __init__(self, kernel_size, stride, padding=0, dilation=1, ceil_mode=False):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode = (
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            ceil_mode,
+        )
+        self.register_buffer("filt2d", composer._filter3x3())
+
+    def forward(self, x):
+        m = F.max_pool2d(x, self.kernel_size, 1, self.padding, self.dilation)
+        return F.conv2d(m, self.filt2d.expand(x.shape[1], 1, 3, 3), stride=self.stride, padding=1, groups=x.shape[1])
+
+
+class _FfcvBlurPoolConv2d(_ComposerBlurConv2d):
+    pass
+
+
+def test_convert_every_third_party_layer():
+    aa = pytest.importorskip("antialiased_cnns")
+    kornia = pytest.importorskip("kornia")
+    timm = pytest.importorskip("timm")
+    _fake_package_module(
+        "composer.algorithms.blurpool.blurpool_layers",
+        {"BlurPool2d": _ComposerBlurPool2d, "BlurConv2d": _ComposerBlurConv2d, "BlurMaxPool2d": _ComposerBlurMaxPool2d},
+    )
+    _fake_package_module("train_imagenet", {"BlurPoolConv2d": _FfcvBlurPoolConv2d})
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        aa.BlurPool(16, filt_size=4),
+        kornia.filters.BlurPool2D(3),
+        nn.Sequential(kornia.filters.MaxBlurPool2D(4), timm.layers.BlurPool2d(16, filt_size=3)),
+        _ComposerBlurPool2d(16, 1),
+        _ComposerBlurMaxPool2d(3, 1, 1),
+        _ComposerBlurConv2d(nn.Conv2d(16, 16, 1, 2)),
+        _FfcvBlurPoolConv2d(nn.Conv2d(16, 8, 3, 1, 1)),
+        timm.layers.BlurPool2d(None, filt_size=4, pad_mode="constant", stride=1),
+    ).eval()
+    x = torch.randn(2, 3, 64, 48)
+    expected = model(x)
+    keys = model.state_dict().keys()
+    report = convert(model)
+    assert len(report) == 9, str(report)
+    assert all(new.startswith("ktkernels.compat.") for _, _, new in report.replaced)
+    assert not any(
+        type(m).__module__.split(".")[0] in ("antialiased_cnns", "kornia", "timm", "composer", "train_imagenet")
+        for m in model.modules()
+    )
+    assert model.state_dict().keys() == keys
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert len(convert(model)) == 0  # nothing left to convert
+    _check_compilers_and_exporters(model, x)
+
+
+def _check_compilers_and_exporters(model: nn.Module, x: torch.Tensor) -> None:
+    """compile(fullgraph, dynamic batch), export (dynamic batch), script and FX all give the eager values."""
+    x_other = torch.cat([x, x[:1]])  # another batch size
+    expected, expected_other = model(x), model(x_other)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled(x_other), expected_other, rtol=1e-5, atol=1e-5)
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    torch.testing.assert_close(exported(x_other), expected_other, rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.testing.assert_close(torch.jit.script(model)(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_refuses_a_bare_layer():
+    kornia = pytest.importorskip("kornia")
+    with pytest.raises(TypeError, match="wrap"):
+        convert(kornia.filters.BlurPool2D(3))
+
+
+def test_convert_keeps_half_buffers():
+    aa = pytest.importorskip("antialiased_cnns")
+    model = nn.Sequential(aa.BlurPool(4)).half()
+    convert(model)
+    assert model[0].filt.dtype == torch.float16 and isinstance(model[0], adobe.BlurPool)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compilers and exporters: every layer flavour
+
+
+def _layers() -> dict[str, nn.Module]:
+    return {
+        "ktkernels.BlurPool2d": ktkernels.BlurPool2d(8),
+        "ktkernels.MaxBlurPool2d": ktkernels.MaxBlurPool2d(8, filt_size=3),
+        "MaxThenBlur": ktkernels.blurpool.MaxThenBlur(nn.MaxPool2d(2, 1), ktkernels.BlurPool2d(8)),
+        "adobe.BlurPool": adobe.BlurPool(8, "replicate", 5),
+        "kornia.MaxBlurPool2D": kornia_compat.MaxBlurPool2D(4),
+        "kornia.BlurPool2D k9": kornia_compat.BlurPool2D(9),
+        "timm.BlurPool2d": timm_compat.BlurPool2d(None, filt_size=4),
+        "composer.BlurMaxPool2d": composer.BlurMaxPool2d(3, 2, 1, ceil_mode=True),
+        "composer.BlurConv2d": composer.BlurConv2d.from_conv2d(nn.Conv2d(8, 4, 1, 2)),
+        "ffcv.BlurPoolConv2d": ffcv.BlurPoolConv2d(nn.Conv2d(8, 4, 3, 2, 1)),
+    }
+
+
+LAYER_NAMES = list(_layers())
+
+
+def _example(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 8, 13, 16)
+
+
+@pytest.mark.parametrize("name", LAYER_NAMES)
+def test_script_and_fx_take_the_reference_path(name):
+    layer = _layers()[name].eval()
+    x = _example()
+    expected = layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(layer)
+    torch.testing.assert_close(scripted(x), expected, rtol=1e-5, atol=1e-6)
+    traced = torch.fx.symbolic_trace(layer)
+    assert "ktkernels" not in traced.code
+    torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-6)
+    x3 = _example(3)
+    torch.testing.assert_close(traced(x3), layer(x3), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", LAYER_NAMES)
+def test_compile_and_export_with_dynamic_batch(name):
+    layer = _layers()[name].eval()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for batch in (2, 3):
+        x = _example(batch)
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
+    exported = torch.export.export(layer, (_example(2),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    x = _example(5)
+    torch.testing.assert_close(exported.module()(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_export_keeps_the_fused_op():
+    exported = torch.export.export(ktkernels.BlurPool2d(8), (_example(),))
+    assert "ktkernels.blur_pool2d" in str(exported.graph)
+
+
+def test_onnx_export_roundtrip(tmp_path):
+    pytest.importorskip("onnxscript", reason="the torch.export-based ONNX exporter needs onnxscript")
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from ktkernels.export import export_onnx
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        ktkernels.MaxBlurPool2d(8),
+        adobe.BlurPool(8, filt_size=3),
+        composer.BlurConv2d.from_conv2d(nn.Conv2d(8, 8, 1, 2)),
+        timm_compat.BlurPool2d(8),
+    ).eval()
+    for zero_pad in (False, True):
+        path = tmp_path / f"model_{zero_pad}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_onnx(model, (torch.randn(2, 3, 64, 64),), path, zero_pad=zero_pad)
+        graph = onnx.load(path).graph
+        ops = [node.op_type for node in graph.node]
+        assert "Conv" in ops and "MaxPool" in ops and ("Pad" in ops) != zero_pad  # zero pads fold into Conv
+        pad_modes = {
+            attr.s.decode()
+            for node in graph.node
+            if node.op_type == "Pad"
+            for attr in node.attribute
+            if attr.name == "mode"
+        }
+        assert ("reflect" in pad_modes) != zero_pad  # zero pads are Pad's default mode (or folded into Conv)
+        groups = [
+            attr.i for node in graph.node if node.op_type == "Conv" for attr in node.attribute if attr.name == "group"
+        ]
+        assert 8 in groups  # constant groups: the depthwise blur
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        x = torch.randn(5, 3, 64, 64)  # another batch size: the batch axis is dynamic
+        (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with decomposed(zero_pad=zero_pad):
+            expected = model(x)
+        torch.testing.assert_close(torch.from_numpy(y), expected.detach(), rtol=1e-4, atol=1e-5)
+        if not zero_pad:
+            torch.testing.assert_close(expected, model(x).detach(), rtol=1e-5, atol=1e-6)
