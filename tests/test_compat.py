@@ -448,13 +448,15 @@ def test_convert_every_third_party_layer():
     _check_compilers_and_exporters(model, x)
 
 
-def _check_compilers_and_exporters(model: nn.Module, x: torch.Tensor) -> None:
+def _check_compilers_and_exporters(model: nn.Module, x: torch.Tensor, compile: bool = True) -> None:
     """compile(fullgraph, dynamic batch), export (dynamic batch), script and FX all give the eager values."""
     x_other = torch.cat([x, x[:1]])  # another batch size
     expected, expected_other = model(x), model(x_other)
-    compiled = torch.compile(model, fullgraph=True, dynamic=True)
-    torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(compiled(x_other), expected_other, rtol=1e-5, atol=1e-5)
+    if compile:
+        torch._dynamo.reset()  # each layer configuration is a recompile of the same forward: start from zero
+        compiled = torch.compile(model, fullgraph=True, dynamic=True)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(x_other), expected_other, rtol=1e-5, atol=1e-5)
     exported = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
     torch.testing.assert_close(exported(x_other), expected_other, rtol=1e-5, atol=1e-5)
     with warnings.catch_warnings():
@@ -521,6 +523,7 @@ def test_script_and_fx_take_the_reference_path(name):
 @pytest.mark.parametrize("name", LAYER_NAMES)
 def test_compile_and_export_with_dynamic_batch(name):
     layer = _layers()[name].eval()
+    torch._dynamo.reset()  # each layer configuration is a recompile of the same forward: start from zero
     compiled = torch.compile(layer, fullgraph=True, dynamic=True)
     for batch in (2, 3):
         x = _example(batch)
@@ -576,3 +579,25 @@ def test_onnx_export_roundtrip(tmp_path):
         torch.testing.assert_close(torch.from_numpy(y), expected.detach(), rtol=1e-4, atol=1e-5)
         if not zero_pad:
             torch.testing.assert_close(expected, model(x).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_antialiased_resnet_under_compilers_and_exporters():
+    torchvision = pytest.importorskip("torchvision")
+    model = ktkernels.antialias(torchvision.models.resnet18(num_classes=10)).eval()
+    # Inductor on a whole ResNet takes minutes on 2 cores; every layer it contains is compiled above.
+    _check_compilers_and_exporters(model, torch.randn(2, 3, 64, 64), compile=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("name", LAYER_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layers_on_gpu_match_the_cpu(name, dtype):
+    layer = _layers()[name].eval()
+    x = _example(4).to(memory_format=torch.channels_last)
+    expected = layer(x)
+    gpu = layer.to(device="cuda", dtype=dtype)
+    actual = gpu(x.to(device="cuda", dtype=dtype))
+    assert actual.is_contiguous(memory_format=torch.channels_last) or actual.dim() != 4 or "Conv" in name
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(actual.float().cpu(), expected, rtol=tol, atol=tol)

@@ -1,22 +1,39 @@
-"""``python -m ktkernels.bench blurpool``: the benchmark table on whatever device is present.
+"""``python -m ktkernels.bench [blurpool|model] [flags]``: benchmark tables on whatever device is present.
 
-Writes JSON, markdown and a PNG to --out (default benchmarks/results/) and prints the markdown table.
+- ``blurpool`` (the default): the BlurPool ops on ResNet-50's blur shapes against the PyTorch recipes;
+- ``model``: a ResNet training step, plain / anti-aliased (recipe, ktkernels eager and compiled) / floor
+  (``python -m ktkernels.bench model --help``).
+
+Each writes JSON, markdown and a PNG to --out (default benchmarks/results/) and prints the markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 import torch
 
 from . import blurpool, harness
 
+FAMILIES = ("blurpool", "model")
+
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ktkernels.bench", description=__doc__)
-    parser.add_argument("family", choices=["blurpool"], nargs="?", default="blurpool")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Each family has its own flags, so dispatch on the first word; no family given means blurpool.
+    family = argv.pop(0) if argv and argv[0] in FAMILIES else "blurpool"
+    if family == "model":
+        from . import model  # imports torchvision: only when asked for
+
+        return model.main(argv)
+    return blurpool_main(argv)
+
+
+def blurpool_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ktkernels.bench [blurpool]", description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=None, help="default: 128 on GPU, 16 on CPU")
     parser.add_argument("--dtypes", default=None, help="comma list; default bfloat16,float32 (GPU), float32 (CPU)")

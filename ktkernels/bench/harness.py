@@ -41,6 +41,14 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
     """Median wall time of ``fn`` in ms: CUDA events on GPU, perf_counter on CPU."""
     for _ in range(warmup):
         fn()
+    return statistics.median(sample_ms(fn, device, reps))
+
+
+def sample_ms(fn: Callable[[], object], device: torch.device, reps: int) -> list[float]:
+    """``reps`` timings of ``fn`` in ms, no warm-up: CUDA events on GPU (synchronised per call), else perf_counter.
+
+    Split out of :func:`median_ms` so that callers that interleave implementations in rounds can pool samples.
+    """
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -56,7 +64,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 def graph_median_ms(fn: Callable[[], object], calls: int = 10, reps: int = 10) -> float:
@@ -214,14 +222,19 @@ def replot(json_path: Path) -> None:
     plot(rows, Path(json_path).with_suffix(".png"), f"{Path(json_path).stem} on {payload['env']['device']}")
 
 
-def write(rows: Sequence[Row], env: dict, copy_gbps: float, out_dir: Path, stem: str, baseline: str) -> str:
+def save(out_dir: Path, stem: str, payload: dict, table: str, plot_fn: Callable[[Path], None]) -> None:
+    """Write ``stem``.json / .md and, when matplotlib is there, the plot ``plot_fn(path)`` draws."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows, env, copy_gbps, baseline)
-    payload = {"env": env, "copy_gbps": copy_gbps, "rows": [dataclasses.asdict(r) for r in rows]}
     (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     (out_dir / f"{stem}.md").write_text(table)
     try:
-        plot(rows, out_dir / f"{stem}.png", f"{stem} on {env['device']}")
+        plot_fn(out_dir / f"{stem}.png")
     except ImportError:
         pass
+
+
+def write(rows: Sequence[Row], env: dict, copy_gbps: float, out_dir: Path, stem: str, baseline: str) -> str:
+    table = markdown(rows, env, copy_gbps, baseline)
+    payload = {"env": env, "copy_gbps": copy_gbps, "rows": [dataclasses.asdict(r) for r in rows]}
+    save(out_dir, stem, payload, table, lambda path: plot(rows, path, f"{stem} on {env['device']}"))
     return table
