@@ -15,9 +15,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from ktkernels.blurpool import op  # noqa: E402
+from ktkernels import layout  # noqa: E402
 
-_real_alloc = op._alloc
+_real_alloc = layout.alloc
 
 
 def _poisoned_alloc(like, shape, channels_last, dtype=None):
@@ -31,5 +31,5 @@ def _poisoned_alloc(like, shape, channels_last, dtype=None):
 @pytest.fixture(autouse=True)
 def _seed_and_poison(monkeypatch):
     torch.manual_seed(0)
-    monkeypatch.setattr(op, "_alloc", _poisoned_alloc)
+    monkeypatch.setattr(layout, "alloc", _poisoned_alloc)
     yield

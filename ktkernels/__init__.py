@@ -9,11 +9,14 @@ from . import backend, compat, models
 from .backend import get_backend, set_backend, use_backend
 from .blurpool import BlurPool1d, BlurPool2d, MaxBlurPool2d, blur_pool1d, blur_pool2d, decomposed, max_blur_pool2d
 from .compat import antialias, convert
+from .dct import DCT2d, IDCT2d, dct, dct2d, dct_attention_map, idct, idct2d
 from .export import export_onnx
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DCT2d",
+    "IDCT2d",
     "BlurPool1d",
     "BlurPool2d",
     "MaxBlurPool2d",
@@ -23,9 +26,14 @@ __all__ = [
     "blur_pool2d",
     "compat",
     "convert",
+    "dct",
+    "dct2d",
+    "dct_attention_map",
     "decomposed",
     "export_onnx",
     "get_backend",
+    "idct",
+    "idct2d",
     "max_blur_pool2d",
     "models",
     "set_backend",

@@ -34,12 +34,19 @@ BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 # Order tried by ``auto`` on CUDA tensors, per (op family, channels_last), from the committed H100 results
 # (benchmarks/results/blurpool_h100.md): for the blur, CUDA wins on NCHW and Triton on channels_last, forward
 # and backward; for the fused max-blur, CUDA wins in both layouts.
+# The DCT family has no committed GPU results yet: CUDA first (no JIT on first call), Triton next.
 AUTO_CUDA_ORDER: dict[tuple[str, bool], tuple[str, ...]] = {
     ("blurpool", False): ("cuda", "triton"),
     ("blurpool", True): ("triton", "cuda"),
     ("maxblur", False): ("cuda", "triton"),
     ("maxblur", True): ("cuda", "triton"),
+    ("dct", False): ("cuda", "triton"),
+    ("dct", True): ("cuda", "triton"),
 }
+
+# One internal op per family whose registration tells whether ktkernels._C has that family's kernels
+# (an extension built from an older checkout may lack a newer family).
+_PROBE_OP = {"blurpool": "blur_gather_", "maxblur": "max_blur_forward_", "dct": "dct_basis2d_"}
 
 
 def _validate(name: str) -> str:
@@ -84,12 +91,13 @@ def extension_error() -> str | None:
 
 
 @functools.cache
-def has_compiled_kernels(device_type: str) -> bool:
-    """Whether ``ktkernels._C`` registered kernels for this device type (``cpu`` or ``cuda``)."""
+def has_compiled_kernels(device_type: str, family: str = "blurpool") -> bool:
+    """Whether ``ktkernels._C`` registered ``family``'s kernels for this device type (``cpu`` or ``cuda``)."""
     if extension_error() is not None:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key("ktkernels_C::blur_gather_", key)
+    op = f"ktkernels_C::{_PROBE_OP.get(family, 'blur_gather_')}"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, key) if torch._C._dispatch_has_kernel(op) else False
 
 
 def triton_interpreter() -> bool:
@@ -101,7 +109,7 @@ def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _why_unavailable(backend: str, device: torch.device) -> str | None:
+def _why_unavailable(backend: str, device: torch.device, family: str) -> str | None:
     dev = device.type
     if backend == "torch":
         return None
@@ -116,8 +124,8 @@ def _why_unavailable(backend: str, device: torch.device) -> str | None:
             return f"the {backend} backend runs {backend} tensors, not {dev} tensors"
         if extension_error() is not None:
             return extension_error()
-        if not has_compiled_kernels(dev):
-            return f"ktkernels._C was built without {backend.upper()} kernels (rebuild with KTK_BUILD_CUDA=1)"
+        if not has_compiled_kernels(dev, family):
+            return f"ktkernels._C was built without {backend.upper()} {family} kernels (rebuild it; KTK_BUILD_CUDA=1)"
         return None
     raise AssertionError(backend)
 
@@ -126,19 +134,20 @@ def resolve(family: str, device: torch.device, channels_last: bool = False) -> s
     """The concrete backend that runs ``family`` on ``device`` (and layout) under the current choice."""
     chosen = _current
     if chosen != "auto":
-        why = _why_unavailable(chosen, device)
+        why = _why_unavailable(chosen, device, family)
         if why is not None:
             raise RuntimeError(f"ktkernels backend {chosen!r} cannot run {family} here: {why}")
         return chosen
     if device.type == "cuda":
         for candidate in AUTO_CUDA_ORDER.get((family, channels_last), ("cuda", "triton")):
-            if _why_unavailable(candidate, device) is None:
+            if _why_unavailable(candidate, device, family) is None:
                 return candidate
         return "torch"
     if device.type == "cpu":
-        if _why_unavailable("cpu", device) is None:
+        why = _why_unavailable("cpu", device, family)
+        if why is None:
             return "cpu"
-        _warn_once(f"ktkernels: {extension_error()}; using the pure-PyTorch reference on CPU")
+        _warn_once(f"ktkernels: {why}; using the pure-PyTorch reference on CPU")
     return "torch"
 
 

@@ -18,7 +18,8 @@ import functools
 import torch
 from torch import Tensor
 
-from .. import backend
+from .. import backend, layout
+from ..layout import channels_inner
 from .geometry import (
     MAX_FILT_SIZE,
     MAX_STRIDE,
@@ -94,25 +95,6 @@ def check_max(kmax: int, pmax: int) -> None:
     check_int("max_padding", pmax, 0, kmax // 2)
 
 
-# ----------------------------------------------------------------------------------------------
-# Layout helpers: outputs keep the input's memory format (channels innermost stays innermost).
-
-
-def channels_inner(x: Tensor) -> bool:
-    """True for channels_last-like tensors (channels the innermost axis), e.g. NHWC or (N, L, C)^T."""
-    return x.size(1) > 1 and x.stride(1) == 1 and not x.is_contiguous()
-
-
-def _alloc(like: Tensor, shape: tuple, channels_last: bool, dtype: torch.dtype | None = None) -> Tensor:
-    dtype = like.dtype if dtype is None else dtype
-    if not channels_last:
-        return like.new_empty(shape, dtype=dtype)
-    if len(shape) == 4:
-        return torch.empty(shape, dtype=dtype, device=like.device, memory_format=torch.channels_last)
-    n, c, length = shape
-    return like.new_empty((n, length, c), dtype=dtype).transpose(1, 2)
-
-
 def _spatial_axes(sizes: tuple, filt_size: int, stride: int, padding: list[int], pad_mode: str) -> list[Axis]:
     """One Axis per spatial dim, in dim order; ``padding`` lists the last dim first, as F.pad does."""
     return [
@@ -184,7 +166,7 @@ def _define_blur(spatial: int):
         check_input(x, spatial, name)
         axes = blur_plan(tuple(x.shape[2:]), filt_size, stride, padding, pad_mode, name)
         out_sizes = (axis.out_size for axis in axes[2 - spatial :])
-        return axes, _alloc(x, (*x.shape[:2], *out_sizes), channels_inner(x))
+        return axes, layout.alloc(x, (*x.shape[:2], *out_sizes), channels_inner(x))
 
     def forward_fake(x, filt_size, stride, padding, pad_mode):
         return allocate(x, filt_size, stride, padding, pad_mode)[1]
@@ -201,7 +183,7 @@ def _define_blur(spatial: int):
         return y
 
     def backward_fake(grad, input_size, filt_size, stride, padding, pad_mode, channels_last):
-        return _alloc(grad, (*grad.shape[:2], *input_size), channels_last)
+        return layout.alloc(grad, (*grad.shape[:2], *input_size), channels_last)
 
     def backward(
         grad: Tensor,
@@ -298,8 +280,8 @@ def _max_blur_pool2d_fake(x, max_kernel, max_padding, filt_size, stride, padding
     hm, wm = max_pool_output_size(h, max_kernel, max_padding), max_pool_output_size(w, max_kernel, max_padding)
     rows, cols = blur_plan((hm, wm), filt_size, stride, padding, pad_mode, "max_blur_pool2d")
     shape = (n, c, rows.out_size, cols.out_size)
-    layout = channels_inner(x)
-    return _alloc(x, shape, layout), _alloc(x, (n, c, hm, wm), layout, dtype=torch.uint8)
+    last = channels_inner(x)
+    return layout.alloc(x, shape, last), layout.alloc(x, (n, c, hm, wm), last, dtype=torch.uint8)
 
 
 @torch.library.custom_op("ktkernels::max_blur_pool2d_backward", mutates_args=())
@@ -346,7 +328,7 @@ def max_blur_pool2d_backward(
 def _max_blur_pool2d_backward_fake(
     grad, codes, input_size, max_kernel, max_padding, filt_size, stride, padding, pad_mode, channels_last
 ):
-    return _alloc(grad, (grad.shape[0], grad.shape[1], *input_size), channels_last)
+    return layout.alloc(grad, (grad.shape[0], grad.shape[1], *input_size), channels_last)
 
 
 def _max_blur_pool2d_setup(ctx, inputs, output):

@@ -1,0 +1,214 @@
+"""torch.library ops of the DCT family: validation, fake impls, autograd, dispatch to the backends.
+
+- ``ktkernels::dct_transform(x, kind, norm, out_size, adjoint) -> y``: the separable basis product over the
+  last ``len(out_size)`` (1 or 2) dims. ``adjoint=False`` applies the first ``out_size`` rows of the
+  ``kind`` matrix on each axis (a DCT, optionally keeping only the low-frequency block); ``adjoint=True``
+  applies their transpose and restores ``out_size``. Each is the other's gradient, so derivatives of any
+  order work.
+- ``ktkernels::channel_power_mean(x, p) -> (N, H, W)``: ``mean_c |x|^p`` in one pass over x, and its
+  backward ``ktkernels::channel_power_mean_backward``: one elementwise pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backend, layout
+from ..layout import channels_inner
+from .basis import KINDS, NORMS, device_matrix
+from .reference import (
+    channel_power_mean_backward_reference,
+    channel_power_mean_reference,
+    transform_reference,
+)
+
+FAMILY = "dct"
+
+
+def check_input(x: Tensor, dims: int, op: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op} expects a Tensor, got {type(x).__name__}")
+    if x.dim() < dims:
+        raise ValueError(f"{op} transforms the last {dims} dim(s): needs a tensor of rank >= {dims}, got {x.dim()}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op} expects a floating-point input, got {x.dtype}")
+
+
+def check_sizes(sizes: list[int], out_size: list[int], adjoint: bool, op: str) -> None:
+    """Forward: 1 <= out <= size on each axis (keep may not exceed the size); adjoint: size <= out."""
+    for size, out in zip(sizes, out_size, strict=True):
+        if isinstance(out, bool) or not isinstance(out, (int, torch.SymInt)) or out < 1:
+            raise ValueError(f"{op}: sizes must be ints >= 1, got {list(out_size)}")
+        if adjoint and size > out:
+            raise ValueError(f"{op}: the adjoint input {list(sizes)} exceeds its output size {list(out_size)}")
+        if not adjoint and out > size:
+            raise ValueError(f"{op}: keep {list(out_size)} exceeds the transformed size {list(sizes)}")
+        if size < 1:
+            raise ValueError(f"{op}: transformed dims must be >= 1, got {list(sizes)}")
+
+
+def _as_maps(x: Tensor, dims: int) -> Tensor:
+    """A 4-D (N, C, H, W) view (or, for rank > 4 with unmergeable strides, a copy) whose H, W are the transformed
+    dims; a 1-D transform gets H = 1. channels_last (N, C, H, W) stays a strided view: read without a copy."""
+    if dims == 1:
+        x = x.unsqueeze(-2)
+    if x.dim() == 2:
+        return x[None, None]
+    if x.dim() == 3:
+        return x[None]
+    if x.dim() == 4:
+        return x
+    return x.reshape(-1, *x.shape[-3:])
+
+
+def _alloc_like_maps(x: Tensor, maps: Tensor, dims: int, out_size: list[int]) -> tuple[Tensor, Tensor]:
+    """(output in x's shape convention, its 4-D maps view); the output keeps a channels_last input's layout."""
+    spatial = [1, *out_size] if dims == 1 else list(out_size)
+    out_maps = layout.alloc(maps, (*maps.shape[:2], *spatial), channels_inner(maps))
+    out = out_maps.view(*x.shape[:-dims], *out_size) if x.dim() != 4 or dims != 2 else out_maps
+    return out, out_maps
+
+
+def _resolve(x: Tensor) -> str:
+    name = backend.resolve(FAMILY, x.device, channels_inner(x) if x.dim() == 4 else False)
+    if name == "triton" and x.dtype == torch.float64:
+        if backend.get_backend() == "triton":
+            raise RuntimeError("ktkernels backend 'triton' runs the DCT in fp32/fp16/bf16; fp64 runs on cpu/torch")
+        return "torch"
+    return name
+
+
+@torch.library.custom_op("ktkernels::dct_transform", mutates_args=())
+def dct_transform(x: Tensor, kind: str, norm: str, out_size: list[int], adjoint: bool) -> Tensor:
+    """The separable DCT basis product over the last ``len(out_size)`` dims (see the module docstring)."""
+    out, out_maps = _allocate(x, kind, norm, out_size, adjoint)
+    if out.numel() == 0:
+        return out
+    name = _resolve(x)
+    if name == "torch":
+        out.copy_(transform_reference(x, kind, norm, list(out_size), adjoint))
+        return out
+    dims = len(out_size)
+    maps = _as_maps(x, dims)
+    basis_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mats = []
+    for size, out_len in zip(maps.shape[4 - dims :], out_size, strict=True):
+        n, rows = (out_len, size) if adjoint else (size, out_len)
+        mats.append(device_matrix(kind, n, norm, rows, adjoint, basis_dtype, x.device))
+    if dims == 1:
+        mats.insert(0, torch.ones((1, 1), dtype=basis_dtype, device=x.device))
+    if name == "triton":
+        from . import triton as kernels
+
+        kernels.basis2d(maps, mats[0], mats[1], out_maps)
+    else:
+        torch.ops.ktkernels_C.dct_basis2d_(maps, mats[0], mats[1], out_maps)
+    return out
+
+
+def _allocate(x: Tensor, kind: str, norm: str, out_size: list[int], adjoint: bool) -> tuple[Tensor, Tensor]:
+    """Validate, then allocate (the output, its 4-D maps view)."""
+    dims = len(out_size)
+    check_input(x, dims, "dct_transform")
+    if kind not in KINDS or norm not in NORMS or dims not in (1, 2):
+        raise ValueError(f"dct_transform: kind {kind!r}, norm {norm!r}, {dims} dims are not supported")
+    check_sizes(list(x.shape[-dims:]), list(out_size), adjoint, "dct_transform")
+    return _alloc_like_maps(x, _as_maps(x, dims), dims, list(out_size))
+
+
+@dct_transform.register_fake
+def _dct_transform_fake(x, kind, norm, out_size, adjoint):
+    return _allocate(x, kind, norm, out_size, adjoint)[0]
+
+
+def _dct_transform_setup(ctx, inputs, output):
+    x, ctx.kind, ctx.norm, out_size, ctx.adjoint = inputs
+    ctx.in_size = list(x.shape[-len(out_size) :])
+
+
+def _dct_transform_grad(ctx, grad):
+    return dct_transform(grad, ctx.kind, ctx.norm, ctx.in_size, not ctx.adjoint), None, None, None, None
+
+
+dct_transform.register_autograd(_dct_transform_grad, setup_context=_dct_transform_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# The channel reduction of the DCT attention map
+
+
+def check_power(x: Tensor, p: float, op: str) -> None:
+    check_input(x, 2, op)
+    if x.dim() != 4:
+        raise ValueError(f"{op} expects (N, C, H, W) features, got shape {tuple(x.shape)}")
+    if x.shape[1] < 1:
+        raise ValueError(f"{op} needs at least one channel to average, got shape {tuple(x.shape)}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p >= 1:
+        raise ValueError(f"{op}: p must be a number >= 1 (|x|^p must be differentiable), got {p!r}")
+
+
+def _map_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("ktkernels::channel_power_mean", mutates_args=())
+def channel_power_mean(x: Tensor, p: float) -> Tensor:
+    """(N, C, H, W) -> (N, H, W): ``mean_c |x|^p`` accumulated and returned in fp32 (fp64 for fp64)."""
+    out = _channel_power_mean_fake(x, p)
+    if out.numel() == 0:
+        return out
+    name = _resolve(x)
+    if name == "torch":
+        out.copy_(channel_power_mean_reference(x, p))
+    elif name == "triton":
+        from . import triton as kernels
+
+        kernels.power_mean(x, p, out)
+    else:
+        torch.ops.ktkernels_C.channel_power_mean_(x, p, out)
+    return out
+
+
+@channel_power_mean.register_fake
+def _channel_power_mean_fake(x, p):
+    check_power(x, p, "channel_power_mean")
+    n, _, h, w = x.shape
+    return layout.alloc(x, (n, h, w), False, dtype=_map_dtype(x))
+
+
+@torch.library.custom_op("ktkernels::channel_power_mean_backward", mutates_args=())
+def channel_power_mean_backward(x: Tensor, grad_map: Tensor, p: float) -> Tensor:
+    """Gradient of :func:`channel_power_mean`: ``(p/C) |x|^(p-1) sign(x) grad_map``, in x's layout."""
+    grad_x = _channel_power_mean_backward_fake(x, grad_map, p)
+    if grad_x.numel() == 0:
+        return grad_x
+    grad_map = grad_map.to(_map_dtype(x)).contiguous()
+    name = _resolve(x)
+    if name == "torch":
+        grad_x.copy_(channel_power_mean_backward_reference(x, grad_map, p))
+    elif name == "triton":
+        from . import triton as kernels
+
+        kernels.power_mean_backward(x, grad_map, p, grad_x)
+    else:
+        torch.ops.ktkernels_C.channel_power_mean_backward_(x, grad_map, p, grad_x)
+    return grad_x
+
+
+@channel_power_mean_backward.register_fake
+def _channel_power_mean_backward_fake(x, grad_map, p):
+    return layout.alloc(x, tuple(x.shape), channels_inner(x))
+
+
+def _power_mean_setup(ctx, inputs, output):
+    x, ctx.p = inputs
+    ctx.save_for_backward(x)
+
+
+def _power_mean_grad(ctx, grad_map):
+    (x,) = ctx.saved_tensors
+    return channel_power_mean_backward(x, grad_map, ctx.p), None
+
+
+channel_power_mean.register_autograd(_power_mean_grad, setup_context=_power_mean_setup)

@@ -1,0 +1,239 @@
+"""DCT family: every backend against scipy.fft in float64, keep, layouts, autograd, opcheck, compile, errors."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import scipy.fft
+import torch
+
+import ktkernels
+from ktkernels import backend
+from ktkernels.dct import op
+
+GPU = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CPU_KERNELS = backend.has_compiled_kernels("cpu", "dct")
+
+TARGETS = [
+    pytest.param(("cpu", "cpu"), id="cpu", marks=pytest.mark.skipif(not HAS_CPU_KERNELS, reason="no C++ DCT kernels")),
+    pytest.param(("torch", "cpu"), id="torch"),
+    pytest.param(
+        ("triton", "cpu"),
+        id="triton-interp",
+        marks=pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1 (CPU machines)"),
+    ),
+    pytest.param(("cuda", "cuda"), id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="no GPU")]),
+    pytest.param(
+        ("triton", "cuda"), id="triton-gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="no GPU")]
+    ),
+]
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def dtypes_for(target) -> list[torch.dtype]:
+    fp64 = [torch.float64] if target[0] in ("cpu", "torch") else []
+    return [*fp64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_close(actual: torch.Tensor, expected: np.ndarray | torch.Tensor, dtype: torch.dtype) -> None:
+    """Relative to the expected values' scale; NaN (an unwritten, poisoned element) fails."""
+    actual = actual.detach().double().cpu()
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert not torch.isnan(actual).any(), "NaN in the output (unwritten elements?)"
+    if expected.numel():
+        scale = max(expected.abs().max().item(), 1.0)
+        err = (actual - expected).abs().max().item()
+        assert err <= TOL[dtype] * scale, f"max abs error {err:.3e} > {TOL[dtype] * scale:.3e} ({dtype})"
+
+
+def make(shape, dtype, device, layout: str) -> torch.Tensor:
+    if layout == "strided":
+        big = torch.randn(*shape[:-2], 2 * shape[-2] + 1, shape[-1] + 3, dtype=torch.float64)
+        x = big[..., 1::2, 2 : 2 + shape[-1]]
+    else:
+        x = torch.randn(shape, dtype=torch.float64)
+    x = x.to(device=device, dtype=dtype)
+    return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def scipy_dct2(x: torch.Tensor, norm, inverse=False) -> np.ndarray:
+    fn = scipy.fft.idctn if inverse else scipy.fft.dctn
+    return fn(x.double().cpu().numpy(), type=2, axes=(-2, -1), norm=norm)
+
+
+def random_sizes(rng: random.Random, target, count: int) -> list[tuple[int, int]]:
+    limit = 24 if target[0] == "triton" and target[1] == "cpu" else 64  # the interpreter is slow
+    sizes = [(1, 1), (7, 7), (1, 5), (limit, 3)]
+    return sizes + [(rng.randint(1, limit), rng.randint(1, limit)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("norm", ["ortho", None])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_dct2d_and_idct2d_match_scipy(target, norm, layout):
+    name, device = target
+    rng = random.Random(hash((name, norm, layout)) % 1000)
+    with ktkernels.use_backend(name):
+        for h, w in random_sizes(rng, target, 4):
+            for dtype in dtypes_for(target):
+                x = make((2, 3, h, w), dtype, device, layout)
+                y = ktkernels.dct2d(x, norm)
+                assert_close(y, scipy_dct2(x, norm), dtype)
+                if layout == "channels_last" and min(h, w) > 1:
+                    assert y.is_contiguous(memory_format=torch.channels_last)
+                assert_close(ktkernels.idct2d(x, norm), scipy_dct2(x, norm, inverse=True), dtype)
+                kh, kw = rng.randint(1, h), rng.randint(1, w)
+                assert_close(ktkernels.dct2d(x, norm, keep=(kh, kw)), scipy_dct2(x, norm)[..., :kh, :kw], dtype)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_roundtrip_any_rank_and_1d(target):
+    name, device = target
+    with ktkernels.use_backend(name):
+        for shape in [(5, 4), (3, 6, 5), (2, 3, 4, 5), (2, 2, 2, 3, 4)]:
+            x = torch.randn(shape, dtype=torch.float32, device=device)
+            torch.testing.assert_close(ktkernels.idct2d(ktkernels.dct2d(x)), x, rtol=1e-5, atol=1e-5)
+            assert_close(ktkernels.dct2d(x, None), scipy_dct2(x, None), torch.float32)
+            for dim in range(-x.dim(), x.dim()):
+                for norm in ("ortho", None):
+                    expected = scipy.fft.dct(x.double().cpu().numpy(), type=2, axis=dim, norm=norm)
+                    assert_close(ktkernels.dct(x, dim=dim, norm=norm), expected, torch.float32)
+                    torch.testing.assert_close(
+                        ktkernels.idct(ktkernels.dct(x, dim, norm), dim, norm), x, rtol=1e-5, atol=1e-5
+                    )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_empty_inputs(target):
+    name, device = target
+    with ktkernels.use_backend(name):
+        x = torch.randn(0, 3, 5, 6, device=device)
+        assert ktkernels.dct2d(x, keep=(2, 3)).shape == (0, 3, 2, 3)
+        assert ktkernels.dct_attention_map(torch.randn(0, 3, 5, 6, device=device)).shape == (0, 5, 6)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_backward_is_the_transposed_transform(target):
+    """Gradients of every backend against the float64 reference's autograd (keep included)."""
+    name, device = target
+    for layout in ("nchw", "channels_last"):
+        x64 = make((2, 3, 9, 6), torch.float64, "cpu", layout)
+        grad = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+        ref_x = x64.clone().requires_grad_()
+        with ktkernels.use_backend("torch"):
+            (ktkernels.dct2d(ref_x, keep=(4, 5)) * grad).sum().backward()
+        x = x64.to(device=device, dtype=torch.float32).detach().requires_grad_()
+        with ktkernels.use_backend(name):
+            (ktkernels.dct2d(x, keep=(4, 5)) * grad.to(device, torch.float32)).sum().backward()
+        assert_close(x.grad, ref_x.grad, torch.float32)
+        if layout == "channels_last":
+            assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.values[0][0] in ("cpu", "torch")])
+def test_gradcheck_fp64(target):
+    name, device = target
+    with ktkernels.use_backend(name):
+        x = torch.randn(2, 2, 5, 4, dtype=torch.float64, device=device, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: ktkernels.dct2d(t, keep=(3, 2)), (x,))
+        assert torch.autograd.gradgradcheck(lambda t: ktkernels.dct2d(t, None, keep=(3, 2)), (x,))
+        assert torch.autograd.gradcheck(lambda t: ktkernels.idct2d(t), (x,))
+        assert torch.autograd.gradcheck(lambda t: ktkernels.dct(t, dim=1), (x,))
+        f = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+        for p in (1, 2, 3):
+            assert torch.autograd.gradcheck(lambda t, p=p: ktkernels.dct_attention_map(t, p), (f,))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_dct_attention_map(target, layout):
+    name, device = target
+    for dtype in dtypes_for(target):
+        for p in (1, 2, 2.5):
+            f64 = make((2, 5, 6, 7), torch.float64, "cpu", layout)
+            ref = f64.clone().requires_grad_()
+            with ktkernels.use_backend("torch"):
+                expected = ktkernels.dct_attention_map(ref, p, keep=(3, 7))
+            grad = torch.randn_like(expected)
+            (expected * grad).sum().backward()
+            f = f64.to(device=device, dtype=dtype).detach().requires_grad_()
+            with ktkernels.use_backend(name):
+                a = ktkernels.dct_attention_map(f, p, keep=(3, 7))
+                assert a.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+                (a * grad.to(device, a.dtype)).sum().backward()
+            # low-precision features are rounded before the reduction: compare against the rounded input
+            assert_close(a, expected if dtype == torch.float64 else _map_of(f.detach(), p), dtype)
+            tol_dtype = dtype if dtype != torch.float32 else torch.float32
+            assert_close(f.grad, ref.grad if dtype == torch.float64 else _map_grad(f.detach(), p, grad), tol_dtype)
+            assert f.grad.stride() == f.stride() or layout == "strided"
+
+
+def _map_of(f: torch.Tensor, p: float) -> torch.Tensor:
+    with ktkernels.use_backend("torch"):
+        return ktkernels.dct_attention_map(f.double().cpu(), p, keep=(3, 7))
+
+
+def _map_grad(f: torch.Tensor, p: float, grad: torch.Tensor) -> torch.Tensor:
+    x = f.double().cpu().requires_grad_()
+    with ktkernels.use_backend("torch"):
+        (ktkernels.dct_attention_map(x, p, keep=(3, 7)) * grad).sum().backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_opcheck(target):
+    name, device = target
+    x = torch.randn(2, 3, 5, 6, device=device, requires_grad=True)
+    with ktkernels.use_backend(name):
+        torch.library.opcheck(op.dct_transform, (x, "dct", "ortho", [3, 6], False))
+        torch.library.opcheck(op.dct_transform, (x.detach()[..., :3, :4], "idct", "backward", [5, 6], True))
+        torch.library.opcheck(op.dct_transform, (x.to(memory_format=torch.channels_last), "dct", "ortho", [5], False))
+        torch.library.opcheck(op.channel_power_mean, (x, 2.0))
+        torch.library.opcheck(op.channel_power_mean_backward, (x.detach(), torch.randn(2, 5, 6, device=device), 3.0))
+
+
+def test_torch_compile_fullgraph_dynamic():
+    fn = torch.compile(
+        lambda t, f: (ktkernels.dct2d(t, keep=(3, 3)), ktkernels.dct_attention_map(f)), fullgraph=True, dynamic=True
+    )
+    for n in (2, 3):
+        x = torch.randn(n, 4, 7, 6, requires_grad=True)
+        f = torch.randn(n, 8, 5, 5)
+        y, a = fn(x, f)
+        torch.testing.assert_close(y, ktkernels.dct2d(x, keep=(3, 3)))
+        torch.testing.assert_close(a, ktkernels.dct_attention_map(f))
+        y.sum().backward()
+        assert x.grad is not None
+
+
+def test_modules():
+    x = torch.randn(2, 3, 8, 6)
+    assert torch.equal(ktkernels.DCT2d(keep=(2, 3))(x), ktkernels.dct2d(x, keep=(2, 3)))
+    torch.testing.assert_close(ktkernels.IDCT2d(norm=None)(ktkernels.DCT2d(norm=None)(x)), x)
+    assert "keep=(2, 3)" in repr(ktkernels.DCT2d(keep=(2, 3)))
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: ktkernels.dct2d(torch.randn(5)), ValueError, "rank >= 2"),
+        (lambda: ktkernels.dct2d(torch.ones(4, 4, dtype=torch.int64)), TypeError, "floating-point"),
+        (lambda: ktkernels.dct2d(torch.randn(4, 4), norm="forward"), ValueError, "norm"),
+        (lambda: ktkernels.dct2d(torch.randn(4, 4), keep=(5, 2)), ValueError, "keep"),
+        (lambda: ktkernels.dct2d(torch.randn(4, 4), keep=(0, 2)), ValueError, ">= 1"),
+        (lambda: ktkernels.dct2d(torch.randn(4, 4), keep=(1, 2, 3)), TypeError, "pair"),
+        (lambda: ktkernels.dct(torch.randn(4, 4), dim=2), ValueError, "out of range"),
+        (lambda: ktkernels.idct2d(torch.randn(3, 0)), ValueError, ">= 1"),
+        (lambda: ktkernels.dct_attention_map(torch.randn(2, 3, 4)), ValueError, r"\(N, C, H, W\)"),
+        (lambda: ktkernels.dct_attention_map(torch.randn(2, 3, 4, 4), p=0.5), ValueError, "p must be"),
+        (lambda: ktkernels.dct2d([[1.0]]), TypeError, "Tensor"),
+    ],
+)
+def test_bad_input_raises(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
