@@ -33,4 +33,12 @@ TORCH_LIBRARY(ktkernels_C, m) {
   m.def(
       "max_blur_backward_(Tensor grad, Tensor codes, int kmax, int pmax, Tensor row_idx, "
       "Tensor row_w, Tensor col_idx, Tensor col_w, Tensor(a!) grad_input) -> ()");
+  // out[n,c] = left @ x[n,c] @ right^T for every plane: the separable 2-D DCT with (truncated) basis rows
+  // left (H_out, H) and right (W_out, W), and with the transposed bases its backward. left and right are
+  // float32 (float64 for float64 x), contiguous; accumulation in float32 (float64).
+  m.def("dct_basis2d_(Tensor x, Tensor left, Tensor right, Tensor(a!) out) -> ()");
+  // out[n,h,w] = (1/C) sum_c |x[n,c,h,w]|^p; out is (N, H, W) contiguous float32 (float64 for float64 x).
+  m.def("channel_power_mean_(Tensor x, float p, Tensor(a!) out) -> ()");
+  // grad_x[n,c,h,w] = (p/C) |x|^(p-1) sign(x) grad_map[n,h,w], with sign(0) = 0; grad_map as out above.
+  m.def("channel_power_mean_backward_(Tensor x, Tensor grad_map, float p, Tensor(a!) grad_x) -> ()");
 }
