@@ -8,6 +8,7 @@ Entries of one (device, kind, layout, mode) share a benchmark group, so the tabl
 import pytest
 import torch
 
+from ktkernels.bench import harness
 from ktkernels.bench.blurpool import ours, recipe
 
 GPU = torch.cuda.is_available()
@@ -34,12 +35,7 @@ def test_blurpool(benchmark, impl, kind, layout, mode):
     fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
     x = torch.randn(shape, device=device).to(memory_format=fmt)
     fn = recipe(kind, 4, PADS) if name == "pytorch" else ours(kind, 4, PADS, name.removeprefix("ktk-"))
-    if mode == "fwd":
-        step = lambda: fn(x)  # noqa: E731
-    else:
-        xg = x.detach().requires_grad_()
-        grad = torch.randn_like(fn(x))
-        step = lambda: torch.autograd.grad(fn(xg), xg, grad)  # noqa: E731
+    step = harness.fixed_step(mode, fn, x)
     if device == "cuda":
         timed = lambda: (step(), torch.cuda.synchronize())  # noqa: E731
     else:

@@ -1,6 +1,8 @@
-"""``python -m ktkernels.bench [blurpool|model] [flags]``: benchmark tables on whatever device is present.
+"""``python -m ktkernels.bench [blurpool|dct|model] [flags]``: benchmark tables on whatever device is present.
 
 - ``blurpool`` (the default): the BlurPool ops on ResNet-50's blur shapes against the PyTorch recipes;
+- ``dct``: ``dct2d`` and ``dct_attention_map`` on ResNet-50's stage outputs against the matmul and FFT
+  (torch-dct) recipes and the compiled matmul recipe (``python -m ktkernels.bench dct --help``);
 - ``model``: a ResNet training step, plain / anti-aliased (recipe, ktkernels eager and compiled) / floor
   (``python -m ktkernels.bench model --help``).
 
@@ -18,7 +20,7 @@ import torch
 
 from . import blurpool, harness
 
-FAMILIES = ("blurpool", "model")
+FAMILIES = ("blurpool", "dct", "model")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,6 +31,10 @@ def main(argv: list[str] | None = None) -> None:
         from . import model  # imports torchvision: only when asked for
 
         return model.main(argv)
+    if family == "dct":
+        from . import dct  # imports the DCT ops: only when asked for
+
+        return dct.main(argv)
     return blurpool_main(argv)
 
 

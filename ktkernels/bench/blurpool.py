@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import backend
 from ..blurpool import geometry, op
-from .harness import Row, graph_median_ms, median_ms, rotating
+from .harness import Row, graph_median_ms, median_ms, rotating, step_for
 
 # (case, channels, size, kind, filt_size, pads (l, r, t, b))
 RESNET50_CASES = [
@@ -98,16 +98,7 @@ def _time_case(device, batch, case, channels, size, kind, filt_size, pads, dtype
     rows = []
     for mode in ("fwd", "f+b"):
         for impl, fn in implementations(device, compiled, kind, filt_size, pads).items():
-            if mode == "fwd":
-
-                def step(fn=fn):
-                    return fn(inputs())
-            else:
-
-                def step(fn=fn):
-                    x = inputs().detach().requires_grad_()
-                    return torch.autograd.grad(fn(x), x, grads())
-
+            step = step_for(mode, fn, inputs, grads)
             dtype_name = str(dtype).replace("torch.", "")
             row = Row("blurpool", case, shape, dtype_name, layout, mode, impl, None, bytes_by_mode[mode])
             try:

@@ -97,6 +97,29 @@ def graph_median_ms(fn: Callable[[], object], calls: int = 10, reps: int = 10) -
     return statistics.median(times)
 
 
+def step_for(
+    mode: str,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    inputs: Callable[[], torch.Tensor],
+    grads: Callable[[], torch.Tensor],
+) -> Callable[[], object]:
+    """The timed call: ``fn`` on the next input ("fwd"), or ``fn`` then its vjp w.r.t. that input ("f+b")."""
+    if mode == "fwd":
+        return lambda: fn(inputs())
+
+    def forward_backward() -> object:
+        x = inputs().detach().requires_grad_()
+        return torch.autograd.grad(fn(x), x, grads())
+
+    return forward_backward
+
+
+def fixed_step(mode: str, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], object]:
+    """:func:`step_for` on one input (and one random output gradient), for pytest-benchmark cases."""
+    grad = torch.randn_like(fn(x))
+    return step_for(mode, fn, lambda: x, lambda: grad)
+
+
 def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None) -> float:
     """Device copy bandwidth, counting bytes read plus bytes written."""
     nbytes = nbytes or (1 << 30 if device.type == "cuda" else 256 << 20)
