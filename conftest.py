@@ -33,3 +33,13 @@ def _seed_and_poison(monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setattr(layout, "alloc", _poisoned_alloc)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Whole-model tests on tiny inputs gain nothing from intra-op threads, and on a shared CPU the thread
+    pool's spinning makes them several times slower; the setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

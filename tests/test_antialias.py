@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import sys
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,16 +20,7 @@ from ktkernels.blurpool import BlurLayer, BlurPool2d
 from ktkernels.compat.antialias import SUPPORTED, antialias
 
 tv = pytest.importorskip("torchvision.models", reason="torchvision is not installed")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny inputs gain nothing from intra-op threads, and on a shared CPU the thread pool's spinning makes
-    these tests several times slower; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small_vgg11() -> nn.Module:

@@ -8,29 +8,13 @@ import random
 
 import pytest
 import torch
+from backend_targets import INTERPRET, TARGETS
 
 import ktkernels
 from ktkernels import backend
 from ktkernels.blurpool import geometry, op
 from ktkernels.blurpool import reference as ref
 
-GPU = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-# (backend, device). CUDA targets carry the gpu marker; the Triton-on-CPU target needs the interpreter.
-TARGETS = [
-    pytest.param(("cpu", "cpu"), id="cpu"),
-    pytest.param(("torch", "cpu"), id="torch"),
-    pytest.param(
-        ("triton", "cpu"),
-        id="triton-interp",
-        marks=pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1 (CPU machines)"),
-    ),
-    pytest.param(("cuda", "cuda"), id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="no GPU")]),
-    pytest.param(
-        ("triton", "cuda"), id="triton-gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="no GPU")]
-    ),
-]
 KERNEL_TARGETS = [t for t in TARGETS if t.values[0][0] != "torch"]
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
 import pytest
 import scipy.fft
 import torch
+from backend_targets import TARGETS
 
 import ktkernels
-from ktkernels import backend
 from ktkernels.dct import op
 
-GPU = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CPU_KERNELS = backend.has_compiled_kernels("cpu", "dct")
-
-TARGETS = [
-    pytest.param(("cpu", "cpu"), id="cpu", marks=pytest.mark.skipif(not HAS_CPU_KERNELS, reason="no C++ DCT kernels")),
-    pytest.param(("torch", "cpu"), id="torch"),
-    pytest.param(
-        ("triton", "cpu"),
-        id="triton-interp",
-        marks=pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1 (CPU machines)"),
-    ),
-    pytest.param(("cuda", "cuda"), id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="no GPU")]),
-    pytest.param(
-        ("triton", "cuda"), id="triton-gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="no GPU")]
-    ),
-]
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 

@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 from ktkernels import models
 from ktkernels.blurpool import BlurPool2d, MaxThenBlur
 
-BUILDERS = [
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny inputs gain nothing from intra-op threads, and on a shared CPU the thread pool's spinning makes
-    these tests several times slower; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+BUILDERS = [name for name in models.__all__ if name[0].islower()]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layout(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:

@@ -26,7 +26,7 @@
 // max-map rows that no output reads are covered by a separate codes-only pass. The backward is a
 // pure gather (one writer per grad_input element), hence deterministic.
 //
-// Speed: the work functions also have AVX2+FMA clones chosen at run time (see use_avx2), and large
+// Speed: the work functions also have AVX2+FMA clones chosen at run time (csrc/common/cpu_isa.h), and large
 // fresh outputs get transparent huge pages before their first touch (see advise_huge_pages).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -43,6 +43,8 @@
 #include <initializer_list>
 #include <type_traits>
 #include <vector>
+
+#include "../common/cpu_isa.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -638,57 +640,8 @@ std::vector<int64_t> scaled_index(const Table<acc_t>& t, int64_t scale) {
 // Instruction-set variants and page advice
 // ------------------------------------------------------------------------------------------------
 
-// setup.py compiles for the x86-64 baseline (SSE2). Every per-chunk work function below is also
-// compiled for AVX2+FMA (float and double): a clone with the target attribute and `flatten`, so
-// that everything it calls is inlined into it and compiled for AVX2. The clone is picked at run
-// time when the CPU has AVX2 and FMA; ATEN_CPU_CAPABILITY=default forces the baseline, as it does
-// for ATen's own kernels.
-#if defined(__GNUC__) && defined(__x86_64__)
-#define KTK_X86_CLONES 1
-#else
-#define KTK_X86_CLONES 0
-#endif
-
-bool use_avx2() {
-  static const bool ok = [] {
-#if KTK_X86_CLONES
-    const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
-    if (cap != nullptr && std::strcmp(cap, "default") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return false;
-#endif
-  }();
-  return ok;
-}
-
-// The half types keep the baseline build only (their conversions dominate; compile time matters).
-template <typename scalar_t>
-constexpr bool kHasAvx2Clone = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
-
-// Defines CHUNK_run<scalar_t>(args, begin, end): CHUNK<scalar_t> or its AVX2+FMA clone.
-#if KTK_X86_CLONES
-#define KTK_DEFINE_RUNNER(CHUNK, ARGS)                                                                   \
-  template <typename scalar_t>                                                                           \
-  __attribute__((target("avx2,fma"), flatten)) void CHUNK##_avx2(const ARGS<scalar_t>& a, int64_t begin, \
-                                                                  int64_t end) {                         \
-    CHUNK<scalar_t>(a, begin, end);                                                                      \
-  }                                                                                                      \
-  template <typename scalar_t>                                                                           \
-  void CHUNK##_run(const ARGS<scalar_t>& a, int64_t begin, int64_t end) {                                \
-    if constexpr (kHasAvx2Clone<scalar_t>) {                                                             \
-      if (use_avx2()) return CHUNK##_avx2<scalar_t>(a, begin, end);                                      \
-    }                                                                                                    \
-    CHUNK<scalar_t>(a, begin, end);                                                                      \
-  }
-#else
-#define KTK_DEFINE_RUNNER(CHUNK, ARGS)                                    \
-  template <typename scalar_t>                                            \
-  void CHUNK##_run(const ARGS<scalar_t>& a, int64_t begin, int64_t end) { \
-    CHUNK<scalar_t>(a, begin, end);                                       \
-  }
-#endif
+// The work functions have AVX2+FMA clones for float and double (csrc/common/cpu_isa.h); the half
+// types keep the baseline build only (their conversions dominate; compile time matters).
 
 // Outputs are usually fresh allocations that these kernels touch first. On Linux, advising
 // transparent huge pages for a large output before that first touch replaces thousands of 4 KiB
@@ -773,8 +726,8 @@ void gather_channels_chunk(const GatherArgs<scalar_t>& a, int64_t begin, int64_t
   }
 }
 
-KTK_DEFINE_RUNNER(gather_planar_chunk, GatherArgs)
-KTK_DEFINE_RUNNER(gather_channels_chunk, GatherArgs)
+KTK_DEFINE_RUNNER(gather_planar_chunk, GatherArgs, ktk_cpu::kCloneFloat)
+KTK_DEFINE_RUNNER(gather_channels_chunk, GatherArgs, ktk_cpu::kCloneFloat)
 
 template <typename scalar_t>
 void blur_gather_kernel(const Tensor& x, const Tensor& row_idx, const Tensor& row_w, const Tensor& col_idx,
@@ -1019,10 +972,10 @@ void maxcodes_channels_chunk(const MaxFwdArgs<scalar_t>& a, int64_t begin, int64
   }
 }
 
-KTK_DEFINE_RUNNER(maxfwd_planar_chunk, MaxFwdArgs)
-KTK_DEFINE_RUNNER(maxfwd_channels_chunk, MaxFwdArgs)
-KTK_DEFINE_RUNNER(maxcodes_planar_chunk, MaxFwdArgs)
-KTK_DEFINE_RUNNER(maxcodes_channels_chunk, MaxFwdArgs)
+KTK_DEFINE_RUNNER(maxfwd_planar_chunk, MaxFwdArgs, ktk_cpu::kCloneFloat)
+KTK_DEFINE_RUNNER(maxfwd_channels_chunk, MaxFwdArgs, ktk_cpu::kCloneFloat)
+KTK_DEFINE_RUNNER(maxcodes_planar_chunk, MaxFwdArgs, ktk_cpu::kCloneFloat)
+KTK_DEFINE_RUNNER(maxcodes_channels_chunk, MaxFwdArgs, ktk_cpu::kCloneFloat)
 
 template <typename scalar_t>
 void max_blur_forward_kernel(const Tensor& x, int kmax, int pmax, const Tensor& row_idx, const Tensor& row_w,
@@ -1233,8 +1186,8 @@ void maxbwd_channels_chunk(const MaxBwdArgs<scalar_t>& a, int64_t begin, int64_t
   }
 }
 
-KTK_DEFINE_RUNNER(maxbwd_planar_chunk, MaxBwdArgs)
-KTK_DEFINE_RUNNER(maxbwd_channels_chunk, MaxBwdArgs)
+KTK_DEFINE_RUNNER(maxbwd_planar_chunk, MaxBwdArgs, ktk_cpu::kCloneFloat)
+KTK_DEFINE_RUNNER(maxbwd_channels_chunk, MaxBwdArgs, ktk_cpu::kCloneFloat)
 
 template <typename scalar_t>
 void max_blur_backward_kernel(const Tensor& grad, const Tensor& codes, int kmax, int pmax, const Tensor& row_idx,

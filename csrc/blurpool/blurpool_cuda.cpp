@@ -10,30 +10,17 @@
 #include <cstdint>
 #include <limits>
 
+#include "../common/cuda_torch.h"
 #include "blurpool_cuda.h"
 
 namespace {
 
+using ktk_cuda::dtype_of;
+using ktk_cuda::in4;
+using ktk_cuda::out4;
 namespace kc = ktk_blurpool_cuda;
 
 constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
-
-kc::DType dtype_of(const at::Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return kc::DType::kFloat32;
-    case at::kHalf:
-      return kc::DType::kFloat16;
-    case at::kBFloat16:
-      return kc::DType::kBFloat16;
-    case at::kDouble:
-      return kc::DType::kFloat64;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, op, ": unsupported dtype ", t.scalar_type(), " (float32, float16, bfloat16, float64)");
-  return kc::DType::kFloat32;
-}
 
 void check_4d(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* op) {
   TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got ", t.dim(), "-D");
@@ -60,19 +47,6 @@ void check_table(const at::Tensor& idx, const at::Tensor& w, const at::Tensor& x
   TORCH_CHECK(idx.size(1) >= 1 && idx.size(1) <= 4096, op, ": ", name, " tables need 1..4096 taps per row");
   TORCH_CHECK(idx.size(0) <= kIntMax, op, ": ", name, " table too long");
 }
-
-kc::Tensor4 view4(const at::Tensor& t, void* data) {
-  kc::Tensor4 v;
-  v.data = data;
-  for (int d = 0; d < 4; ++d) {
-    v.size[d] = t.size(d);
-    v.stride[d] = t.stride(d);
-  }
-  return v;
-}
-
-kc::Tensor4 in4(const at::Tensor& t) { return view4(t, const_cast<void*>(t.const_data_ptr())); }
-kc::Tensor4 out4(const at::Tensor& t) { return view4(t, t.mutable_data_ptr()); }
 
 kc::Table table_of(const at::Tensor& idx, const at::Tensor& w) {
   kc::Table tab;

@@ -11,16 +11,12 @@
 
 #include <cstdint>
 
+#include "../common/cuda_types.h"
+
 namespace ktk_blurpool_cuda {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-
-// A 4-D (N, C, spatial, spatial) strided view. `data` is const for inputs (cast inside).
-struct Tensor4 {
-  void* data;
-  int64_t size[4];
-  int64_t stride[4];
-};
+using ktk_cuda::DType;
+using ktk_cuda::Tensor4;
 
 // One axis' gather table: `len` rows of `k` (index int32, weight float32) pairs, contiguous.
 struct Table {

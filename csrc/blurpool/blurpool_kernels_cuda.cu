@@ -42,6 +42,8 @@
 // Index maths: 64-bit plane bases and strides; 32-bit flat thread indices unless the launch is huge.
 #include "blurpool_cuda.h"
 
+#include "../common/cuda_device.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -53,6 +55,8 @@
 namespace ktk_blurpool_cuda {
 namespace {
 
+using namespace ktk_cuda;  // dtype helpers, ldg, ceil_div, launch helpers (csrc/common/cuda_device.cuh)
+
 constexpr int kThreads = 256;                   // threads per block, every kernel
 constexpr int64_t kSmemLimit = 48 * 1024;        // dynamic smem per block without an opt-in
 constexpr int kGatherOpt = 4;                    // outputs per thread in blur_gather
@@ -60,56 +64,11 @@ constexpr int kMaxLanes = 32;                    // planes per block in the tile
 
 // ------------------------------------------------------------------------------------------------
 // dtype helpers
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccOf<T>::type;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(acc_t<T> v);
-template <>
-__device__ __forceinline__ float from_acc<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ double from_acc<double>(double v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T ldg(const T* p) {
-  return __ldg(p);
-}
-
 // torch.max_pool2d's rule: v replaces the current best when v > best or v is NaN.
 template <typename T>
 __device__ __forceinline__ bool takes(T v, T best) {
   const auto fv = to_acc(v);
   return fv > to_acc(best) || fv != fv;
-}
-
-template <typename I>
-__host__ __device__ __forceinline__ I ceil_div(I a, I b) {
-  return (a + b - 1) / b;
 }
 
 // Splits `rows` rows over `cols` column workers so that about blockDim.x items exist:
@@ -827,25 +786,6 @@ __global__ void __launch_bounds__(kThreads) max_blur_bwd_kernel(const MaxBwdArgs
 
 // ------------------------------------------------------------------------------------------------
 // host side
-
-const char* last_error() {
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
-}
-
-// +1 when dimension 1 (C) has the smallest stride, -1 when a spatial one does, 0 on a tie
-// (stride-0 broadcasts, all sizes 1). Size-1 dimensions do not count.
-int layout_vote(const Tensor4& t) {
-  auto eff = [&](int d) { return t.size[d] == 1 ? INT64_MAX : t.stride[d]; };
-  const int64_t s1 = eff(1);
-  const int64_t sp = eff(2) < eff(3) ? eff(2) : eff(3);
-  return s1 < sp ? 1 : (sp < s1 ? -1 : 0);
-}
-
-bool channels_inner(const Tensor4& first, const Tensor4& second) {
-  const int v = layout_vote(first);
-  return (v != 0 ? v : layout_vote(second)) > 0;
-}
 
 template <typename T, int MAXKW>
 const char* launch_gather(const Tensor4& x, const Table& rows, const Table& cols, const Tensor4& out,

@@ -27,7 +27,6 @@
 // (ATEN_CPU_CAPABILITY=default forces the baseline).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -39,6 +38,9 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#include "../common/cpu_isa.h"
+#include "dct_checks.h"
 
 namespace ktkernels {
 namespace dct_cpu {
@@ -56,61 +58,9 @@ constexpr int64_t kPowerSegment = 1024;
 // tensors); fewer channels take the planar loops, with strided positions.
 constexpr int64_t kMinChannelsReduce = 16;
 
-// ------------------------------------------------------------------------------------------------
-// Instruction-set variants (see blurpool_cpu.cpp)
-// ------------------------------------------------------------------------------------------------
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#define KTK_DCT_X86_CLONES 1
-#else
-#define KTK_DCT_X86_CLONES 0
-#endif
-
-bool use_avx2() {
-  static const bool ok = [] {
-#if KTK_DCT_X86_CLONES
-    const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
-    if (cap != nullptr && std::strcmp(cap, "default") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return false;
-#endif
-  }();
-  return ok;
-}
-
-// Which dtypes get an AVX2 clone: all of them for the GEMM-bound dct_basis2d_ (the products run in
-// float whatever the storage), float and double for the memory-bound power means (the half-type
-// conversions dominate there; each clone costs compile time).
-template <typename scalar_t>
-constexpr bool kCloneAll = true;
-template <typename scalar_t>
-constexpr bool kCloneFloat = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
-
-// Defines CHUNK_run<scalar_t>(args, begin, end): CHUNK<scalar_t>, or its AVX2+FMA clone for the
-// dtypes where CLONE<scalar_t> holds.
-#if KTK_DCT_X86_CLONES
-#define KTK_DCT_RUNNER(CHUNK, ARGS, CLONE)                                                               \
-  template <typename scalar_t>                                                                           \
-  __attribute__((target("avx2,fma"), flatten)) void CHUNK##_avx2(const ARGS<scalar_t>& a, int64_t begin, \
-                                                                  int64_t end) {                         \
-    CHUNK<scalar_t>(a, begin, end);                                                                      \
-  }                                                                                                      \
-  template <typename scalar_t>                                                                           \
-  void CHUNK##_run(const ARGS<scalar_t>& a, int64_t begin, int64_t end) {                                \
-    if constexpr (CLONE<scalar_t>) {                                                                     \
-      if (use_avx2()) return CHUNK##_avx2<scalar_t>(a, begin, end);                                      \
-    }                                                                                                    \
-    CHUNK<scalar_t>(a, begin, end);                                                                      \
-  }
-#else
-#define KTK_DCT_RUNNER(CHUNK, ARGS, CLONE)                                \
-  template <typename scalar_t>                                            \
-  void CHUNK##_run(const ARGS<scalar_t>& a, int64_t begin, int64_t end) { \
-    CHUNK<scalar_t>(a, begin, end);                                       \
-  }
-#endif
+// Instruction-set variants (csrc/common/cpu_isa.h): every dtype is cloned for the GEMM-bound
+// dct_basis2d_ (the products run in float whatever the storage), float and double for the memory-bound
+// power means (the half-type conversions dominate there).
 
 int64_t grain_for(int64_t work_per_task) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_task, 1));
@@ -328,8 +278,8 @@ void basis_channels_chunk(const BasisArgs<scalar_t>& a, int64_t begin, int64_t e
   }
 }
 
-KTK_DCT_RUNNER(basis_planar_chunk, BasisArgs, kCloneAll)
-KTK_DCT_RUNNER(basis_channels_chunk, BasisArgs, kCloneAll)
+KTK_DEFINE_RUNNER(basis_planar_chunk, BasisArgs, ktk_cpu::kCloneAll)
+KTK_DEFINE_RUNNER(basis_channels_chunk, BasisArgs, ktk_cpu::kCloneAll)
 
 // Channel block of the channels layout: as many channels (a multiple of 8) as fit the buffer budget,
 // fewer when there would be too few tasks to keep every thread busy; then balanced over the blocks.
@@ -594,10 +544,10 @@ KTK_DCT_MODE_SWITCH(power_bwd_planar_chunk)
 KTK_DCT_MODE_SWITCH(power_bwd_channels_chunk)
 #undef KTK_DCT_MODE_SWITCH
 
-KTK_DCT_RUNNER(power_planar_chunk, PowerArgs, kCloneFloat)
-KTK_DCT_RUNNER(power_channels_chunk, PowerArgs, kCloneFloat)
-KTK_DCT_RUNNER(power_bwd_planar_chunk, PowerArgs, kCloneFloat)
-KTK_DCT_RUNNER(power_bwd_channels_chunk, PowerArgs, kCloneFloat)
+KTK_DEFINE_RUNNER(power_planar_chunk, PowerArgs, ktk_cpu::kCloneFloat)
+KTK_DEFINE_RUNNER(power_channels_chunk, PowerArgs, ktk_cpu::kCloneFloat)
+KTK_DEFINE_RUNNER(power_bwd_planar_chunk, PowerArgs, ktk_cpu::kCloneFloat)
+KTK_DEFINE_RUNNER(power_bwd_channels_chunk, PowerArgs, ktk_cpu::kCloneFloat)
 
 // Mode for the exponent p of the forward; the backward's |x|^(p-1) takes mode 3 when p - 1 is small.
 template <typename scalar_t>
@@ -693,83 +643,30 @@ void channel_power_mean_backward_kernel(const Tensor& x, const Tensor& grad_map,
 // Argument checks and op entry points
 // ------------------------------------------------------------------------------------------------
 
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-// float32, or float64 for float64 data.
-at::ScalarType acc_dtype_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_4d(const char* op, const char* name, const Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got ", t.dim(), "-D");
-}
-
-void check_data(const char* op, const Tensor& x) {
-  check_4d(op, "x", x);
-  TORCH_CHECK(is_supported_float(x.scalar_type()), op, ": x must be float32, float64, float16 or bfloat16, got ",
-              x.scalar_type());
-}
-
-void check_acc_tensor(const char* op, const char* name, const Tensor& t, const Tensor& x, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got ", t.dim(), "-D");
-  TORCH_CHECK(t.scalar_type() == acc_dtype_of(x.scalar_type()), op, ": ", name, " must be ",
-              acc_dtype_of(x.scalar_type()), " for ", x.scalar_type(), " x, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
-void check_output(const Tensor& out, const Tensor& in) {
-  at::assert_no_internal_overlap(out);
-  at::assert_no_overlap(out, in);
+void check_cpu(const char* op, const Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
 }
 
 void dct_basis2d_cpu(const Tensor& x, const Tensor& left, const Tensor& right, const Tensor& out) {
   const char* op = "dct_basis2d_";
-  check_data(op, x);
-  check_4d(op, "out", out);
-  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": out dtype ", out.scalar_type(), " != x dtype ",
-              x.scalar_type());
-  check_acc_tensor(op, "left", left, x, 2);
-  check_acc_tensor(op, "right", right, x, 2);
-  TORCH_CHECK(left.size(1) == x.size(2), op, ": left must be (H_out, ", x.size(2), "), got ", left.sizes());
-  TORCH_CHECK(right.size(1) == x.size(3), op, ": right must be (W_out, ", x.size(3), "), got ", right.sizes());
-  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == x.size(1) && out.size(2) == left.size(0) &&
-                  out.size(3) == right.size(0),
-              op, ": out must be (", x.size(0), ", ", x.size(1), ", ", left.size(0), ", ", right.size(0), "), got ",
-              out.sizes());
-  check_output(out, x);
-  at::assert_no_overlap(out, left);
-  at::assert_no_overlap(out, right);
+  check_cpu(op, x);
+  ktk_dct_checks::check_basis2d(op, x, left, right, out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dct_basis2d_cpu",
                                   [&] { dct_basis2d_kernel<scalar_t>(x, left, right, out); });
 }
 
 void channel_power_mean_cpu(const Tensor& x, double p, const Tensor& out) {
   const char* op = "channel_power_mean_";
-  check_data(op, x);
-  check_acc_tensor(op, "out", out, x, 3);
-  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == x.size(2) && out.size(2) == x.size(3), op,
-              ": out must be (", x.size(0), ", ", x.size(2), ", ", x.size(3), "), got ", out.sizes());
-  TORCH_CHECK(x.size(1) >= 1 || out.numel() == 0, op, ": x needs at least one channel");
-  check_output(out, x);
+  check_cpu(op, x);
+  ktk_dct_checks::check_power_mean(op, x, out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_power_mean_cpu",
                                   [&] { channel_power_mean_kernel<scalar_t>(x, p, out); });
 }
 
 void channel_power_mean_backward_cpu(const Tensor& x, const Tensor& grad_map, double p, const Tensor& grad_x) {
   const char* op = "channel_power_mean_backward_";
-  check_data(op, x);
-  check_acc_tensor(op, "grad_map", grad_map, x, 3);
-  check_4d(op, "grad_x", grad_x);
-  TORCH_CHECK(grad_x.scalar_type() == x.scalar_type(), op, ": grad_x dtype ", grad_x.scalar_type(),
-              " != x dtype ", x.scalar_type());
-  TORCH_CHECK(grad_x.sizes() == x.sizes(), op, ": grad_x must have x's shape ", x.sizes(), ", got ",
-              grad_x.sizes());
-  TORCH_CHECK(grad_map.size(0) == x.size(0) && grad_map.size(1) == x.size(2) && grad_map.size(2) == x.size(3), op,
-              ": grad_map must be (", x.size(0), ", ", x.size(2), ", ", x.size(3), "), got ", grad_map.sizes());
-  check_output(grad_x, x);
-  at::assert_no_overlap(grad_x, grad_map);
+  check_cpu(op, x);
+  ktk_dct_checks::check_power_mean_backward(op, x, grad_map, grad_x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_power_mean_backward_cpu",
                                   [&] { channel_power_mean_backward_kernel<scalar_t>(x, grad_map, p, grad_x); });
 }

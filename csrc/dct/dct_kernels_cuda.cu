@@ -40,6 +40,8 @@
 // p == 1 (|x|, sign x) and p == 2 (x*x, 2x) are compiled without pow.
 #include "dct_cuda.h"
 
+#include "../common/cuda_device.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -52,6 +54,8 @@
 namespace ktk_dct_cuda {
 namespace {
 
+using namespace ktk_cuda;  // dtype helpers, ldg, ceil_div, launch helpers (csrc/common/cuda_device.cuh)
+
 constexpr int kThreads = 256;
 constexpr int64_t kSmemDefault = 48 * 1024;   // dynamic smem per block without an opt-in
 constexpr int64_t kSmemTarget = 96 * 1024;    // preferred ceiling (two blocks per SM on Hopper/Ampere)
@@ -61,72 +65,10 @@ constexpr int64_t kWorkspaceCap = int64_t(256) << 20;  // fallback scratch: plan
 
 // ------------------------------------------------------------------------------------------------
 // dtype helpers
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccOf<T>::type;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(acc_t<T> v);
-template <>
-__device__ __forceinline__ float from_acc<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ double from_acc<double>(double v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 __device__ __forceinline__ float abs_acc(float v) { return fabsf(v); }
 __device__ __forceinline__ double abs_acc(double v) { return fabs(v); }
 __device__ __forceinline__ float pow_acc(float a, float b) { return powf(a, b); }
 __device__ __forceinline__ double pow_acc(double a, double b) { return pow(a, b); }
-
-template <typename I>
-__host__ __device__ __forceinline__ I ceil_div(I a, I b) {
-  return (a + b - 1) / b;
-}
-
-const char* last_error() {
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
-}
-
-// +1 when dimension 1 (C) has the smallest stride, -1 when a spatial one does, 0 on a tie
-// (all sizes 1). Size-1 dimensions do not count.
-int layout_vote(const Tensor4& t) {
-  auto eff = [&](int d) {
-    const int64_t s = t.stride[d] < 0 ? -t.stride[d] : t.stride[d];
-    return t.size[d] == 1 ? INT64_MAX : s;
-  };
-  const int64_t s1 = eff(1);
-  const int64_t sp = eff(2) < eff(3) ? eff(2) : eff(3);
-  return s1 < sp ? 1 : (sp < s1 ? -1 : 0);
-}
-
-bool channels_inner(const Tensor4& first, const Tensor4& second) {
-  const int v = layout_vote(first);
-  return (v != 0 ? v : layout_vote(second)) > 0;
-}
 
 bool any_zero(const Tensor4& t) {
   for (int d = 0; d < 4; ++d) {
