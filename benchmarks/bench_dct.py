@@ -130,3 +130,19 @@ def test_benchmark_table_records_failures(tmp_path):
     env = {"device": "cpu", "torch": "", "triton": "", "commit": "", "date": "", "device_type": "cpu"}
     table = dct.write(rows, env, 10.0, tmp_path, "dct_toy")
     assert "Unsupported dtype BFloat16" in table and (tmp_path / "dct_toy.json").exists()
+
+
+@pytest.mark.skipif(not HAS_DCT, reason=NO_DCT)
+def test_forward_and_backward_run_on_the_named_backend(monkeypatch):
+    """The backward ops pick their backend when autograd calls them: the timed step must hold the backend."""
+    seen = []
+    resolve = ktkernels.backend.resolve
+
+    def spy(*args, **kwargs):
+        seen.append(ktkernels.backend.get_backend())
+        return resolve(*args, **kwargs)
+
+    monkeypatch.setattr(ktkernels.backend, "resolve", spy)
+    x = torch.randn(2, 3, 5, 5)
+    harness.fixed_step("f+b", dct.ours("dct2d", "torch"), x)()
+    assert seen and set(seen) == {"torch"}

@@ -2,13 +2,13 @@
 # A GPU lease: build, CUDA tests, benchmark tables, then the Triton GPU tests.
 # Usage on the GPU box (torch preinstalled, offline): OUT=/tmp/out STEPS="build test blurpool" bash benchmarks/run_gpu.sh
 # One device command may run 10 minutes, so a lease runs this in parts; every part rebuilds (about 60 s) because
-# the box keeps nothing between commands. Parts: build test blurpool model dct triton (default: all).
+# the box keeps nothing between commands. Parts: build test blurpool model dct losses triton (default: all).
 # The Triton tests come last and in parallel shards: each new shape JIT-compiles (~5 s per test on an H100
 # box), so they are the first thing to cut (TRITON_TEST_TIMEOUT) when the lease is short.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
-STEPS=" ${STEPS:-build test blurpool model dct triton} "
+STEPS=" ${STEPS:-build test blurpool model dct losses triton} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/nvidia_smi.txt"
@@ -29,6 +29,10 @@ fi
 if step dct; then  # ~64 recipe compiles: split with DCT_BENCH_ARGS="--dtypes float32" etc. if it runs long
   python3 -m ktkernels.bench dct --out "$OUT" ${DCT_BENCH_ARGS:-} > "$OUT/bench_dct.log" 2>&1
   grep -E "^\|" "$OUT/bench_dct.log"
+fi
+if step losses; then  # 4 cases x 2 dtypes, ~24 recipe compiles: split with LOSSES_BENCH_ARGS="--dtypes float32" etc.
+  python3 -m ktkernels.bench losses --out "$OUT" ${LOSSES_BENCH_ARGS:-} > "$OUT/bench_losses.log" 2>&1
+  grep -E "^\|" "$OUT/bench_losses.log"
 fi
 if step triton; then
   for k in "triton-gpu and blur_pool2d_matches" "triton-gpu and (max_blur or 1d)" "triton and not (blur_pool2d_matches or max_blur or 1d)"; do

@@ -41,4 +41,33 @@ TORCH_LIBRARY(ktkernels_C, m) {
   m.def("channel_power_mean_(Tensor x, float p, Tensor(a!) out) -> ()");
   // grad_x[n,c,h,w] = (p/C) |x|^(p-1) sign(x) grad_map[n,h,w], with sign(0) = 0; grad_map as out above.
   m.def("channel_power_mean_backward_(Tensor x, Tensor grad_map, float p, Tensor(a!) grad_x) -> ()");
+
+  // --- losses family (ktkernels/losses) ---
+  // Pixel/global transfer loss, forward statistics. s, t: (N, C, H, W), same shape and dtype, any strides;
+  // basis: (J, H*W) contiguous acc (J may be 0). sq: (N, C) acc, sq[n,c] = sum_hw (s - t)^2;
+  // proj: (2, N, C, J) acc, proj[0|1,n,c,j] = sum_hw basis[j, h*W+w] * (s|t)[n,c,h,w].
+  m.def("transfer_stats_(Tensor s, Tensor t, Tensor basis, Tensor(a!) sq, Tensor(b!) proj) -> ()");
+  // Its gradient: grad[n,c,h,w] = pixel_coef[0] * (s - t) + sum_j coef[n,c,j] * basis[j, h*W+w], written in
+  // grad's dtype (= s's) and strides. pixel_coef: (1,) acc (a device scalar: no host sync); coef: (N, C, J) acc.
+  m.def(
+      "transfer_grad_(Tensor s, Tensor t, Tensor basis, Tensor pixel_coef, Tensor coef, Tensor(a!) grad) -> ()");
+  // Attention-map distance per sample: maps (N, H, W) contiguous acc; kind 0 at_code, 1 at_paper, 2 dct_a,
+  // 3 dct_b, 4 dct (ktkernels/losses/reference.py: attention_map_distance); left (2, H, H) and right (2, W, W)
+  // acc tables of the transform R = L0 Z R0^T - L1 Z R1^T (kinds 2..4). dist: (N,) acc.
+  m.def(
+      "attention_map_distance_(Tensor map_s, Tensor map_t, int kind, Tensor left, Tensor right, "
+      "Tensor(a!) dist) -> ()");
+  // Its gradient with respect to map_s: grad_map_s[n] = grad_dist[n] * d dist[n] / d map_s[n] (N, H, W) acc.
+  // The distance is symmetric, so the teacher's gradient is the same call with the maps swapped.
+  m.def(
+      "attention_map_distance_backward_(Tensor map_s, Tensor map_t, Tensor grad_dist, int kind, Tensor left, "
+      "Tensor right, Tensor(a!) grad_map_s) -> ()");
+  // Soft targets at temperature T > 0: s, t (N, K) logits, same dtype, unit stride along K. rows (N, 3) acc:
+  // [KL(softmax(t/T) || softmax(s/T)), logsumexp(s/T), logsumexp(t/T)] per row.
+  m.def("soft_target_forward_(Tensor s, Tensor t, float temperature, Tensor(a!) rows) -> ()");
+  // Its gradient, g = grad_rows[n] (N,) acc: grad_s = g/T (p_s - p_t); grad_t = g/T p_t (log p_t - log p_s - kl).
+  // grad_s / grad_t are (N, K) contiguous in s's dtype; an empty (numel 0) one is skipped.
+  m.def(
+      "soft_target_backward_(Tensor s, Tensor t, float temperature, Tensor rows, Tensor grad_rows, "
+      "Tensor(a!) grad_s, Tensor(b!) grad_t) -> ()");
 }

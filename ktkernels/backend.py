@@ -36,7 +36,8 @@ BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 # and backward; for the fused max-blur, CUDA wins in both layouts.
 # The DCT family has no GPU results yet, and neither of its GPU backends has run on a GPU: Triton first,
 # because its kernel code has executed (under the interpreter); the CUDA kernels were checked only by
-# compiling them and by a numpy copy of their index maths. Revisit with the first H100 run.
+# compiling them and by a numpy copy of their index maths. The same holds for the transfer losses. Revisit both
+# with the first H100 run.
 AUTO_CUDA_ORDER: dict[tuple[str, bool], tuple[str, ...]] = {
     ("blurpool", False): ("cuda", "triton"),
     ("blurpool", True): ("triton", "cuda"),
@@ -44,11 +45,18 @@ AUTO_CUDA_ORDER: dict[tuple[str, bool], tuple[str, ...]] = {
     ("maxblur", True): ("cuda", "triton"),
     ("dct", False): ("triton", "cuda"),
     ("dct", True): ("triton", "cuda"),
+    ("losses", False): ("triton", "cuda"),
+    ("losses", True): ("triton", "cuda"),
 }
 
 # One internal op per family whose registration tells whether ktkernels._C has that family's kernels
 # (an extension built from an older checkout may lack a newer family).
-_PROBE_OP = {"blurpool": "blur_gather_", "maxblur": "max_blur_forward_", "dct": "dct_basis2d_"}
+_PROBE_OP = {
+    "blurpool": "blur_gather_",
+    "maxblur": "max_blur_forward_",
+    "dct": "dct_basis2d_",
+    "losses": "transfer_stats_",
+}
 
 
 def _validate(name: str) -> str:

@@ -13,6 +13,7 @@ import random
 
 import pytest
 import torch
+from layouts import check_untouched, make_input, make_output
 
 from ktkernels import _C  # noqa: F401  (registers torch.ops.ktkernels_C)
 
@@ -41,44 +42,7 @@ def make_x(shape, dtype, device, layout: str, zeros: bool = False) -> torch.Tens
     values = torch.randn(n, c, h, w, dtype=torch.float64)
     if zeros:
         values = values.masked_fill(torch.rand(values.shape) < 0.2, 0.0)
-    kw = {"dtype": dtype, "device": device}
-    if layout == "nchw":
-        x = torch.empty(n, c, h, w, **kw)
-    elif layout == "channels_last":
-        x = torch.empty(n, c, h, w, memory_format=torch.channels_last, **kw)
-    elif layout == "strided_c":
-        x = torch.empty(n, 2 * c, h, w, memory_format=torch.channels_last, **kw)[:, ::2]
-    elif layout == "transposed":
-        x = torch.empty(n, c, w, h, **kw).transpose(2, 3)
-    elif layout == "permuted":
-        x = torch.empty(h, n, w, c, **kw).permute(1, 3, 0, 2)
-    else:
-        raise ValueError(layout)
-    x.copy_(values)
-    return x
-
-
-def make_out(shape, dtype, device, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """NaN-filled output (view, backing buffer) in a layout: nchw | channels_last | strided (every other W)."""
-    n, c, h, w = shape
-    if layout == "nchw":
-        buf = torch.full((n, c, h, w), float("nan"), dtype=dtype, device=device)
-        return buf, buf
-    if layout == "channels_last":
-        buf = torch.full((n, c, h, w), float("nan"), dtype=dtype, device=device)
-        buf = buf.to(memory_format=torch.channels_last)
-        return buf, buf
-    buf = torch.full((n, c, h, 2 * w + 1), float("nan"), dtype=dtype, device=device)
-    return buf[..., 1::2], buf
-
-
-def check_untouched(view: torch.Tensor, buf: torch.Tensor) -> None:
-    """Elements of buf outside view must still be NaN."""
-    if view.data_ptr() == buf.data_ptr() and view.shape == buf.shape:
-        return
-    mask = torch.ones(buf.shape, dtype=torch.bool, device=buf.device)
-    mask[..., 1::2] = False
-    assert torch.isnan(buf[mask].float()).all(), "kernel wrote outside its output view"
+    return make_input(values, dtype, device, layout)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, tol: float) -> None:
@@ -103,7 +67,7 @@ def run_basis(x, ho, wo, out_layout):
     adt = acc_dtype(x.dtype)
     left = torch.randn(ho, h, dtype=torch.float64)
     right = torch.randn(wo, w, dtype=torch.float64)
-    out, buf = make_out((n, c, ho, wo), x.dtype, x.device, out_layout)
+    out, buf = make_output((n, c, ho, wo), x.dtype, x.device, out_layout)
     ops.dct_basis2d_(x, left.to(x.device, adt), right.to(x.device, adt), out)
     xd = x.detach().double().cpu()
     ref = torch.einsum("ah,nchw,bw->ncab", left, xd, right)
@@ -262,7 +226,7 @@ def test_power_mean_backward(device, dtype, x_layout, p):
     for i, shape in enumerate(shapes):
         x = make_x(shape, dtype, device, x_layout, zeros=True)
         g = torch.randn(shape[0], shape[2], shape[3], dtype=acc_dtype(dtype), device=device)
-        gx, buf = make_out(shape, dtype, device, OUT_LAYOUTS[i % len(OUT_LAYOUTS)])
+        gx, buf = make_output(shape, dtype, device, OUT_LAYOUTS[i % len(OUT_LAYOUTS)])
         ops.channel_power_mean_backward_(x, g, p, gx)
         ref = power_grad_reference(x, g, p)
         assert_close(gx, ref, torch.full_like(ref, 1e-3), TOL[dtype] if dtype != torch.float32 else 1e-5)

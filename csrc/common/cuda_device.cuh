@@ -59,6 +59,27 @@ __host__ __device__ __forceinline__ I ceil_div(I a, I b) {
   return (a + b - 1) / b;
 }
 
+// (n, c, h, w) of the e-th element of an (N, C, H, W) tensor walked in memory order: channels fastest for a
+// channels_last walk, else w fastest (NCHW). The elementwise kernels use it to match their output's layout.
+template <typename I>
+__device__ __forceinline__ void unflatten_nchw(I e, bool channels_last, I C, I H, I W, I& n, I& c, I& h, I& w) {
+  if (channels_last) {
+    c = e % C;
+    I q = e / C;
+    w = q % W;
+    q /= W;
+    h = q % H;
+    n = q / H;
+  } else {
+    w = e % W;
+    I q = e / W;
+    h = q % H;
+    q /= H;
+    c = q % C;
+    n = q / C;
+  }
+}
+
 inline const char* last_error() {
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);

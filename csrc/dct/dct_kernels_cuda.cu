@@ -616,21 +616,7 @@ __global__ void __launch_bounds__(kThreads) power_mean_bwd_kernel(const PowerArg
   const A pm1 = static_cast<A>(a.p), scale = static_cast<A>(a.scale);
   for (I e = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x; e < total; e += stride) {
     I n, c, h, w;
-    if (lf) {
-      c = e % C;
-      I q = e / C;
-      w = q % W;
-      q /= W;
-      h = q % H;
-      n = q / H;
-    } else {
-      w = e % W;
-      I q = e / W;
-      h = q % H;
-      q /= H;
-      c = q % C;
-      n = q / C;
-    }
+    unflatten_nchw(e, lf != 0, C, H, W, n, c, h, w);
     const int64_t n64 = static_cast<int64_t>(n), c64 = static_cast<int64_t>(c);
     const int64_t h64 = static_cast<int64_t>(h), w64 = static_cast<int64_t>(w);
     const A v = to_acc(x[n64 * a.xs0 + c64 * a.xs1 + h64 * a.xs2 + w64 * a.xs3]);

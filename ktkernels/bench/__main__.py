@@ -1,8 +1,11 @@
-"""``python -m ktkernels.bench [blurpool|dct|model] [flags]``: benchmark tables on whatever device is present.
+"""``python -m ktkernels.bench [blurpool|dct|losses|model] [flags]``: benchmark tables on whatever device is present.
 
 - ``blurpool`` (the default): the BlurPool ops on ResNet-50's blur shapes against the PyTorch recipes;
 - ``dct``: ``dct2d`` and ``dct_attention_map`` on ResNet-50's stage outputs against the matmul and FFT
   (torch-dct) recipes and the compiled matmul recipe (``python -m ktkernels.bench dct --help``);
+- ``losses``: the transfer losses (pixel+global, DCT-KD, attention transfer, soft targets) summed over
+  ResNet-50's four stage outputs against the unfused PyTorch recipes and their compiled forms
+  (``python -m ktkernels.bench losses --help``);
 - ``model``: a ResNet training step, plain / anti-aliased (recipe, ktkernels eager and compiled) / floor
   (``python -m ktkernels.bench model --help``).
 
@@ -20,7 +23,7 @@ import torch
 
 from . import blurpool, harness
 
-FAMILIES = ("blurpool", "dct", "model")
+FAMILIES = ("blurpool", "dct", "losses", "model")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,6 +38,10 @@ def main(argv: list[str] | None = None) -> None:
         from . import dct  # imports the DCT ops: only when asked for
 
         return dct.main(argv)
+    if family == "losses":
+        from . import losses  # imports the loss ops: only when asked for
+
+        return losses.main(argv)
     return blurpool_main(argv)
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import backend
 from ..blurpool import geometry, op
-from .harness import Row, graph_median_ms, median_ms, rotating, step_for
+from .harness import Row, graph_median_ms, median_ms, on_backend, rotating, step_for
 
 # (case, channels, size, kind, filt_size, pads (l, r, t, b))
 RESNET50_CASES = [
@@ -55,12 +55,11 @@ def ours(kind: str, filt_size: int, pads: tuple, name: str):
     """ktkernels with a named backend, same geometry as the recipe."""
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        with backend.use_backend(name):
-            if kind == "maxblur":
-                return op.max_blur_pool2d(x, 2, 0, filt_size, 2, list(pads), "reflect")[0]
-            return op.blur_pool2d(x, filt_size, 2, list(pads), "reflect")
+        if kind == "maxblur":
+            return op.max_blur_pool2d(x, 2, 0, filt_size, 2, list(pads), "reflect")[0]
+        return op.blur_pool2d(x, filt_size, 2, list(pads), "reflect")
 
-    return run
+    return on_backend(name, run)
 
 
 def implementations(device: torch.device, compile_recipe: bool, kind: str, filt_size: int, pads: tuple) -> dict:

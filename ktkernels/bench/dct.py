@@ -150,10 +150,9 @@ def ours(op: str, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """``ktkernels.<op>`` (``dct2d`` or ``dct_attention_map``) on a named backend."""
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        with backend.use_backend(name):
-            return getattr(ktkernels, op)(x)
+        return getattr(ktkernels, op)(x)
 
-    return run
+    return harness.on_backend(name, run)
 
 
 @functools.cache
@@ -296,7 +295,6 @@ def target(row_key: tuple) -> tuple[float, dict[str, float]] | None:
 
 def _table(rows: Sequence[Row], recipes: Sequence[str], targets: bool, met: bool, errors: list[str]) -> list[str]:
     impls = list(dict.fromkeys(r.impl for r in rows))
-    ours_ = [i for i in impls if i.startswith("ktk")]
     base = [i for i in recipes if i in impls]
     cols = ["case", "shape", "dtype", "layout", "mode", *impls, "best ktk GB/s", "% of copy"]
     cols += [f"vs {b}" for b in base]
@@ -306,25 +304,8 @@ def _table(rows: Sequence[Row], recipes: Sequence[str], targets: bool, met: bool
     for r in rows:
         groups.setdefault((r.case, tuple(r.shape), r.dtype, r.layout, r.mode), {})[r.impl] = r
     for key, by_impl in groups.items():
-        cells = [key[0], "x".join(map(str, key[1])), key[2], key[3], key[4]]
-        for impl in impls:
-            r = by_impl.get(impl)
-            if r is None:
-                cells.append("")
-            elif r.ms:
-                cells.append(f"{r.ms:.3f}")
-            else:
-                if r.error not in errors:
-                    errors.append(r.error)
-                cells.append(f"error [{errors.index(r.error) + 1}]")
-        timed = [by_impl[i] for i in ours_ if i in by_impl and by_impl[i].ms]
-        best = min(timed, key=lambda r: r.ms) if timed else None
-        cells += [f"{best.gbps:.0f} ({best.impl})" if best else "", f"{best.pct_copy:.0f}%" if best else ""]
-        speedups = {}
-        for b in base:
-            r = by_impl.get(b)
-            speedups[b] = r.ms / best.ms if best and r and r.ms else None
-            cells.append(f"{speedups[b]:.1f}x" if speedups[b] else "")
+        compared, best, speedups = harness.comparison_cells(by_impl, impls, base, errors)
+        cells = [key[0], "x".join(map(str, key[1])), key[2], key[3], key[4], *compared]
         if targets:
             pct, wanted = target(key)
             cells.append(", ".join([f">= {pct:.0f}% copy"] + [f">= {v:.0f}x {k}" for k, v in wanted.items()]))

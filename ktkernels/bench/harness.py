@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .. import backend
+
 
 @dataclasses.dataclass
 class Row:
@@ -103,15 +105,39 @@ def step_for(
     inputs: Callable[[], torch.Tensor],
     grads: Callable[[], torch.Tensor],
 ) -> Callable[[], object]:
-    """The timed call: ``fn`` on the next input ("fwd"), or ``fn`` then its vjp w.r.t. that input ("f+b")."""
+    """The timed call: ``fn`` on the next input ("fwd"), or ``fn`` then its vjp w.r.t. that input ("f+b").
+
+    A ``fn`` with a ``backend`` attribute (see :func:`on_backend`) runs its forward *and* backward on that
+    ktkernels backend: the backward ops pick their backend when autograd calls them, outside ``fn``.
+    """
+    name = getattr(fn, "backend", None)
     if mode == "fwd":
-        return lambda: fn(inputs())
+        step = lambda: fn(inputs())  # noqa: E731
+    else:
 
-    def forward_backward() -> object:
-        x = inputs().detach().requires_grad_()
-        return torch.autograd.grad(fn(x), x, grads())
+        def step() -> object:
+            x = inputs().detach().requires_grad_()
+            return torch.autograd.grad(fn(x), x, grads())
 
-    return forward_backward
+    if name is None:
+        return step
+
+    def on_named_backend() -> object:
+        with backend.use_backend(name):
+            return step()
+
+    return on_named_backend
+
+
+def on_backend(name: str, fn: Callable) -> Callable:
+    """``fn`` run under the ktkernels backend ``name``, tagged so that :func:`step_for` runs its backward there too."""
+
+    def run(*args, **kwargs):
+        with backend.use_backend(name):
+            return fn(*args, **kwargs)
+
+    run.backend = name
+    return run
 
 
 def fixed_step(mode: str, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], object]:
@@ -169,6 +195,34 @@ def finish(rows: Sequence[Row], copy_gbps: float) -> None:
         if row.ms:
             row.gbps = row.bytes / row.ms / 1e6
             row.pct_copy = 100 * row.gbps / copy_gbps
+
+
+def comparison_cells(
+    by_impl: dict[str, Row], impls: Sequence[str], recipes: Sequence[str], errors: list[str]
+) -> tuple[list[str], Row | None, dict[str, float | None]]:
+    """One table row's cells for a group of implementations of one case: each implementation's ms (or
+    ``error [k]``, its text appended to ``errors``), the best ktk row's GB/s and % of copy, and the speed-up of
+    that row over each recipe. Returns (cells, best ktk row, {recipe: speed-up or None})."""
+    cells = []
+    for impl in impls:
+        r = by_impl.get(impl)
+        if r is None:
+            cells.append("")
+        elif r.ms:
+            cells.append(f"{r.ms:.3f}")
+        else:
+            if r.error not in errors:
+                errors.append(r.error)
+            cells.append(f"error [{errors.index(r.error) + 1}]")
+    timed = [r for i, r in by_impl.items() if i.startswith("ktk") and r.ms]
+    best = min(timed, key=lambda r: r.ms) if timed else None
+    cells += [f"{best.gbps:.0f} ({best.impl})" if best else "", f"{best.pct_copy:.0f}%" if best else ""]
+    speedups = {}
+    for recipe in recipes:
+        r = by_impl.get(recipe)
+        speedups[recipe] = r.ms / best.ms if best and r and r.ms else None
+        cells.append(f"{speedups[recipe]:.1f}x" if speedups[recipe] else "")
+    return cells, best, speedups
 
 
 def markdown(rows: Sequence[Row], env: dict, copy_gbps: float, baseline: str) -> str:
