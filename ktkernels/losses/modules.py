@@ -69,7 +69,8 @@ def pixel_global_transfer_loss(
     The KTFT paper does not publish its formula; these are labelled readings. One fused pass reads each tensor
     once; the backward writes grad_student once (and grad_teacher only if the teacher requires grad). Features
     of different dtypes are promoted to the wider one; the loss is fp32 (fp64 for fp64 features). Returns the
-    scalar loss, or ``(loss, terms)`` with the unweighted ``[pixel, global]`` when ``return_terms``.
+    scalar loss, or ``(loss, terms)`` with the unweighted ``[pixel, global]`` when ``return_terms``. A Python
+    ``w_global == 0`` skips the global reduction (its term is reported as 0).
 
     >>> s = torch.randn(2, 4, 5, 5)
     >>> float(pixel_global_transfer_loss(s, s))
