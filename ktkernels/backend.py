@@ -29,6 +29,8 @@ from collections.abc import Iterator
 
 import torch
 
+from .layout import channels_inner
+
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 
 # Order tried by ``auto`` on CUDA tensors, per (op family, channels_last), from the committed H100 results
@@ -159,6 +161,18 @@ def resolve(family: str, device: torch.device, channels_last: bool = False) -> s
             return "cpu"
         _warn_once(f"ktkernels: {why}; using the pure-PyTorch reference on CPU")
     return "torch"
+
+
+def resolve_for(family: str, x: torch.Tensor, triton_fp64: bool = True) -> str:
+    """:func:`resolve` for tensor ``x`` (its device, and its layout when 4-D). For a family whose Triton kernels
+    run only fp32/fp16/bf16 (``triton_fp64=False``), fp64 goes to ``torch`` under ``auto`` and raises when
+    ``triton`` was named."""
+    name = resolve(family, x.device, channels_inner(x) if x.dim() == 4 else False)
+    if name == "triton" and x.dtype == torch.float64 and not triton_fp64:
+        if _current == "triton":
+            raise RuntimeError(f"ktkernels backend 'triton' runs {family} in fp32/fp16/bf16; fp64 runs on cpu/torch")
+        return "torch"
+    return name
 
 
 @functools.cache

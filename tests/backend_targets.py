@@ -24,3 +24,9 @@ TARGETS = [
         ("triton", "cuda"), id="triton-gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="no GPU")]
     ),
 ]
+
+# Devices of the kernel-level tests (the ktkernels_C ops, called directly).
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="no GPU")]),
+]

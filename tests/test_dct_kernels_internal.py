@@ -13,15 +13,11 @@ import random
 
 import pytest
 import torch
+from backend_targets import DEVICES
 from layouts import check_untouched, make_input, make_output
 
 from ktkernels import _C  # noqa: F401  (registers torch.ops.ktkernels_C)
 
-GPU = torch.cuda.is_available()
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="no GPU")]),
-]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # Error bound relative to sum |left| |x| |right| (basis) or to |reference| (power mean), per dtype.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}

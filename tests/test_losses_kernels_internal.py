@@ -16,17 +16,13 @@ import random
 
 import pytest
 import torch
+from backend_targets import DEVICES, GPU
 from layouts import check_untouched, make_input, make_output
 
 from ktkernels import _C  # noqa: F401  (registers torch.ops.ktkernels_C)
 from ktkernels.losses import reference as ref
 from ktkernels.losses.basis import projection_basis
 
-GPU = torch.cuda.is_available()
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="no GPU")]),
-]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # Error bounds: TOL_ACC relative to a bound of the accumulated magnitudes (the kernels accumulate in float32,
 # float64 for float64 data); TOL_OUT relative to |reference| for the rounding of a low-precision output;

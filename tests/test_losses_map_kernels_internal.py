@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from backend_targets import DEVICES, GPU
 
 from ktkernels import _C  # noqa: F401  (registers torch.ops.ktkernels_C)
 from ktkernels.losses.basis import MAP_KINDS, map_tables
 from ktkernels.losses.reference import attention_map_distance
 
-GPU = torch.cuda.is_available()
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="no GPU")]),
-]
 DTYPES = [torch.float64, torch.float32]
 KINDS = list(range(len(MAP_KINDS)))
 SIZES = [(1, 1), (7, 7), (5, 9), (14, 14), (28, 28), (56, 56), (1, 6)]

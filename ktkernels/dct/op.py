@@ -71,12 +71,7 @@ def _alloc_like_maps(x: Tensor, maps: Tensor, dims: int, out_size: list[int]) ->
 
 
 def _resolve(x: Tensor) -> str:
-    name = backend.resolve(FAMILY, x.device, channels_inner(x) if x.dim() == 4 else False)
-    if name == "triton" and x.dtype == torch.float64:
-        if backend.get_backend() == "triton":
-            raise RuntimeError("ktkernels backend 'triton' runs the DCT in fp32/fp16/bf16; fp64 runs on cpu/torch")
-        return "torch"
-    return name
+    return backend.resolve_for(FAMILY, x, triton_fp64=False)
 
 
 @torch.library.custom_op("ktkernels::dct_transform", mutates_args=())
