@@ -1,0 +1,161 @@
+"""Mentor -> mentee layer supervision by module names (Venkatesan & Li 2016, "Diving deeper into mentee networks").
+
+A frozen mentor network supervises a smaller mentee through *probes*: pairs (mentor layer, mentee layer) whose outputs
+must match. The authors' objective per epoch e, with annealed weights (:class:`ktkernels.AnnealedWeight`), is
+
+    L(e) = beta(e) sum_pairs rmse(phi_mentor, phi_mentee) + gamma(e) rmse(p_mentee, p_mentor) + alpha(e) CE
+
+with ``rmse(a, b) = sqrt(mean over all elements of the batch of (a - b)^2)`` and p the softmax at T = 1. Probe pairs
+must have identical shapes: the method has no adapter layers, and neither does this helper.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ..losses.modules import mentee_rmse_loss
+
+__all__ = ["PROBE_ERRORS", "ProbePairs"]
+
+PROBE_ERRORS = ("rmse", "l2", "l1")
+
+
+class ProbePairs:
+    """Capture mentor and mentee layer outputs by module name and turn them into the probe loss.
+
+    Forward hooks on the named modules keep each one's latest output (mentor outputs are detached: the mentor is
+    frozen). :meth:`loss` sums the error over the pairs and then forgets the captured outputs, so that a loss is
+    never computed from an earlier step's features; run both forwards again before the next call.
+
+    Args:
+        mentor: the frozen, pre-trained network.
+        mentee: the network being trained.
+        pairs: ``[(mentor_module_name, mentee_module_name), ...]`` or a ``{mentor_name: mentee_name}`` mapping;
+            names as in ``named_modules()`` (``""`` is the whole network, i.e. its output).
+        error: ``"rmse"`` (the authors' choice: ``sqrt(mean((a - b)^2))`` over the whole batch tensor, the fused
+            :func:`ktkernels.mentee_rmse_loss`), ``"l2"`` (``sqrt(sum((a - b)^2))``) or ``"l1"`` (``sum |a - b|``).
+
+    Example (the authors' supervised schedule for the probe term):
+
+    >>> mentor = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    >>> mentee = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    >>> probes = ProbePairs(mentor, mentee, [("1", "0"), ("", "")])
+    >>> from ktkernels import AnnealedWeight
+    >>> beta = AnnealedWeight(2.0, 0.1, 135)
+    >>> x = torch.randn(8, 1, 8, 8)
+    >>> with torch.no_grad():
+    ...     _ = mentor(x)
+    >>> _ = mentee(x)
+    >>> loss = beta(1) * probes.loss()
+    >>> loss.backward()
+    >>> probes.remove()
+    """
+
+    def __init__(
+        self,
+        mentor: nn.Module,
+        mentee: nn.Module,
+        pairs: Sequence[tuple[str, str]] | Mapping[str, str],
+        error: str = "rmse",
+    ) -> None:
+        if error not in PROBE_ERRORS:
+            raise ValueError(f"error must be one of {PROBE_ERRORS}, got {error!r}")
+        pair_list = list(pairs.items()) if isinstance(pairs, Mapping) else [tuple(p) for p in pairs]
+        if not pair_list:
+            raise ValueError("pairs is empty: give at least one (mentor_module_name, mentee_module_name) pair")
+        for pair in pair_list:
+            if len(pair) != 2 or not all(isinstance(name, str) for name in pair):
+                raise ValueError(f"each pair must be (mentor_module_name, mentee_module_name) strings, got {pair!r}")
+        mentor_modules = _resolve(mentor, "mentor", [m for m, _ in pair_list])
+        mentee_modules = _resolve(mentee, "mentee", [s for _, s in pair_list])
+
+        self.pairs: list[tuple[str, str]] = pair_list
+        self.error = error
+        self._outputs: dict[tuple[str, str], Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+        for role, modules in (("mentor", mentor_modules), ("mentee", mentee_modules)):
+            for name, module in modules.items():
+                self._handles.append(module.register_forward_hook(self._capture(role, name)))
+
+    def _capture(self, role: str, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            if not isinstance(output, Tensor):
+                raise TypeError(f"{role} module {name!r} returned {type(output).__name__}: probes need a tensor output")
+            self._outputs[(role, name)] = output.detach() if role == "mentor" else output
+
+        return hook
+
+    def terms(self) -> dict[str, Tensor]:
+        """The error of each pair, keyed ``"<mentor_name> -> <mentee_name>"``, from the latest forwards.
+
+        Raises if a forward is missing or a pair's shapes differ. Does not forget the captured outputs.
+        """
+        terms = {}
+        for mentor_name, mentee_name in self.pairs:
+            label = f"{mentor_name or '<output>'} -> {mentee_name or '<output>'}"
+            mentor_out = self._latest("mentor", mentor_name)
+            mentee_out = self._latest("mentee", mentee_name)
+            if mentor_out.shape != mentee_out.shape:
+                raise ValueError(
+                    f"probe pair {label}: mentor output {tuple(mentor_out.shape)} and mentee output "
+                    f"{tuple(mentee_out.shape)} differ; mentee supervision has no adapter layers, so pair layers "
+                    "whose outputs have the same shape"
+                )
+            terms[label] = _error(self.error, mentee_out, mentor_out)
+        return terms
+
+    def loss(self) -> Tensor:
+        """The sum over pairs of the probe error (a 0-dim tensor), after which the captured outputs are forgotten."""
+        try:
+            return torch.stack([t.float() for t in self.terms().values()]).sum()
+        finally:
+            self._outputs.clear()
+
+    def remove(self) -> None:
+        """Remove the hooks from both networks and forget the captured outputs."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._outputs.clear()
+
+    def __enter__(self) -> ProbePairs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"ProbePairs(pairs={self.pairs!r}, error={self.error!r})"
+
+    def _latest(self, role: str, name: str) -> Tensor:
+        if not self._handles:
+            raise RuntimeError("these probes were removed")
+        try:
+            return self._outputs[(role, name)]
+        except KeyError:
+            raise RuntimeError(
+                f"no output captured from {role} module {name or '<output>'!r}: run the {role} forward (again) "
+                "before computing the probe loss"
+            ) from None
+
+
+def _resolve(model: nn.Module, role: str, names: list[str]) -> dict[str, nn.Module]:
+    available = dict(model.named_modules())
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        hints = {name: difflib.get_close_matches(name, available, n=3) for name in unknown}
+        detail = "; ".join(f"{name!r} (close: {', '.join(hints[name]) or 'none'})" for name in unknown)
+        raise ValueError(f"unknown {role} module names: {detail}")
+    return {name: available[name] for name in names}
+
+
+def _error(kind: str, student: Tensor, mentor: Tensor) -> Tensor:
+    if kind == "rmse":
+        return mentee_rmse_loss(student, mentor)
+    diff = student.float() - mentor.float()
+    return diff.abs().sum() if kind == "l1" else torch.linalg.vector_norm(diff)

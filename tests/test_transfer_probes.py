@@ -1,0 +1,140 @@
+"""Mentor -> mentee probes by module name (Venkatesan & Li 2016): errors by hand, gradient routing, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ktkernels import AnnealedWeight
+from ktkernels.transfer import ProbePairs
+
+
+def _mentor():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.Flatten(), nn.Linear(6 * 4 * 4, 10))
+
+
+def _mentee():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+
+
+def _run(mentor, mentee, x):
+    with torch.no_grad():
+        mentor(x)
+    mentee(x)
+
+
+@pytest.mark.parametrize("error", ["rmse", "l2", "l1"])
+def test_errors_by_hand(error):
+    mentor, mentee = _mentor(), _mentee()
+    x = torch.randn(3, 1, 8, 8)
+    with ProbePairs(mentor, mentee, [("1", "0"), ("", "")], error=error) as probes:
+        _run(mentor, mentee, x)
+        terms = probes.terms()
+        loss = probes.loss()
+    with torch.no_grad():
+        pairs = [(mentor[1](mentor[0](x)), mentee[0](x)), (mentor(x), mentee(x))]
+    expected = []
+    for m, s in pairs:
+        d = (s - m).double().flatten().tolist()
+        if error == "rmse":
+            expected.append(math.sqrt(sum(v * v for v in d) / len(d)))
+        elif error == "l2":
+            expected.append(math.sqrt(sum(v * v for v in d)))
+        else:
+            expected.append(sum(abs(v) for v in d))
+    assert list(terms) == ["1 -> 0", "<output> -> <output>"]
+    for got, want in zip(terms.values(), expected, strict=True):
+        assert got.item() == pytest.approx(want, rel=1e-5)
+    assert loss.item() == pytest.approx(sum(expected), rel=1e-5)
+
+
+def test_gradient_reaches_only_the_mentee():
+    mentor, mentee = _mentor(), _mentee()
+    probes = ProbePairs(mentor, mentee, {"1": "0"})
+    x = torch.randn(2, 1, 8, 8)
+    mentor(x)  # even without no_grad, the mentor's captured output is detached
+    mentee(x)
+    (AnnealedWeight(2.0, 0.1, 135)(1) * probes.loss()).backward()
+    assert all(p.grad is None for p in mentor.parameters())
+    assert mentee[0].weight.grad is not None and mentee[0].weight.grad.abs().sum() > 0
+    assert mentee[2].weight.grad is None  # the probe sits before the classifier
+    probes.remove()
+
+
+def test_equal_outputs_give_zero_loss_and_zero_grad():
+    mentor = nn.Sequential(nn.Linear(5, 5))
+    mentee = nn.Sequential(nn.Linear(5, 5))
+    mentee.load_state_dict(mentor.state_dict())
+    probes = ProbePairs(mentor, mentee, [("0", "0")])
+    x = torch.randn(4, 5)
+    _run(mentor, mentee, x)
+    loss = probes.loss()
+    loss.backward()
+    assert loss.item() == 0 and torch.isfinite(mentee[0].weight.grad).all() and mentee[0].weight.grad.abs().sum() == 0
+
+
+def test_loss_forgets_the_captured_outputs():
+    mentor, mentee = _mentor(), _mentee()
+    probes = ProbePairs(mentor, mentee, [("1", "0")])
+    x = torch.randn(2, 1, 8, 8)
+    _run(mentor, mentee, x)
+    probes.loss()
+    with pytest.raises(RuntimeError, match="no output captured from mentor module '1'"):
+        probes.loss()
+    mentee(x)  # a mentee forward alone is not enough: the mentor's features would be stale
+    with pytest.raises(RuntimeError, match="run the mentor forward"):
+        probes.loss()
+
+
+def test_shape_mismatch_is_a_clear_error():
+    mentor, mentee = _mentor(), _mentee()
+    probes = ProbePairs(mentor, mentee, [("2", "0")])  # (N, 6, 4, 4) vs (N, 4, 6, 6)
+    _run(mentor, mentee, torch.randn(2, 1, 8, 8))
+    with pytest.raises(
+        ValueError,
+        match=r"probe pair 2 -> 0: mentor output \(2, 6, 4, 4\) and mentee output "
+        r"\(2, 4, 6, 6\) differ; mentee supervision has no adapter layers",
+    ):
+        probes.loss()
+
+
+def test_unknown_names_and_bad_arguments():
+    mentor, mentee = _mentor(), _mentee()
+    with pytest.raises(ValueError, match=r"unknown mentee module names: '00' \(close: 0\)"):
+        ProbePairs(mentor, mentee, [("1", "00")])
+    with pytest.raises(ValueError, match="unknown mentor module names: 'layer9'"):
+        ProbePairs(mentor, mentee, [("layer9", "0")])
+    with pytest.raises(ValueError, match="error must be one of"):
+        ProbePairs(mentor, mentee, [("1", "0")], error="kl")
+    with pytest.raises(ValueError, match="pairs is empty"):
+        ProbePairs(mentor, mentee, [])
+    with pytest.raises(ValueError, match="strings"):
+        ProbePairs(mentor, mentee, [("1", "0", "2")])
+    # no hooks are left behind by a failed construction
+    assert not any(m._forward_hooks for m in [*mentor.modules(), *mentee.modules()])
+
+
+def test_non_tensor_output_is_rejected():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    mentor, mentee = nn.Sequential(Pair()), nn.Sequential(Pair())
+    ProbePairs(mentor, mentee, [("0", "0")])
+    with pytest.raises(TypeError, match="mentor module '0' returned tuple"):
+        mentor(torch.randn(2, 3))
+
+
+def test_remove_detaches_every_hook():
+    mentor, mentee = _mentor(), _mentee()
+    probes = ProbePairs(mentor, mentee, [("1", "0"), ("", "")])
+    assert sum(len(m._forward_hooks) for m in [*mentor.modules(), *mentee.modules()]) == 4
+    probes.remove()
+    assert not any(m._forward_hooks for m in [*mentor.modules(), *mentee.modules()])
+    with pytest.raises(RuntimeError, match="removed"):
+        probes.loss()
