@@ -19,6 +19,7 @@ build: $(DEPS_STAMP)
 	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py -q build_ext --inplace
 
 demo: build
+	$(PY) -m ktkernels.train --demo
 	$(PY) -m ktkernels.bench blurpool
 
 test: build

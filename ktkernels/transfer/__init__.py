@@ -18,12 +18,13 @@ from .filter_attention import (
     prune_filters,
     rank_filters,
 )
-from .probes import ProbePairs
+from .probes import FeatureTap, ProbePairs
 from .schedules import AnnealedWeight
 from .semantic import Hierarchy, semantic_similarity
 
 __all__ = [
     "AnnealedWeight",
+    "FeatureTap",
     "FilterAttentionConv2d",
     "FilterRanking",
     "Hierarchy",

@@ -20,9 +20,79 @@ from torch.utils.hooks import RemovableHandle
 
 from ..losses.modules import mentee_rmse_loss
 
-__all__ = ["PROBE_ERRORS", "ProbePairs"]
+__all__ = ["PROBE_ERRORS", "FeatureTap", "ProbePairs"]
 
 PROBE_ERRORS = ("rmse", "l2", "l1")
+
+
+class FeatureTap:
+    """Keep the latest output of named modules of a network, through forward hooks (the model's code is unchanged).
+
+    Args:
+        model: the network.
+        names: module names as in ``named_modules()`` (``""`` is the whole network). Unknown names raise
+            ``ValueError`` with close matches.
+        detach: store detached outputs (for a frozen teacher or mentor).
+        role: how errors name the network (``"teacher"``, ``"mentee"``, ...).
+
+    ``tap[name]`` is the latest output; :meth:`clear` forgets them all, :meth:`remove` also removes the hooks.
+
+    >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    >>> with FeatureTap(net, ["0"]) as tap:
+    ...     _ = net(torch.randn(2, 4))
+    ...     tap["0"].shape
+    torch.Size([2, 3])
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], *, detach: bool = False, role: str = "model") -> None:
+        modules = _resolve(model, role, list(names))
+        self.names = list(modules)
+        self.role = role
+        self._detach = detach
+        self._outputs: dict[str, Tensor] = {}
+        self._handles: list[RemovableHandle] = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"{self.role} module {name!r} returned {type(output).__name__}: a tap needs a tensor output"
+                )
+            self._outputs[name] = output.detach() if self._detach else output
+
+        return hook
+
+    def __getitem__(self, name: str) -> Tensor:
+        if not self._handles:
+            raise RuntimeError(f"the {self.role} tap was removed")
+        try:
+            return self._outputs[name]
+        except KeyError:
+            raise RuntimeError(
+                f"no output captured from {self.role} module {name or '<output>'!r}: run the {self.role} forward "
+                "(again) first"
+            ) from None
+
+    def features(self) -> dict[str, Tensor]:
+        """``{name: latest output}`` in the order of ``names``; raises if one is missing."""
+        return {name: self[name] for name in self.names}
+
+    def clear(self) -> None:
+        """Forget the captured outputs (the hooks stay)."""
+        self._outputs.clear()
+
+    def remove(self) -> None:
+        """Remove the hooks and forget the captured outputs."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._outputs.clear()
+
+    def __enter__(self) -> FeatureTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
 
 
 class ProbePairs:
@@ -71,24 +141,15 @@ class ProbePairs:
         for pair in pair_list:
             if len(pair) != 2 or not all(isinstance(name, str) for name in pair):
                 raise ValueError(f"each pair must be (mentor_module_name, mentee_module_name) strings, got {pair!r}")
-        mentor_modules = _resolve(mentor, "mentor", [m for m, _ in pair_list])
-        mentee_modules = _resolve(mentee, "mentee", [s for _, s in pair_list])
-
         self.pairs: list[tuple[str, str]] = pair_list
         self.error = error
-        self._outputs: dict[tuple[str, str], Tensor] = {}
-        self._handles: list[RemovableHandle] = []
-        for role, modules in (("mentor", mentor_modules), ("mentee", mentee_modules)):
-            for name, module in modules.items():
-                self._handles.append(module.register_forward_hook(self._capture(role, name)))
-
-    def _capture(self, role: str, name: str):
-        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-            if not isinstance(output, Tensor):
-                raise TypeError(f"{role} module {name!r} returned {type(output).__name__}: probes need a tensor output")
-            self._outputs[(role, name)] = output.detach() if role == "mentor" else output
-
-        return hook
+        mentor_tap = FeatureTap(mentor, list(dict.fromkeys(m for m, _ in pair_list)), detach=True, role="mentor")
+        try:
+            mentee_tap = FeatureTap(mentee, list(dict.fromkeys(s for _, s in pair_list)), role="mentee")
+        except Exception:
+            mentor_tap.remove()
+            raise
+        self._mentor, self._mentee = mentor_tap, mentee_tap
 
     def terms(self) -> dict[str, Tensor]:
         """The error of each pair, keyed ``"<mentor_name> -> <mentee_name>"``, from the latest forwards.
@@ -98,8 +159,8 @@ class ProbePairs:
         terms = {}
         for mentor_name, mentee_name in self.pairs:
             label = f"{mentor_name or '<output>'} -> {mentee_name or '<output>'}"
-            mentor_out = self._latest("mentor", mentor_name)
-            mentee_out = self._latest("mentee", mentee_name)
+            mentor_out = self._mentor[mentor_name]
+            mentee_out = self._mentee[mentee_name]
             if mentor_out.shape != mentee_out.shape:
                 raise ValueError(
                     f"probe pair {label}: mentor output {tuple(mentor_out.shape)} and mentee output "
@@ -114,14 +175,13 @@ class ProbePairs:
         try:
             return torch.stack([t.float() for t in self.terms().values()]).sum()
         finally:
-            self._outputs.clear()
+            self._mentor.clear()
+            self._mentee.clear()
 
     def remove(self) -> None:
         """Remove the hooks from both networks and forget the captured outputs."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._outputs.clear()
+        self._mentor.remove()
+        self._mentee.remove()
 
     def __enter__(self) -> ProbePairs:
         return self
@@ -131,17 +191,6 @@ class ProbePairs:
 
     def __repr__(self) -> str:
         return f"ProbePairs(pairs={self.pairs!r}, error={self.error!r})"
-
-    def _latest(self, role: str, name: str) -> Tensor:
-        if not self._handles:
-            raise RuntimeError("these probes were removed")
-        try:
-            return self._outputs[(role, name)]
-        except KeyError:
-            raise RuntimeError(
-                f"no output captured from {role} module {name or '<output>'!r}: run the {role} forward (again) "
-                "before computing the probe loss"
-            ) from None
 
 
 def _resolve(model: nn.Module, role: str, names: list[str]) -> dict[str, nn.Module]:
