@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .data import digits_dataset
+from .data import digits_dataset, eval_transform
 from .engine import KTFTConfig, KTFTStep, evaluate, make_optimizer, make_schedule, step_seed
 from .models import default_stages, demo_teacher, make_student
 
@@ -44,8 +44,7 @@ class DemoSettings:
 
 def normalise(images_u8: Tensor) -> Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32, channels_last memory, ``(x/255 - 0.5) / 0.5``."""
-    x = images_u8.permute(0, 3, 1, 2).float().div_(255)
-    return x.sub_(_MEAN).div_(_STD).contiguous(memory_format=torch.channels_last)
+    return eval_transform(images_u8, images_u8.shape[1], mean=(_MEAN,) * 3, std=(_STD,) * 3)
 
 
 def random_shift_crops(images_u8: Tensor, crop: int, generator: torch.Generator) -> Tensor:

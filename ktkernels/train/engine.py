@@ -137,7 +137,7 @@ class KTFTStep:
     def losses(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """The loss terms of one batch (student in its current mode); ``"total"`` is their weighted sum."""
         cfg = self.cfg
-        with self._backend(), self.autocast(images.device):  # noqa: SIM117
+        with self._backend(), self.autocast(images.device):
             teacher_logits = None
             if self.teacher_used:
                 with torch.no_grad():
