@@ -75,15 +75,15 @@ def test_digits_split_deterministic_stratified_disjoint():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     a[0].zero_()  # callers get copies: the cached arrays stay intact
     assert torch.equal(digits_dataset("train", size=8, seed=3)[0], b[0])
-    train_idx, test_idx = data._digits_split(0.25, 3)
+    train_idx, test_idx = data.digits._digits_split(0.25, 3)
     assert len(np.intersect1d(train_idx, test_idx)) == 0
     assert np.array_equal(np.sort(np.concatenate([train_idx, test_idx])), np.arange(1797))
-    _, labels = data._digits_raw()
+    _, labels = data.digits._digits_raw()
     for c in range(10):  # stratified: every class in both splits, in proportion
         n_c = int((labels == c).sum())
         n_test = int((labels[test_idx] == c).sum())
         assert n_test == round(n_c * 0.25) and (labels[train_idx] == c).sum() == n_c - n_test
-    other, _ = data._digits_split(0.25, 4)
+    other, _ = data.digits._digits_split(0.25, 4)
     assert not np.array_equal(other, train_idx)
     y = digits_dataset("test", size=8, seed=3)[1]
     assert torch.equal(y, torch.from_numpy(labels[test_idx]))
@@ -93,7 +93,7 @@ def test_digits_size8_equals_scaled_original():
     from sklearn.datasets import load_digits
 
     x, y, _ = digits_dataset("train", size=8, seed=0)
-    train_idx, _ = data._digits_split(0.25, 0)
+    train_idx, _ = data.digits._digits_split(0.25, 0)
     expect = np.round(load_digits().images[train_idx] * 255 / 16).astype(np.uint8)
     assert np.array_equal(x[..., 0].numpy(), expect)
     # Upsampling is plain bilinear (align_corners=False, no antialias) of those values.
@@ -334,7 +334,7 @@ def test_prepare_class_emptied_by_corruption(tmp_path):
 
 def test_prepare_is_atomic_and_refuses_to_clobber(folder, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real = data._decode_resize
+    real = data.cache._decode_resize
     calls = []
 
     def dies_midway(job):
@@ -343,11 +343,11 @@ def test_prepare_is_atomic_and_refuses_to_clobber(folder, tmp_path, monkeypatch)
             raise KeyboardInterrupt  # stands in for a killed prepare
         return real(job)
 
-    monkeypatch.setattr(data, "_decode_resize", dies_midway)
+    monkeypatch.setattr(data.cache, "_decode_resize", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         prepare_cache(_subset(folder), out, size=8)
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(data, "_decode_resize", real)
+    monkeypatch.setattr(data.cache, "_decode_resize", real)
 
     out.mkdir()
     (out / "something").write_text("x")
@@ -500,14 +500,14 @@ def test_loader_thread_stops_when_abandoned():
 
 def test_loader_propagates_worker_exceptions(monkeypatch):
     images, labels = _indexed(16)
-    real = data._BatchFetcher.__call__
+    real = data.loader._BatchFetcher.__call__
 
     def flaky(self, b):
         if b == 1:
             raise RuntimeError("boom in the prefetch thread")
         return real(self, b)
 
-    monkeypatch.setattr(data._BatchFetcher, "__call__", flaky)
+    monkeypatch.setattr(data.loader._BatchFetcher, "__call__", flaky)
     baseline = threading.active_count()
     it = iter(CachedLoader(images, labels, 4))
     next(it)
