@@ -2,13 +2,13 @@
 # A GPU lease: build, CUDA tests, benchmark tables, then the Triton GPU tests.
 # Usage on the GPU box (torch preinstalled, offline): OUT=/tmp/out STEPS="build test blurpool" bash benchmarks/run_gpu.sh
 # One device command may run 10 minutes, so a lease runs this in parts; every part rebuilds (about 60 s) because
-# the box keeps nothing between commands. Parts: build test blurpool model dct losses triton (default: all).
+# the box keeps nothing between commands. Parts: build test blurpool model dct losses train ktft triton (default: all).
 # The Triton tests come last and in parallel shards: each new shape JIT-compiles (~5 s per test on an H100
 # box), so they are the first thing to cut (TRITON_TEST_TIMEOUT) when the lease is short.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
-STEPS=" ${STEPS:-build test blurpool model dct losses triton} "
+STEPS=" ${STEPS:-build test blurpool model dct losses train ktft triton} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/nvidia_smi.txt"
@@ -33,6 +33,20 @@ fi
 if step losses; then  # 4 cases x 2 dtypes, ~24 recipe compiles: split with LOSSES_BENCH_ARGS="--dtypes float32" etc.
   python3 -m ktkernels.bench losses --out "$OUT" ${LOSSES_BENCH_ARGS:-} > "$OUT/bench_losses.log" 2>&1
   grep -E "^\|" "$OUT/bench_losses.log"
+fi
+if step train; then  # the KTFT step (4 variants, two cold ResNet-50 compiles, ~4 minutes) + the cached loader (4096 JPEGs)
+  python3 -m ktkernels.bench train --out "$OUT" ${TRAIN_BENCH_ARGS:-} > "$OUT/bench_train.log" 2>&1
+  grep -E "^\|" "$OUT/bench_train.log"
+fi
+if step ktft; then  # a short real run: JPEG ImageFolder (100 classes) -> prepare (K=25) -> ResNet-50 KTFT, 2 epochs
+  python3 -c "from pathlib import Path; from ktkernels.bench.train import synthetic_image_folder as f; \
+f(Path('/tmp/ktft/train'), 3000, 100, 16); f(Path('/tmp/ktft/val'), 1000, 100, 16, seed=1)"
+  { python3 -m ktkernels.train prepare /tmp/ktft/train --out /tmp/ktft/cache --per-class 25 --no-progress &&
+    python3 -m ktkernels.train train --data /tmp/ktft/cache --val /tmp/ktft/val --arch resnet50 --new-head \
+      --epochs 2 --batch-size 128 --log-every 5 --run-dir "$OUT/ktft_run" --no-progress ${KTFT_ARGS:-}
+  } > "$OUT/ktft_run.log" 2>&1
+  tail -n 8 "$OUT/ktft_run.log"; rm -f "$OUT/ktft_run/checkpoint.pt" "$OUT/ktft_run/student.pt"
+  rm -rf "$OUT/ktft_run/cache"
 fi
 if step triton; then
   for k in "triton-gpu and blur_pool2d_matches" "triton-gpu and (max_blur or 1d)" "triton and not (blur_pool2d_matches or max_blur or 1d)"; do

@@ -156,9 +156,11 @@ def test_teacher_weights_round_trip(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
 
 
-def test_demo_end_to_end_tiny():
+def test_demo_end_to_end_tiny(tmp_path):
     logs = []
-    rows = run_demo(DemoSettings(teacher_epochs=1, finetune_steps=2, per_class=2), log=logs.append)
+    saved = tmp_path / "teacher.pt"
+    settings = DemoSettings(teacher_epochs=1, finetune_steps=2, per_class=2, save_teacher=str(saved))
+    rows = run_demo(settings, log=logs.append)
     assert list(rows) == [
         "teacher (plain ResNet)",
         "student, no fine-tuning",
@@ -169,12 +171,14 @@ def test_demo_end_to_end_tiny():
         assert 0 <= metrics["top1"] <= metrics["top5"] <= 100 and 0 <= metrics["consistency"] <= 100
     assert rows["teacher (plain ResNet)"]["top1"] > 50  # one epoch already learns the digits
     assert "shift consistency" in "\n".join(logs)
+    teacher = build_teacher("demo", weights=saved)  # what `train --arch demo --teacher-weights` loads
+    assert isinstance(teacher, torch.nn.Module)
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        ([], "only --demo is available"),
+        ([], "give a command: --demo, prepare or train"),
         (["--demo", "--per-class", "0"], "--per-class must be >= 1"),
         (["--demo", "--device", "cuda:0"], "no CUDA GPU"),
     ],

@@ -5,7 +5,6 @@ Everything runs on the CPU with tiny images written by PIL into tmp_path.
 
 from __future__ import annotations
 
-import io
 import json
 import threading
 import time
@@ -14,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from imagefolders import write_image_folder
 from PIL import Image
 
 from ktkernels.train import data
@@ -195,45 +195,6 @@ def test_subset_json_round_trip(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _img(mode: str, w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "RGBA": 4, "L": 1, "P": 1}[mode]
-    arr = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
-    if mode in ("L", "P"):
-        im = Image.fromarray(arr[..., 0], "L")
-        return im if mode == "L" else im.convert("P")
-    return Image.fromarray(arr, mode)
-
-
-def _jpeg_bytes(w: int, h: int, seed: int) -> bytes:
-    buf = io.BytesIO()
-    _img("RGB", w, h, seed).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def _write_folder(root, bad_class: bool = False) -> None:
-    """3 classes x 4 real images (JPEG/PNG, RGB/RGBA/L/P, portrait and landscape, smaller and larger than the
-    cache size) and 3 corrupt files in class "a"; ``bad_class`` adds a class of corrupt files only."""
-    specs = {
-        "a": [("RGB", 23, 37, "jpg"), ("RGBA", 30, 20, "png"), ("L", 12, 9, "png"), ("P", 40, 40, "png")],
-        "b": [("RGB", 50, 16, "jpeg"), ("RGB", 16, 16, "png"), ("L", 27, 33, "JPG"), ("RGBA", 8, 19, "png")],
-        "c": [("P", 21, 13, "png"), ("RGB", 64, 48, "jpg"), ("RGB", 17, 70, "png"), ("L", 35, 18, "bmp")],
-    }
-    for ci, (cls, items) in enumerate(specs.items()):
-        (root / cls).mkdir(parents=True)
-        for i, (mode, w, h, ext) in enumerate(items):
-            im = _img(mode, w, h, seed=10 * ci + i)
-            fmt = {"jpg": "JPEG", "jpeg": "JPEG", "JPG": "JPEG", "png": "PNG", "bmp": "BMP"}[ext]
-            im.save(root / cls / f"img{i}.{ext}", fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    (root / "a" / "truncated.jpg").write_bytes(_jpeg_bytes(40, 30, 99)[:200])
-    (root / "a" / "zero.png").write_bytes(b"")
-    (root / "a" / "text.jpg").write_text("this is not an image\n")
-    if bad_class:
-        (root / "d").mkdir()
-        (root / "d" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-        (root / "d" / "empty.jpg").write_bytes(b"")
-
-
 def _subset(root) -> Subset:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # classes b and c have fewer than 7 files
@@ -252,7 +213,7 @@ def _reference_pixels(path, size: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("imagefolder")
-    _write_folder(root)
+    write_image_folder(root)
     return root
 
 
@@ -324,7 +285,7 @@ def test_prepare_workers_identical(folder, cache_dir, tmp_path):
 
 def test_prepare_class_emptied_by_corruption(tmp_path):
     root = tmp_path / "root"
-    _write_folder(root, bad_class=True)
+    write_image_folder(root, bad_class=True)
     with pytest.raises(DataError, match="class 'd' has no readable images") as e:
         with pytest.warns(UserWarning, match="skipped 5"):
             prepare_cache(_subset(root), tmp_path / "caches" / "out", size=8)

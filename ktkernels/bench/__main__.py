@@ -1,4 +1,4 @@
-"""``python -m ktkernels.bench [blurpool|dct|losses|model] [flags]``: benchmark tables on whatever device is present.
+"""``python -m ktkernels.bench [blurpool|dct|losses|model|train] [flags]``: benchmark tables on the device present.
 
 - ``blurpool`` (the default): the BlurPool ops on ResNet-50's blur shapes against the PyTorch recipes;
 - ``dct``: ``dct2d`` and ``dct_attention_map`` on ResNet-50's stage outputs against the matmul and FFT
@@ -7,7 +7,10 @@
   ResNet-50's four stage outputs against the unfused PyTorch recipes and their compiled forms
   (``python -m ktkernels.bench losses --help``);
 - ``model``: a ResNet training step, plain / anti-aliased (recipe, ktkernels eager and compiled) / floor
-  (``python -m ktkernels.bench model --help``).
+  (``python -m ktkernels.bench model --help``);
+- ``train``: the KTFT training step (frozen teacher + anti-aliased student + CE + pixel/global transfer loss),
+  ktkernels vs the pure-PyTorch recipe, eager and compiled, and the cached data loader's throughput
+  (``python -m ktkernels.bench train --help``).
 
 Each writes JSON, markdown and a PNG to --out (default benchmarks/results/) and prints the markdown table.
 """
@@ -23,7 +26,7 @@ import torch
 
 from . import blurpool, harness
 
-FAMILIES = ("blurpool", "dct", "losses", "model")
+FAMILIES = ("blurpool", "dct", "losses", "model", "train")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,6 +45,10 @@ def main(argv: list[str] | None = None) -> None:
         from . import losses  # imports the loss ops: only when asked for
 
         return losses.main(argv)
+    if family == "train":
+        from . import train  # imports torchvision and the training module: only when asked for
+
+        return train.main(argv)
     return blurpool_main(argv)
 
 

@@ -5,6 +5,8 @@
 * ``models``: teachers by name, ``student = antialias(deepcopy(teacher))``, default stages to tap;
 * ``engine``: the KTFT step (CE + pixel/global transfer, optional DCT attention and soft targets), schedules,
   evaluation (top-1, top-5, shift consistency);
+* ``run``: the training job (``python -m ktkernels.train train``): ImageFolder / cache / digits data, DDP under
+  torchrun, atomic checkpoints with bit-identical resume, metrics (JSONL/CSV, TensorBoard) and plots;
 * ``demo``: ``python -m ktkernels.train --demo``, the experiment in miniature on the digits.
 """
 
@@ -30,6 +32,7 @@ from .data import (
 from .demo import DemoSettings, run_demo
 from .engine import KTFTConfig, KTFTStep, evaluate, shift_consistency
 from .models import ModelError, build_teacher, default_stages, make_student
+from .run import RunConfig, RunResult, train
 
 __all__ = [
     "DemoSettings",
@@ -41,6 +44,9 @@ __all__ = [
     "evaluate",
     "make_student",
     "run_demo",
+    "RunConfig",
+    "RunResult",
+    "train",
     "shift_consistency",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

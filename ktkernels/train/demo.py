@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from .data import digits_dataset, eval_transform
-from .engine import KTFTConfig, KTFTStep, evaluate, make_optimizer, make_schedule, step_seed
+from .data.digits import per_class_indices
+from .engine import KTFTConfig, KTFTStep, atomic_save, evaluate, make_optimizer, make_schedule, step_seed
 from .models import default_stages, demo_teacher, make_student
 
 __all__ = ["DemoSettings", "run_demo"]
@@ -40,6 +41,7 @@ class DemoSettings:
     w_global: float = 1.0
     seed: int = 0
     device: str = "cpu"
+    save_teacher: str | None = None  # also write the trained teacher's state dict here
 
 
 def normalise(images_u8: Tensor) -> Tensor:
@@ -61,16 +63,6 @@ def _batches(images: Tensor, labels: Tensor, batch: int) -> Callable[[], Iterato
     return lambda: ((normalise(images[i : i + batch]), labels[i : i + batch]) for i in range(0, len(labels), batch))
 
 
-def _subset(labels: Tensor, per_class: int, seed: int) -> Tensor:
-    """Indices of ``per_class`` seeded picks per class, sorted."""
-    generator = torch.Generator().manual_seed(seed)
-    picks = []
-    for c in labels.unique().tolist():
-        idx = (labels == c).nonzero().flatten()
-        picks.append(idx[torch.randperm(len(idx), generator=generator)[:per_class]])
-    return torch.cat(picks).sort().values
-
-
 def train_teacher(images: Tensor, labels: Tensor, s: DemoSettings, log: Callable[[str], None]) -> nn.Module:
     torch.manual_seed(s.seed)
     teacher = demo_teacher(int(labels.max()) + 1).to(s.device, memory_format=torch.channels_last)
@@ -88,7 +80,7 @@ def train_teacher(images: Tensor, labels: Tensor, s: DemoSettings, log: Callable
             x = normalise(random_shift_crops(images[idx], crop, generator)).to(s.device)
             terms = trainer.step(x, labels[idx].to(s.device))
             step += 1
-        log(f"  teacher epoch {epoch + 1}/{s.teacher_epochs}: ce {terms['ce']:.3f}")
+        log(f"  teacher epoch {epoch + 1}/{s.teacher_epochs}: ce {float(terms['ce']):.3f}")
     trainer.close()
     return teacher.eval()
 
@@ -121,9 +113,12 @@ def run_demo(settings: DemoSettings | None = None, log: Callable[[str], None] = 
     log(f"digits: {len(train_y)} train / {len(test_y)} test images at {s.size}x{s.size}, device {s.device}")
 
     teacher = train_teacher(train_x, train_y, s, log)
+    if s.save_teacher:
+        atomic_save(teacher.state_dict(), s.save_teacher)
+        log(f"teacher saved to {s.save_teacher} (use: train --data digits --arch demo --teacher-weights PATH)")
     student = make_student(teacher).to(s.device)
     stages = default_stages(teacher)
-    subset = _subset(train_y, s.per_class, s.seed)
+    subset = per_class_indices(train_y, s.per_class, s.seed)
     few_x, few_y = train_x[subset], train_y[subset]
     log(f"fine-tuning on {len(subset)} images ({s.per_class} per class), {s.finetune_steps} steps; stages {stages}")
     plain = finetune(copy.deepcopy(student), teacher, few_x, few_y, s, stages=[])

@@ -30,7 +30,18 @@ from .. import backend
 from ..losses import PixelGlobalTransferLoss, dct_attention_loss, soft_target_loss
 from ..transfer import FeatureTap
 
-__all__ = ["KTFTConfig", "KTFTStep", "evaluate", "make_optimizer", "make_schedule", "shift_consistency", "step_seed"]
+__all__ = [
+    "KTFTConfig",
+    "KTFTStep",
+    "atomic_save",
+    "evaluate",
+    "evaluate_counts",
+    "make_optimizer",
+    "make_schedule",
+    "percentages",
+    "shift_consistency",
+    "step_seed",
+]
 
 
 @dataclass
@@ -57,6 +68,7 @@ class KTFTConfig:
     amp: bool = True  # bf16 autocast (CUDA only)
     channels_last: bool = True
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend (tests use "aot_eager")
     reference: bool = False  # every ktkernels op on the pure-PyTorch backend
     seed: int = 0
 
@@ -64,9 +76,10 @@ class KTFTConfig:
         return asdict(self)
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The augmentation seed of one step: distinct per (seed, step), independent of the device."""
-    return (seed * 1_000_003 + step) % (2**63 - 1)
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The augmentation seed of one step on one rank: distinct per (seed, step, rank), independent of the device."""
+    base = seed * 1_000_003 + step
+    return (base if rank == 0 else base * 65_537 + rank) % (2**63 - 1)  # rank 0 keeps the single-process seeds
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: KTFTConfig) -> torch.optim.Optimizer:
@@ -100,8 +113,12 @@ class KTFTStep:
     """One training step of the student against the frozen teacher, with hooks on the configured stages.
 
     ``step(images, labels)`` runs the teacher (no grad, eval mode) and the student (train mode), the losses, the
-    backward and the optimizer step; it returns the detached loss terms. With no stages (and no soft targets) the
-    teacher is not run at all: plain fine-tuning.
+    backward and the optimizer step; it returns the detached loss terms as 0-d tensors on the device (reading
+    them is a host sync: log every few steps, not every step). With no stages (and no soft targets) the teacher
+    is not run at all: plain fine-tuning.
+
+    ``student`` may be wrapped in ``DistributedDataParallel``: the stages are then tapped on ``student.module``
+    and the forward goes through the wrapper (its bucketed gradient all-reduce overlaps the backward).
     """
 
     def __init__(
@@ -118,7 +135,8 @@ class KTFTStep:
         if needs_teacher and teacher is None:
             raise ValueError("transfer losses need a teacher")
         self.teacher_used = needs_teacher
-        self.student_tap = FeatureTap(student, cfg.stages, role="student") if cfg.stages else None
+        core = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
+        self.student_tap = FeatureTap(core, cfg.stages, role="student") if cfg.stages else None
         self.teacher_tap = FeatureTap(teacher, cfg.stages, detach=True, role="teacher") if cfg.stages else None
         self.transfer = (
             PixelGlobalTransferLoss(cfg.stages, w_pixel=cfg.w_pixel, w_global=cfg.w_global, global_mode=cfg.global_mode)
@@ -127,7 +145,7 @@ class KTFTStep:
         )
         if teacher is not None:
             teacher.eval().requires_grad_(False)
-        self._student_forward = torch.compile(student) if cfg.compile else student
+        self._student_forward = torch.compile(student, backend=cfg.compile_backend) if cfg.compile else student
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self.cfg.amp and device.type == "cuda":
@@ -163,7 +181,7 @@ class KTFTStep:
         terms["total"] = total
         return terms
 
-    def step(self, images: Tensor, labels: Tensor) -> dict[str, float]:
+    def step(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         self.student.train()
         with self._backend():  # the backward ops pick their backend when they run, too
             terms = self.losses(images, labels)
@@ -172,7 +190,7 @@ class KTFTStep:
         self.optimizer.step()
         if self.schedule is not None:
             self.schedule.step()
-        return {k: float(v.detach()) for k, v in terms.items()}
+        return {k: v.detach() for k, v in terms.items()}
 
     def _backend(self) -> contextlib.AbstractContextManager:
         return backend.use_backend("torch") if self.cfg.reference else contextlib.nullcontext()
@@ -183,7 +201,6 @@ class KTFTStep:
                 tap.remove()
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     batches: Callable[[], Iterator[tuple[Tensor, Tensor]]],
@@ -205,6 +222,27 @@ def evaluate(
     Returns:
         ``{"top1", "top5", "consistency"}`` in percent.
     """
+    return percentages(evaluate_counts(model, batches, max_shift=max_shift, seed=seed, channels_last=channels_last))
+
+
+def percentages(counts: dict[str, int]) -> dict[str, float]:
+    """:func:`evaluate_counts`' sums (possibly added up over ranks) as ``{"top1", "top5", "consistency"}`` %."""
+    if counts["count"] == 0:
+        raise ValueError("evaluate: no images")
+    return {k: 100 * counts[k] / counts["count"] for k in ("top1", "top5", "consistency")}
+
+
+@torch.no_grad()
+def evaluate_counts(
+    model: nn.Module,
+    batches: Callable[[], Iterator[tuple[Tensor, Tensor]]],
+    *,
+    max_shift: int,
+    seed: int = 0,
+    channels_last: bool = True,
+) -> dict[str, float]:
+    """:func:`evaluate` as counts: ``{"top1", "top5", "consistency", "count"}`` (correct / agreeing images), which
+    ranks can sum before :func:`percentages`."""
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -224,9 +262,7 @@ def evaluate(
             count += labels.numel()
     finally:
         model.train(was_training)
-    if count == 0:
-        raise ValueError("evaluate: no images")
-    return {"top1": 100 * correct1 / count, "top5": 100 * correct5 / count, "consistency": 100 * agree / count}
+    return {"top1": correct1, "top5": correct5, "consistency": agree, "count": count}
 
 
 def shift_consistency(model: nn.Module, images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:

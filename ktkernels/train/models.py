@@ -16,7 +16,15 @@ from torch import nn
 
 from ..compat import antialias
 
-__all__ = ["ModelError", "build_teacher", "default_stages", "demo_teacher", "make_student"]
+__all__ = [
+    "ModelError",
+    "build_teacher",
+    "classifier_outputs",
+    "default_stages",
+    "demo_teacher",
+    "make_student",
+    "replace_classifier",
+]
 
 #: Default stages (module names) per family: the outputs of the four resolution stages.
 _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -57,17 +65,21 @@ def build_teacher(
     weights: str | os.PathLike[str] | None = None,
     tv_weights: str | None = None,
 ) -> nn.Module:
-    """A plain classification CNN by name: ``"resnet50"`` (torchvision) or ``"timm:resnet50"``.
+    """A plain classification CNN by name: ``"resnet50"`` (torchvision), ``"timm:resnet50"`` or ``"demo"``.
 
     Args:
-        arch: torchvision model name, or ``timm:<name>``.
+        arch: torchvision model name, ``timm:<name>``, or ``demo`` (:func:`demo_teacher`, the digits network).
         num_classes: classes of the classifier head (default: the architecture's, 1000).
         weights: a local checkpoint (a state dict, or a dict holding one under ``state_dict`` / ``model``).
         tv_weights: torchvision's own weight enum name (e.g. ``"IMAGENET1K_V1"``): torchvision downloads it unless
             it is already in the torch hub cache, so offline machines need ``weights=``.
     """
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    if arch.startswith("timm:"):
+    if arch == "demo":
+        if tv_weights is not None:
+            raise ModelError("the demo network has no torchvision weights: pass a weights file")
+        model = demo_teacher(**kwargs)
+    elif arch.startswith("timm:"):
         try:
             import timm
         except ImportError as e:
@@ -118,3 +130,30 @@ def demo_teacher(num_classes: int = 10) -> nn.Module:
     from torchvision.models.resnet import BasicBlock, ResNet
 
     return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+
+
+def _classifier(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The name and module of the last ``nn.Linear`` in registration order (torchvision's ``fc`` /
+    ``classifier``, timm's ``fc`` / ``head.fc``)."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ModelError(f"{type(model).__name__} has no nn.Linear classifier")
+    return linears[-1]
+
+
+def classifier_outputs(model: nn.Module) -> int:
+    """Number of classes the model's classifier (its last ``nn.Linear``) predicts."""
+    return _classifier(model)[1].out_features
+
+
+def replace_classifier(model: nn.Module, num_classes: int, seed: int = 0) -> nn.Module:
+    """Give ``model`` a freshly initialised classifier for ``num_classes`` classes, in place (same name, dtype and
+    device; ``nn.Linear``'s default initialisation from a generator seeded with ``seed``)."""
+    name, old = _classifier(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return model

@@ -30,9 +30,9 @@ torch.Size([64, 3, 12, 12])
 from .augment import eval_transform, sample_crop_boxes, train_transform
 from .cache import Cache, CacheInfo, open_cache, prepare_cache
 from .common import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, DataError
-from .digits import digits_dataset
+from .digits import digits_dataset, per_class_indices
 from .folder import Subset, folder_dataset, scan_image_folder, select_subset
-from .loader import CachedLoader
+from .loader import CachedLoader, shard_indices
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -47,9 +47,11 @@ __all__ = [
     "eval_transform",
     "folder_dataset",
     "open_cache",
+    "per_class_indices",
     "prepare_cache",
     "sample_crop_boxes",
     "scan_image_folder",
     "select_subset",
+    "shard_indices",
     "train_transform",
 ]

@@ -276,6 +276,18 @@ class Cache:
     def skipped(self) -> list[dict[str, Any]]:
         return list(self.index.get("skipped", []))
 
+    def subset(self) -> Subset:
+        """The subset this cache holds (files skipped at prepare time left out), as recorded in ``index.json``."""
+        labels = self.labels.tolist()
+        per_class, seed = int(self.index.get("per_class", 0)), int(self.index.get("seed", 0))
+        return Subset(
+            str(self.index.get("root", "")),
+            list(self.classes),
+            list(zip(self.paths, labels, strict=True)),
+            per_class,
+            seed,
+        )
+
     def loader(self, batch_size: int, **kwargs: Any) -> CachedLoader:
         """A :class:`CachedLoader` over this cache (keyword arguments as there)."""
         return CachedLoader(self.images, self.labels, batch_size, **kwargs)

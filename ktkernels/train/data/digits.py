@@ -82,3 +82,18 @@ def digits_dataset(
     _, labels = _digits_raw()
     images = _digits_upsampled(size).index_select(0, idx)
     return images, torch.from_numpy(labels.copy()).index_select(0, idx), [str(c) for c in range(10)]
+
+
+def per_class_indices(labels: Tensor, per_class: int, seed: int) -> Tensor:
+    """Sorted indices of ``per_class`` seeded picks per class of ``labels`` (all of a class that has fewer).
+
+    Class by class in label order, ``torch.randperm`` from one ``torch.Generator().manual_seed(seed)``.
+    """
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"per_class must be an int >= 1, got {per_class!r}")
+    generator = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=generator)[:per_class]])
+    return torch.cat(picks).sort().values

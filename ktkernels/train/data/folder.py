@@ -136,7 +136,7 @@ class Subset:
 
 def select_subset(
     root: PathLike,
-    per_class: int,
+    per_class: int | None,
     seed: int,
     min_policy: str = "error",
     *,
@@ -150,7 +150,7 @@ def select_subset(
 
     Args:
         root: ImageFolder root.
-        per_class: K >= 1.
+        per_class: K >= 1, or ``None`` for every image (recorded as ``per_class == 0``; no minimum applies).
         seed: selection seed.
         min_policy: what a class with fewer than K images does: ``"error"`` raises, ``"warn"`` warns and keeps
             all its images. A class with no image is always an error.
@@ -159,8 +159,8 @@ def select_subset(
     Raises:
         DataError: missing root, no class folders, unknown class, empty class, too few images (policy "error").
     """
-    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
-        raise ValueError(f"per_class must be an int >= 1, got {per_class!r}")
+    if per_class is not None and (isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1):
+        raise ValueError(f"per_class must be an int >= 1 or None, got {per_class!r}")
     if min_policy not in ("error", "warn"):
         raise ValueError(f"min_policy must be 'error' or 'warn', got {min_policy!r}")
     all_classes, files = scan_image_folder(root)
@@ -178,7 +178,7 @@ def select_subset(
         available = files[cls]
         if not available:
             raise DataError(f"class {cls!r} has no images ({Path(root) / cls})")
-        if len(available) < per_class:
+        if per_class is not None and len(available) < per_class:
             msg = f"class {cls!r} has {len(available)} images, fewer than per_class={per_class} ({Path(root) / cls})"
             if min_policy == "error":
                 raise DataError(msg)
@@ -186,7 +186,7 @@ def select_subset(
         order = list(available)
         random.Random(f"{seed}:{cls}").shuffle(order)
         samples.extend((p, label) for p in sorted(order[:per_class]))
-    return Subset(os.path.abspath(root), list(chosen_classes), samples, per_class, int(seed))
+    return Subset(os.path.abspath(root), list(chosen_classes), samples, per_class or 0, int(seed))
 
 
 class _FolderDataset(torch.utils.data.Dataset):
@@ -231,10 +231,13 @@ def folder_dataset(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     resize_size: int | None = None,
+    scale: tuple[float, float] = (0.08, 1.0),
+    flip: bool = True,
 ) -> torch.utils.data.Dataset:
     """The subset as a map-style dataset of CPU tensors via torchvision ``transforms.v2`` (for a DataLoader).
 
-    Train: ``RandomResizedCrop(size)`` (antialiased) + ``RandomHorizontalFlip()`` + normalise; eval:
+    Train: ``RandomResizedCrop(size, scale)`` (antialiased) + ``RandomHorizontalFlip()`` (if ``flip``) + normalise;
+    eval:
     ``Resize(resize_size)`` + ``CenterCrop(size)`` + normalise, with ``resize_size`` defaulting to
     ``round(size / 0.875)`` (256 for 224). Items are ``(float32 (3, size, size), label)``; randomness comes from
     torch's global RNG (seeded per DataLoader worker).
@@ -253,7 +256,9 @@ def folder_dataset(
         v2.ToPureTensor(),
     ]
     if train:
-        geometry = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+        geometry = [v2.RandomResizedCrop(size, scale=scale, antialias=True)] + (
+            [v2.RandomHorizontalFlip()] if flip else []
+        )
     else:
         geometry = [v2.Resize(resize_size, antialias=True), v2.CenterCrop(size)]
     return _FolderDataset(subset, v2.Compose(geometry + tail))

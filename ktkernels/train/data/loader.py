@@ -15,6 +15,23 @@ from torch import Tensor
 from .common import DataError
 
 
+def shard_indices(n: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> Tensor:
+    """Rank ``rank``'s sample order for ``epoch`` over a dataset of ``n``: int64 ``(ceil(n / world_size),)``.
+
+    ``torch.randperm(n)`` from ``torch.Generator().manual_seed(seed + epoch)`` (``arange`` without shuffle),
+    padded by wrapping around to a multiple of ``world_size``, then every ``world_size``-th entry from ``rank``
+    (the :class:`CachedLoader` order; the torchvision DataLoader path of ``ktkernels.train`` batches it too).
+    """
+    if shuffle:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + int(epoch)))
+    else:
+        perm = torch.arange(n)
+    total = -(-n // world_size) * world_size
+    if total > n:  # wrap around (several times if world_size > n)
+        perm = perm.repeat(-(-total // n))[:total]
+    return perm[rank::world_size].clone()
+
+
 class _End:
     pass
 
@@ -282,15 +299,7 @@ class CachedLoader:
 
     def indices(self, epoch: int) -> Tensor:
         """This rank's sample order for ``epoch``: int64 ``(num_samples,)`` (batches are consecutive slices)."""
-        n = self.num_samples_total
-        if self.shuffle:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + int(epoch)))
-        else:
-            perm = torch.arange(n)
-        total = self.num_samples * self.world_size
-        if total > n:  # wrap around (several times if world_size > n)
-            perm = perm.repeat(-(-total // n))[:total]
-        return perm[self.rank :: self.world_size].clone()
+        return shard_indices(self.num_samples_total, epoch, self.seed, self.rank, self.world_size, self.shuffle)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch (its permutation) and the first batch the next ``iter(loader)`` yields."""

@@ -1,0 +1,293 @@
+"""The training job (``ktkernels.train.run`` and the ``train`` / ``prepare`` commands), end to end on the CPU.
+
+Resume equivalence is checked bit for bit: a run stopped (``stop_after``) or interrupted (SIGINT) and resumed
+must end with exactly the weights and the logged losses of the uninterrupted run. DDP runs through ``torchrun``
+with two gloo processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from imagefolders import write_image_folder
+
+from ktkernels.train.__main__ import main
+from ktkernels.train.engine import KTFTConfig
+from ktkernels.train.run import RunConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING_KEYS = ("img_per_s", "seconds")
+
+
+def _config(run_dir, **kwargs) -> RunConfig:
+    ktft = KTFTConfig(**{"steps": 6, "lr": 0.05, **kwargs.pop("ktft", {})})
+    base = {"per_class": 4, "batch_size": 8, "log_every": 4, "checkpoint_every": 100, "progress": False}
+    return RunConfig(run_dir=str(run_dir), **{**base, "plots": False, **kwargs}, ktft=ktft)
+
+
+def _rows(run_dir) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+    else:  # csv
+        import csv
+
+        rows = []
+        for kind in ("step", "epoch"):
+            with open(Path(run_dir) / f"{kind}s.csv", newline="") as f:
+                rows += [{"kind": kind, **{k: float(v) for k, v in r.items() if v != ""}} for r in csv.DictReader(f)]
+        rows.sort(key=lambda r: (r["step"], r["kind"] == "epoch"))
+    return [{k: float(v) if isinstance(v, int) else v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def _weights(run_dir) -> dict[str, torch.Tensor]:
+    return torch.load(Path(run_dir) / "student.pt", weights_only=True)
+
+
+def _same_weights(a, b) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    result = train(_config(run_dir), log=lambda _: None)
+    assert result.status == "done" and result.step == 6 and result.final_eval is not None
+    return run_dir
+
+
+def test_run_directory_contents(uninterrupted):
+    names = {p.name for p in uninterrupted.iterdir()}
+    assert {"checkpoint.pt", "student.pt", "config.json", "subset.json", "metrics.jsonl"} <= names
+    subset = json.loads((uninterrupted / "subset.json").read_text())
+    assert subset["source"] == "digits" and len(subset["indices"]) == 40  # 4 per class x 10 classes
+    config = json.loads((uninterrupted / "config.json").read_text())
+    assert config["ktft"]["stages"] == ["layer1", "layer2", "layer3", "layer4"] and config["arch"] == "demo"
+    rows = _rows(uninterrupted)
+    steps = [r["step"] for r in rows if r["kind"] == "step"]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert steps == [4, 6]  # every log_every steps, and the last step
+    assert [r["epoch"] for r in epochs] == [1, 2] and [r["step"] for r in epochs] == [5, 6]  # 5 batches per epoch
+    assert all(0 <= r["val_top1"] <= r["val_top5"] <= 100 and 0 <= r["val_consistency"] <= 100 for r in epochs)
+    total = [r["loss/total"] for r in rows if r["kind"] == "step"]
+    assert all(t > 0 for t in total) and rows[0]["loss/transfer.layer1.pixel"] > 0
+
+
+def test_stop_and_resume_is_bit_identical(uninterrupted, tmp_path):
+    run_dir = tmp_path / "resumed"
+    first = train(_config(run_dir, stop_after=3), log=lambda _: None)
+    assert first.status == "stopped" and first.step == 3 and not (run_dir / "student.pt").exists()
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(_config(run_dir), log=lambda _: None)
+    second = train(_config(run_dir), resume=True, log=lambda _: None)
+    assert second.status == "done" and second.step == 6
+    assert _same_weights(uninterrupted, run_dir)
+    assert _rows(uninterrupted) == _rows(run_dir)
+
+
+def test_sigint_checkpoints_and_resume_from_cli_is_bit_identical(uninterrupted, tmp_path):
+    """Ctrl-C (SIGINT) mid-run: the step finishes, a checkpoint is written, status "interrupted"; ``train
+    --resume --run-dir`` continues from the saved configuration. CSV metrics are truncated and continued."""
+    run_dir = tmp_path / "interrupted"
+
+    def ctrl_c(step: int) -> None:
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    result = train(_config(run_dir, metrics="csv", checkpoint_every=1), log=lambda _: None, on_step=ctrl_c)
+    assert result.status == "interrupted" and result.step == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert main(["train", "--resume", "--run-dir", str(run_dir), "--no-progress"]) == 0
+    assert _same_weights(uninterrupted, run_dir)
+    assert _rows(uninterrupted) == _rows(run_dir)
+
+
+def test_reference_switch_gives_the_same_losses(uninterrupted, tmp_path):
+    run_dir = tmp_path / "reference"
+    train(_config(run_dir, stop_after=4, ktft={"reference": True}), log=lambda _: None)
+    ours, ref = _rows(uninterrupted)[0], _rows(run_dir)[0]
+    assert ours["step"] == ref["step"] == 4
+    for key in (k for k in ours if k.startswith("loss/")):
+        assert ref[key] == pytest.approx(ours[key], rel=2e-4, abs=1e-6), key
+
+
+def test_compiled_student_gives_the_same_losses(uninterrupted, tmp_path):
+    """Forward hooks survive torch.compile (dynamo inlines them); aot_eager keeps the test fast."""
+    run_dir = tmp_path / "compiled"
+    train(_config(run_dir, stop_after=4, ktft={"compile": True, "compile_backend": "aot_eager"}), log=lambda _: None)
+    ours, compiled = _rows(uninterrupted)[0], _rows(run_dir)[0]
+    for key in (k for k in ours if k.startswith("loss/")):
+        assert compiled[key] == pytest.approx(ours[key], rel=1e-4, abs=1e-6), key
+
+
+def test_plain_finetuning_and_plots_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    run_dir = tmp_path / "plain"
+    config = _config(run_dir, stages="none", plots=True, tensorboard=True, ktft={"steps": 2})
+    train(config, log=lambda _: None)
+    rows = _rows(run_dir)
+    assert {k for k in rows[0] if k.startswith("loss/")} == {"loss/ce", "loss/total"}
+    assert (run_dir / "plots" / "loss.png").stat().st_size > 1000
+    assert (run_dir / "plots" / "accuracy.png").stat().st_size > 1000
+    assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ImageFolder data: prepare, the cache path, the torchvision path
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagefolder")
+    write_image_folder(root)  # 3 classes x 4 images; class "a" also holds 3 corrupt files
+    return root
+
+
+def _folder_args(tmp_path, *extra: str) -> list[str]:
+    return [
+        "train", "--arch", "resnet18", "--new-head", "--per-class", "4",
+        "--cache-size", "48", "--image-size", "40", "--batch-size", "4", "--steps", "2", "--log-every", "1",
+        "--workers", "0", "--no-progress", "--no-plots", "--run-dir", str(tmp_path / "run"), *extra,
+    ]  # fmt: skip
+
+
+def test_imagefolder_cache_path_records_the_subset(folder, tmp_path, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the corrupt files are reported as a warning by prepare
+        assert main([*_folder_args(tmp_path), "--data", str(folder), "--val", str(folder)]) == 0
+    run = tmp_path / "run"
+    subset = json.loads((run / "subset.json").read_text())
+    assert subset["source"] == "cache" and subset["classes"] == ["a", "b", "c"] and subset["per_class"] == 4
+    assert len(subset["samples"]) + len(subset["skipped"]) == 12  # 4 per class picked, corrupt ones skipped
+    assert {s["path"] for s in subset["skipped"]} <= {"a/truncated.jpg", "a/zero.png", "a/text.jpg"}
+    assert (run / "cache" / "train" / "index.json").is_file() and (run / "cache" / "val" / "index.json").is_file()
+    epochs = [r for r in _rows(run) if r["kind"] == "epoch"]
+    assert epochs and "val_top1" in epochs[-1]
+    assert f"{len(subset['samples'])} training images" in capsys.readouterr().out
+
+
+def test_prepare_then_train_from_the_cache(folder, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    argv = ["prepare", str(folder), "--out", str(cache), "--per-class", "4", "--size", "48", "--workers", "0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([*argv, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "prepared" in out and "classes at 48x48" in out
+    assert main([*_folder_args(tmp_path), "--data", str(cache)]) == 0
+    subset = json.loads((tmp_path / "run" / "subset.json").read_text())
+    assert subset["cache"] == str(cache) and subset["per_class"] == 4
+    assert not (tmp_path / "run" / "cache").exists()  # a prepared cache is used in place
+
+
+def test_torchvision_loader_path(folder, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # corrupt files are skipped with a warning mid-run
+        code = main([*_folder_args(tmp_path), "--data", str(folder), "--loader", "torchvision", "--val", str(folder)])
+    assert code == 0
+    rows = _rows(tmp_path / "run")
+    assert [r["step"] for r in rows if r["kind"] == "step"] == [1, 2]
+    assert not (tmp_path / "run" / "cache").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit status 2
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def not_an_image_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("notes")
+    (root / "notes.txt").write_text("hello\n")
+    return root
+
+
+CLI_ERRORS = [
+    (["train", "--data", "/no/such/folder"], "image folder not found: /no/such/folder"),
+    (["train", "--data", "{notes}/notes.txt"], "is not a directory"),
+    (["train", "--data", "{notes}"], "no class folders"),
+    (["train", "--arch", "resnet9000"], "unknown architecture 'resnet9000'"),
+    (["train", "--stages", "layer1,layer7"], "unknown stage name(s) ['layer7']"),
+    (["train", "--teacher-weights", "{notes}/notes.txt"], "cannot read weights"),
+    (["train", "--teacher-weights", "/no/such.pt"], "weights file not found"),
+    (["train", "--resume", "--run-dir", "{notes}"], "nothing to resume"),
+    (["train", "--per-class", "0"], "--per-class must be an integer >= 1"),
+    (["train", "--optimizer", "lion"], "invalid choice: 'lion'"),
+    (["train", "--image-size", "64"], "larger than the cache size 40"),
+    (["train", "--crop-scale", "0.5"], "expected two numbers"),
+    (["train", "--epochs", "2", "--steps", "3"], "not allowed with argument"),
+    (["prepare", "/no/such/folder", "--out", "{notes}/c"], "image folder not found"),
+    ([], "give a command"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), CLI_ERRORS)
+def test_cli_errors_are_one_line(argv, message, not_an_image_dir, capsys, tmp_path):
+    argv = [a.replace("{notes}", str(not_an_image_dir)) for a in argv]
+    if argv and argv[0] == "train" and "--run-dir" not in argv:
+        argv += ["--run-dir", str(tmp_path / "run"), "--no-progress"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse usage errors
+            code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ktk-train: error: "), err
+    assert message in lines[0]
+
+
+def test_resume_refuses_changed_settings(uninterrupted, tmp_path, capsys):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run_dir)
+    assert main(["train", "--resume", "--run-dir", str(run_dir), "--lr", "0.5", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot resume with different settings: --lr 0.5 (the run has 0.05)" in err and "\n" not in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DDP: torchrun with two gloo processes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _torchrun(run_dir, *extra: str) -> subprocess.CompletedProcess:
+    argv = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "ktkernels.train", "train", "--run-dir", str(run_dir), "--steps", "4", "--per-class", "5",
+        "--batch-size", "8", "--log-every", "2", "--no-progress", "--no-plots", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_rank0_writes_and_resume_is_bit_identical(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    done = _torchrun(full)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "25 training images" not in done.stdout and "batches of 8 x 2 per epoch" in done.stdout
+    rows = _rows(full)
+    assert [r["step"] for r in rows if r["kind"] == "step"] == [2, 4]  # rank 0 alone writes: no duplicates
+    ckpt = torch.load(full / "checkpoint.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 4
+
+    stopped = _torchrun(part, "--stop-after", "2")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    resumed = _torchrun(part, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _same_weights(full, part)
+    assert _rows(full) == _rows(part)
