@@ -189,3 +189,28 @@ def test_cli_errors_are_one_line(argv, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_annealed_loss_weights(pair):
+    """``anneal`` moves a weight linearly from its w_* value at step 0 to the given value at the last step; a term
+    that starts at weight 0 is still computed when it anneals upwards."""
+    teacher, student = pair
+    cfg = KTFTConfig(steps=5, lr=0.0, stages=["layer4"], w_soft=0.0, w_pixel=2.0, anneal={"soft": 1.0, "pixel": 0.0})
+    model = copy.deepcopy(student)
+    step = KTFTStep(model, teacher, cfg, make_optimizer(model.parameters(), cfg))
+    x, y = torch.randn(2, 3, 36, 36), torch.tensor([1, 2])
+    seen = []
+    for _ in range(5):
+        seen.append((step.weight("soft"), step.weight("pixel")))
+        terms = step.step(x, y)
+        expected = (
+            terms["ce"]
+            + seen[-1][1] * terms["transfer.layer4.pixel"]
+            + terms["transfer.layer4.global"]
+            + seen[-1][0] * terms["soft"]
+        )
+        assert torch.allclose(terms["total"], expected, rtol=1e-5)
+    step.close()
+    assert seen == [(0.0, 2.0), (0.25, 1.5), (0.5, 1.0), (0.75, 0.5), (1.0, 0.0)]
+    with pytest.raises(ValueError, match="unknown loss weight"):
+        KTFTStep(model, teacher, KTFTConfig(anneal={"kd": 0.0}), make_optimizer(model.parameters(), cfg))

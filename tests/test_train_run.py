@@ -143,6 +143,16 @@ def test_plain_finetuning_and_plots_and_tensorboard(tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())
 
 
+def test_dct_and_soft_terms_with_annealing_from_the_cli(tmp_path):
+    run_dir = tmp_path / "extras"
+    argv = ["train", "--run-dir", str(run_dir), "--per-class", "2", "--batch-size", "10", "--steps", "3"]
+    argv += ["--w-dct", "1", "--w-soft", "0.5", "--anneal", "soft=0", "--log-every", "1", "--no-progress"]
+    assert main(argv) == 0
+    steps = [r for r in _rows(run_dir) if r["kind"] == "step"]
+    assert [r["w/soft"] for r in steps] == [0.5, 0.25, 0.0]  # the weight of each row's (last) step
+    assert all(r["loss/dct"] > 0 and r["loss/soft"] >= 0 for r in steps)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # ImageFolder data: prepare, the cache path, the torchvision path
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,7 +196,10 @@ def test_prepare_then_train_from_the_cache(folder, tmp_path, capsys):
         assert main([*argv, "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "prepared" in out and "classes at 48x48" in out
-    assert main([*_folder_args(tmp_path), "--data", str(cache)]) == 0
+    args = _folder_args(tmp_path)
+    del args[args.index("--cache-size") : args.index("--cache-size") + 2]  # the cache decides: 48
+    assert main([*args, "--data", str(cache)]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["cache_size"] == 48
     subset = json.loads((tmp_path / "run" / "subset.json").read_text())
     assert subset["cache"] == str(cache) and subset["per_class"] == 4
     assert not (tmp_path / "run" / "cache").exists()  # a prepared cache is used in place

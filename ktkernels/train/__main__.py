@@ -24,7 +24,7 @@ import torch
 from ..losses.reference import GLOBAL_MODES
 from .data import DataError
 from .demo import DemoSettings, run_demo
-from .engine import KTFTConfig
+from .engine import ANNEALABLE, KTFTConfig
 from .models import ModelError
 
 PROG = "ktk-train"
@@ -140,6 +140,19 @@ def _pair(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _anneal(text: str) -> dict[str, float]:
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or name.strip() not in ANNEALABLE:
+            raise argparse.ArgumentTypeError(f"expected name=end with names in {', '.join(ANNEALABLE)}, got {item!r}")
+    return out
+
+
 def _stages(text: str) -> list[str] | str:
     return text if text in ("auto", "none") else [s.strip() for s in text.split(",") if s.strip()]
 
@@ -191,6 +204,9 @@ def train_parser() -> argparse.ArgumentParser:
     for name in ("w-ce", "w-pixel", "w-global", "w-dct", "w-soft", "temperature"):
         o.add_argument(f"--{name}", type=float)
     o.add_argument("--global-mode", choices=GLOBAL_MODES)
+    o.add_argument(
+        "--anneal", type=_anneal, metavar="NAME=END,...", help="anneal loss weights linearly to END, e.g. soft=0"
+    )
     o.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast on CUDA (default on)")
     o.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default on")
     o.add_argument("--compile", action="store_true", help="torch.compile the student")

@@ -28,7 +28,10 @@ from torch import Tensor, nn
 
 from .. import backend
 from ..losses import PixelGlobalTransferLoss, dct_attention_loss, soft_target_loss
-from ..transfer import FeatureTap
+from ..transfer import AnnealedWeight, FeatureTap
+
+#: Loss weights that KTFTConfig.anneal can schedule.
+ANNEALABLE = ("ce", "pixel", "global", "dct", "soft")
 
 __all__ = [
     "KTFTConfig",
@@ -65,6 +68,9 @@ class KTFTConfig:
     w_dct: float = 0.0
     w_soft: float = 0.0
     temperature: float = 4.0
+    # Linear annealing of loss weights over the run: {"ce"|"pixel"|"global"|"dct"|"soft": weight at the last
+    # step}; each goes from its w_* value at step 0 (AnnealedWeight over the steps, methods.md §3).
+    anneal: dict[str, float] = field(default_factory=dict)
     amp: bool = True  # bf16 autocast (CUDA only)
     channels_last: bool = True
     compile: bool = False
@@ -131,7 +137,9 @@ class KTFTStep:
     ) -> None:
         self.student, self.teacher, self.cfg = student, teacher, cfg
         self.optimizer, self.schedule = optimizer, schedule
-        needs_teacher = bool(cfg.stages) or cfg.w_soft > 0
+        self.use_dct = bool(cfg.stages) and (cfg.w_dct > 0 or cfg.anneal.get("dct", 0) > 0)
+        self.use_soft = cfg.w_soft > 0 or cfg.anneal.get("soft", 0) > 0
+        needs_teacher = bool(cfg.stages) or self.use_soft
         if needs_teacher and teacher is None:
             raise ValueError("transfer losses need a teacher")
         self.teacher_used = needs_teacher
@@ -145,7 +153,19 @@ class KTFTStep:
         )
         if teacher is not None:
             teacher.eval().requires_grad_(False)
+        unknown = set(cfg.anneal) - set(ANNEALABLE)
+        if unknown:
+            raise ValueError(f"anneal: unknown loss weight(s) {sorted(unknown)}; choose from {', '.join(ANNEALABLE)}")
+        self._anneal = {
+            k: AnnealedWeight(getattr(cfg, f"w_{k}"), v, max(cfg.steps - 1, 0)) for k, v in cfg.anneal.items()
+        }
+        self.steps_done = 0  # the annealing clock (a resumed run sets it to the checkpoint's step)
         self._student_forward = torch.compile(student, backend=cfg.compile_backend) if cfg.compile else student
+
+    def weight(self, name: str) -> float:
+        """The current weight of loss term ``name`` (``ce``, ``pixel``, ``global``, ``dct``, ``soft``)."""
+        schedule = self._anneal.get(name)
+        return schedule(self.steps_done) if schedule is not None else getattr(self.cfg, f"w_{name}")
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self.cfg.amp and device.type == "cuda":
@@ -162,22 +182,23 @@ class KTFTStep:
                     teacher_logits = self.teacher(images)
             logits = self._student_forward(images)
             terms = {"ce": F.cross_entropy(logits.float(), labels)}
-            total = cfg.w_ce * terms["ce"]
+            total = self.weight("ce") * terms["ce"]
             if self.transfer is not None:
+                self.transfer.w_pixel, self.transfer.w_global = self.weight("pixel"), self.weight("global")
                 student_feats, teacher_feats = self.student_tap.features(), self.teacher_tap.features()
                 out = self.transfer(student_feats, teacher_feats)
                 total = total + out.total
                 terms.update({f"transfer.{k}": v for k, v in out.terms.items()})
-                if cfg.w_dct > 0:
+                if self.use_dct:
                     dct = sum(dct_attention_loss(student_feats[s], teacher_feats[s]) for s in cfg.stages)
                     terms["dct"] = dct.detach()
-                    total = total + cfg.w_dct * dct
+                    total = total + self.weight("dct") * dct
                 self.student_tap.clear()
                 self.teacher_tap.clear()
-            if cfg.w_soft > 0:
+            if self.use_soft:
                 soft = soft_target_loss(logits.float(), teacher_logits.float(), cfg.temperature)
                 terms["soft"] = soft.detach()
-                total = total + cfg.w_soft * soft
+                total = total + self.weight("soft") * soft
         terms["total"] = total
         return terms
 
@@ -190,6 +211,7 @@ class KTFTStep:
         self.optimizer.step()
         if self.schedule is not None:
             self.schedule.step()
+        self.steps_done += 1
         return {k: v.detach() for k, v in terms.items()}
 
     def _backend(self) -> contextlib.AbstractContextManager:

@@ -27,6 +27,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -170,7 +171,7 @@ class RunConfig:
             value = getattr(c, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        if c.image_size > c.cache_size:
+        if c.image_size > c.cache_size and not _is_cache(c.data):  # a prepared cache: checked once opened
             raise ValueError(f"--image-size {c.image_size} is larger than the cache size {c.cache_size}")
         if not 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1:
             raise ValueError(f"--crop-scale must satisfy 0 < min <= max <= 1, got {c.crop_scale}")
@@ -224,6 +225,12 @@ class _Dist:
         if self.active:
             dist.all_reduce(t)
         return t
+
+    def all_ok(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank (a collective; it also serves as a barrier)."""
+        if not self.active:
+            return ok
+        return bool(self.sum_(torch.tensor([0.0 if ok else 1.0], device=self.device)).item() == 0)
 
     def per_rank(self, t: Tensor | None) -> Tensor | None:
         """Every rank's ``t`` stacked on the CPU, ``(world_size, *t.shape)`` (a collective: all ranks call it)."""
@@ -283,17 +290,22 @@ def _cached(
     if _is_cache(source):
         return open_cache(source)
     target = Path(c.run_dir) / "cache" / name
+    subset = select_subset(source, per_class, c.subset_seed, policy, classes=classes)  # every rank: same errors
+    failure: Exception | None = None
     if d.main:
-        subset = select_subset(source, per_class, c.subset_seed, policy, classes=classes)
-        fresh = True
-        if _is_cache(str(target)):
-            old = open_cache(target)
-            same = old.size == c.cache_size and old.index.get("root") == subset.root
-            recorded = {p for p, _ in subset.samples}
-            fresh = not (same and set(old.paths) | {s["path"] for s in old.skipped} == recorded)
-        if fresh:
-            prepare_cache(subset, target, c.cache_size, c.workers, overwrite=True, progress=c.progress)
-    d.barrier()
+        try:
+            fresh = True
+            if _is_cache(str(target)):
+                old = open_cache(target)
+                same = old.size == c.cache_size and old.index.get("root") == subset.root
+                recorded = {p for p, _ in subset.samples}
+                fresh = not (same and set(old.paths) | {s["path"] for s in old.skipped} == recorded)
+            if fresh:
+                prepare_cache(subset, target, c.cache_size, c.workers, overwrite=True, progress=c.progress)
+        except (DataError, OSError) as e:
+            failure = e
+    if not d.all_ok(failure is None):  # the other ranks must not wait for a cache that will never come
+        raise failure or DataError(f"rank 0 could not prepare the cache {target} (see its error)")
     return open_cache(target)
 
 
@@ -348,6 +360,10 @@ def _build_data(c: RunConfig, d: _Dist) -> _Data:
         val = _array_eval_batches(test_x, test_y, c, d)
     elif c.loader == "cache":
         cache = _cached(c, d, c.data, "train", c.per_class, c.min_policy, None)
+        if cache.size != c.cache_size:  # a prepared cache decides the stored size
+            c.cache_size = cache.size
+            if c.image_size > c.cache_size:
+                raise DataError(f"--image-size {c.image_size} is larger than the cache's {c.cache_size} px images")
         images, labels, classes = cache.images, cache.labels, cache.classes
         record = {"source": "cache", "cache": str(cache.path), **cache.subset().to_dict(), "skipped": cache.skipped}
         val = None
@@ -355,6 +371,8 @@ def _build_data(c: RunConfig, d: _Dist) -> _Data:
             vcache = _cached(c, d, c.val, "val", c.val_per_class, "warn", classes)
             if vcache.classes != classes:
                 raise DataError(f"validation classes of {c.val} differ from the training classes")
+            if vcache.size != c.cache_size:
+                raise DataError(f"validation cache {c.val} holds {vcache.size} px images, training {c.cache_size} px")
             val = _array_eval_batches(vcache.images, vcache.labels, c, d)
     else:
         return _torchvision_data(c, d, mean, std)
@@ -558,7 +576,7 @@ class _StopRequest:
         )
 
     def __enter__(self) -> _StopRequest:
-        if threading_main():
+        if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handle)
         return self
@@ -566,12 +584,6 @@ class _StopRequest:
     def __exit__(self, *exc: Any) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -675,7 +687,7 @@ def _train(
             f"the data has {num_classes} classes but the teacher's classifier has {head} outputs: "
             "pass --new-head to give the student a fresh classifier"
         )
-    if c.new_head and c.ktft.w_soft > 0 and head != num_classes:
+    if c.new_head and (c.ktft.w_soft > 0 or c.ktft.anneal.get("soft", 0) > 0) and head != num_classes:
         raise ModelError("--w-soft needs the teacher's classes: it cannot be combined with a new head")
     if c.epochs is not None and config.ktft.steps < 1:
         c.ktft.steps = c.epochs * data.num_batches
@@ -731,6 +743,7 @@ def _train(
     )
 
     trainer = KTFTStep(student, teacher, c.ktft, optimizer, schedule)
+    trainer.steps_done = step
     term_names: list[str] | None = ckpt["term_names"] if ckpt is not None else None
     window_start = epoch_start = time.perf_counter()
     status, final_eval = "done", None
@@ -780,7 +793,8 @@ def _train(
             while step < total and status == "done":
                 for images, labels in data.batches(epoch, batch_in_epoch):
                     torch.manual_seed(step_seed(c.ktft.seed, step, d.rank))  # dropout & co.: resumable
-                    lr = optimizer.param_groups[0]["lr"]
+                    lr = optimizer.param_groups[0]["lr"]  # what this step uses (logged with its row)
+                    annealed = {f"w/{k}": trainer.weight(k) for k in c.ktft.anneal}
                     terms = trainer.step(data.augment(images, step), labels)
                     if term_names is None:  # a fixed order for the summed tensors, the rows and the checkpoint
                         term_names = [*sorted(k for k in terms if k != "total"), "total"]
@@ -799,6 +813,7 @@ def _train(
                         means = (reduced[:-1] / (window_steps * d.world_size)).tolist()
                         seconds = time.perf_counter() - window_start
                         row = {"kind": "step", "step": step, "epoch": epoch + 1, "lr": lr}
+                        row |= annealed
                         row |= {f"loss/{k}": v for k, v in zip(term_names, means, strict=True)}
                         row["img_per_s"] = window_steps * c.batch_size * d.world_size / max(seconds, 1e-9)
                         if metrics is not None:
