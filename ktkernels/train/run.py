@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from .data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    CachedLoader,
     DataError,
     digits_dataset,
     eval_transform,
@@ -376,8 +377,6 @@ def _build_data(c: RunConfig, d: _Dist) -> _Data:
             val = _array_eval_batches(vcache.images, vcache.labels, c, d)
     else:
         return _torchvision_data(c, d, mean, std)
-
-    from .data import CachedLoader
 
     _check_batch(c, len(labels), world)
     loader = CachedLoader(
