@@ -3,39 +3,42 @@
 # Usage on the GPU box (torch preinstalled, offline): OUT=/tmp/out STEPS="build test blurpool" bash benchmarks/run_gpu.sh
 # One device command may run 10 minutes, so a lease runs this in parts; every part rebuilds (about 60 s) because
 # the box keeps nothing between commands. Parts: build test blurpool model dct losses train ktft triton (default: all).
-# The Triton tests come last and in parallel shards: each new shape JIT-compiles (~5 s per test on an H100
-# box), so they are the first thing to cut (TRITON_TEST_TIMEOUT) when the lease is short.
+# The `test` part runs every gpu test under pytest-xdist (the box has it); `triton` re-runs only the Triton ones
+# in shards, for a box without xdist. The device tool returns at most 8 files: PACK=1 tars $OUT into one archive.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
 STEPS=" ${STEPS:-build test blurpool model dct losses train ktft triton} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
+# limit NAME CMD...: run CMD under `timeout $LIMIT_<NAME>` (default 590 s) so one slow part cannot eat the lease.
+limit() { local v="LIMIT_$1"; shift; timeout "${!v:-590}" "$@"; }
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/nvidia_smi.txt"
 MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
 echo "build ok"
-if step test; then
-  python3 -m pytest tests benchmarks -m gpu -q -p no:cacheprovider -k "not triton" > "$OUT/test_cuda.log" 2>&1
-  tail -1 "$OUT/test_cuda.log"
+if step test; then  # every gpu test (CUDA and Triton) in parallel workers: the Triton JIT per shape is CPU-bound
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests benchmarks -m gpu -q -p no:cacheprovider \
+    -n "${TEST_JOBS:-12}" ${TEST_ARGS:-} > "$OUT/test_gpu.log" 2>&1
+  tail -1 "$OUT/test_gpu.log"
 fi
 if step blurpool; then
-  python3 -m ktkernels.bench blurpool --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  limit blurpool python3 -m ktkernels.bench blurpool --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   grep -E "^\|" "$OUT/bench.log"
 fi
 if step model; then  # the ResNet-50 training step: six variants, two cold compiles (~4 minutes)
-  python3 -m ktkernels.bench model --out "$OUT" ${MODEL_BENCH_ARGS:-} > "$OUT/bench_model.log" 2>&1
+  limit model python3 -m ktkernels.bench model --out "$OUT" ${MODEL_BENCH_ARGS:-} > "$OUT/bench_model.log" 2>&1
   grep -E "^\|" "$OUT/bench_model.log"
 fi
 if step dct; then  # ~64 recipe compiles: split with DCT_BENCH_ARGS="--dtypes float32" etc. if it runs long
-  python3 -m ktkernels.bench dct --out "$OUT" ${DCT_BENCH_ARGS:-} > "$OUT/bench_dct.log" 2>&1
+  limit dct python3 -m ktkernels.bench dct --out "$OUT" ${DCT_BENCH_ARGS:-} > "$OUT/bench_dct.log" 2>&1
   grep -E "^\|" "$OUT/bench_dct.log"
 fi
 if step losses; then  # 4 cases x 2 dtypes, ~24 recipe compiles: split with LOSSES_BENCH_ARGS="--dtypes float32" etc.
-  python3 -m ktkernels.bench losses --out "$OUT" ${LOSSES_BENCH_ARGS:-} > "$OUT/bench_losses.log" 2>&1
+  limit losses python3 -m ktkernels.bench losses --out "$OUT" ${LOSSES_BENCH_ARGS:-} > "$OUT/bench_losses.log" 2>&1
   grep -E "^\|" "$OUT/bench_losses.log"
 fi
 if step train; then  # the KTFT step (4 variants, two cold ResNet-50 compiles, ~4 minutes) + the cached loader (4096 JPEGs)
-  python3 -m ktkernels.bench train --out "$OUT" ${TRAIN_BENCH_ARGS:-} > "$OUT/bench_train.log" 2>&1
+  limit train python3 -m ktkernels.bench train --out "$OUT" ${TRAIN_BENCH_ARGS:-} > "$OUT/bench_train.log" 2>&1
   grep -E "^\|" "$OUT/bench_train.log"
 fi
 if step ktft; then  # a short real run: JPEG ImageFolder (100 classes) -> prepare (K=25) -> ResNet-50 KTFT, 2 epochs
@@ -56,3 +59,6 @@ if step triton; then
   wait
 fi
 for f in "$OUT"/test_*.log; do [ -e "$f" ] && { echo "== $f: $(tail -1 "$f")"; grep -E "^(FAILED|ERROR)" "$f" | head -10; }; done
+if [ "${PACK:-0}" = 1 ]; then
+  tar czf /tmp/results.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/results.tgz "$OUT/results.tgz"
+fi
