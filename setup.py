@@ -37,7 +37,24 @@ def _build_cuda() -> bool:
     return possible
 
 
+def _torch_libstdcxx() -> list[str]:
+    """The libstdc++ shared library this process (i.e. torch) loaded, to link ktkernels._C against.
+
+    The driver appends ``-lstdc++`` itself, but a compiler whose own libstdc++ is static-only (the H100 box's
+    /opt/gcc) then copies libstdc++ into ktkernels._C, and python's ``-Bsymbolic-functions`` binds our calls to
+    that private copy, whose locale facets are never set up: the first TORCH_CHECK message that formats a
+    number segfaults. Naming torch's library first resolves those symbols there. Linux only; elsewhere, nothing.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            found = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    except OSError:
+        return []
+    return sorted(found)[:1]
+
+
 with_cuda = _build_cuda()
+link_args = ["-fopenmp", *_torch_libstdcxx()]
 if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
     # With no GPU to detect (CI), torch's arch detection fails; Ampere + Hopper cover our targets.
     os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
@@ -50,11 +67,11 @@ if with_cuda:
         "ktkernels._C",
         sources,
         extra_compile_args={"cxx": cxx_flags + ["-DKTK_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_args,
     )
 else:
     extension = CppExtension(
-        "ktkernels._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
+        "ktkernels._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_args
     )
 
 setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

@@ -36,10 +36,11 @@ BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 # Order tried by ``auto`` on CUDA tensors, per (op family, channels_last), from the committed H100 results
 # (benchmarks/results/blurpool_h100.md): for the blur, CUDA wins on NCHW and Triton on channels_last, forward
 # and backward; for the fused max-blur, CUDA wins in both layouts.
-# The DCT family has no GPU results yet, and neither of its GPU backends has run on a GPU: Triton first,
-# because its kernel code has executed (under the interpreter); the CUDA kernels were checked only by
-# compiling them and by a numpy copy of their index maths. The same holds for the transfer losses. Revisit both
-# with the first H100 run.
+# DCT: both GPU backends passed their H100 accuracy tests (benchmarks/results/h100_test_gpu.txt); no GPU timings, so
+# Triton stays first. Losses: CUDA first. Its kernels passed every H100 test, while the Triton pixel/global
+# backward gave wrong gradients there (fixed since, not yet re-run on a GPU). The H100 timings
+# (losses_h100_bf16.md, channels_last) split: Triton is faster for pixel/global, AT and the soft target,
+# CUDA for DCT-KD. Put Triton back first once a GPU run passes the fixed kernels.
 AUTO_CUDA_ORDER: dict[tuple[str, bool], tuple[str, ...]] = {
     ("blurpool", False): ("cuda", "triton"),
     ("blurpool", True): ("triton", "cuda"),
@@ -47,8 +48,8 @@ AUTO_CUDA_ORDER: dict[tuple[str, bool], tuple[str, ...]] = {
     ("maxblur", True): ("cuda", "triton"),
     ("dct", False): ("triton", "cuda"),
     ("dct", True): ("triton", "cuda"),
-    ("losses", False): ("triton", "cuda"),
-    ("losses", True): ("triton", "cuda"),
+    ("losses", False): ("cuda", "triton"),
+    ("losses", True): ("cuda", "triton"),
 }
 
 # One internal op per family whose registration tells whether ktkernels._C has that family's kernels

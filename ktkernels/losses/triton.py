@@ -22,14 +22,13 @@ MAP_MAX = 64  # largest map side the on-chip map kernels take; op.py routes larg
 _PRECISION = "ieee"  # fp32 products stay fp32: tf32 would cost ~1e-3 relative error on the map transforms
 
 
-def _tile(x: torch.Tensor, hw: int, j: int) -> tuple[int, int]:
-    """(BC, BS): channels x positions per tile; BC*BS*max(J,1) stays <= 4096 (registers on the GPU)."""
-    budget = 4096 // max(triton.next_power_of_2(max(j, 1)), 1)
+def _tile(x: torch.Tensor, hw: int) -> tuple[int, int]:
+    """(BC, BS): channels x positions per tile, BC*BS <= 4096 (registers on the GPU)."""
     if x.stride(1) == 1 and x.shape[1] > 1:  # channels innermost: long side along C
-        bc = min(triton.next_power_of_2(x.shape[1]), 64, budget)
-        return bc, max(1, min(triton.next_power_of_2(hw), budget // bc))
-    bs = min(triton.next_power_of_2(hw), 1024, budget)
-    return max(1, min(triton.next_power_of_2(x.shape[1]), budget // bs)), bs
+        bc = min(triton.next_power_of_2(x.shape[1]), 64)
+        return bc, max(1, min(triton.next_power_of_2(hw), 4096 // bc))
+    bs = min(triton.next_power_of_2(hw), 1024)
+    return max(1, min(triton.next_power_of_2(x.shape[1]), 4096 // bs)), bs
 
 
 @triton.jit
@@ -42,7 +41,7 @@ def _transfer_stats_kernel(
     pid = tl.program_id(0)
     n = pid // C_BLOCKS
     c = (pid % C_BLOCKS) * BC + tl.arange(0, BC)
-    j = tl.arange(0, BJ)
+    j = tl.arange(0, BJ)  # proj columns; BJ >= J
     c_mask = c < C
     sq = tl.zeros([BC], dtype=tl.float32)
     proj_s = tl.zeros([BC, BJ], dtype=tl.float32)
@@ -57,11 +56,13 @@ def _transfer_stats_kernel(
         tv = tv.to(tl.float32)
         d = sv - tv
         sq += tl.sum(d * d, axis=1)
-        if HAS_PROJ:
-            b = tl.load(basis_ptr + j[:, None] * HW + pos[None, :], mask=(j[:, None] < J) & (pos < HW)[None, :],
-                        other=0.0)  # fmt: skip
-            proj_s += tl.sum(sv[:, None, :] * b[None, :, :], axis=2)
-            proj_t += tl.sum(tv[:, None, :] * b[None, :, :], axis=2)
+        # One basis row at a time, all in 2-D. The (BC, BJ, BS) broadcast-and-reduce these kernels used gave
+        # wrong gradients on the H100 (Triton 3.6, BJ = 1) where the interpreter was exact.
+        for jj in range(0, J):
+            b = tl.load(basis_ptr + jj * HW + pos, mask=pos < HW, other=0.0)
+            here = (j == jj)[None, :]
+            proj_s += tl.where(here, tl.sum(sv * b[None, :], axis=1)[:, None], 0.0)
+            proj_t += tl.where(here, tl.sum(tv * b[None, :], axis=1)[:, None], 0.0)
     tl.store(sq_ptr + n * C + c, sq, mask=c_mask)
     if HAS_PROJ:
         out = (n * C + c[:, None]) * J + j[None, :]
@@ -74,7 +75,7 @@ def transfer_stats(s: torch.Tensor, t: torch.Tensor, basis: torch.Tensor, sq: to
     """``sq[n, c] = sum_hw (s - t)^2``; ``proj[0|1, n, c, j] = sum_hw basis[j, hw] (s|t)[n, c, hw]`` (fp32)."""
     n, c, h, w = s.shape
     j = basis.shape[0]
-    bc, bs = _tile(s, h * w, j)
+    bc, bs = _tile(s, h * w)
     c_blocks = triton.cdiv(c, bc)
     _transfer_stats_kernel[(n * c_blocks,)](
         s, t, basis, sq, proj, n, c, h * w, w, j, c_blocks, *s.stride(), *t.stride(),
@@ -87,7 +88,7 @@ def _transfer_grad_kernel(
     s_ptr, t_ptr, basis_ptr, a_ptr, coef_ptr, g_ptr,
     C, HW, W, J, C_BLOCKS,
     ssn, ssc, ssh, ssw, stn, stc, sth, stw, sgn, sgc, sgh, sgw,
-    BC: tl.constexpr, BS: tl.constexpr, BJ: tl.constexpr, HAS_PROJ: tl.constexpr,
+    BC: tl.constexpr, BS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     n = pid // C_BLOCKS
@@ -98,12 +99,10 @@ def _transfer_grad_kernel(
     sv = tl.load(s_ptr + n * ssn + c[:, None] * ssc + h[None, :] * ssh + w[None, :] * ssw, mask=mask, other=0.0)
     tv = tl.load(t_ptr + n * stn + c[:, None] * stc + h[None, :] * sth + w[None, :] * stw, mask=mask, other=0.0)
     grad = tl.load(a_ptr) * (sv.to(tl.float32) - tv.to(tl.float32))
-    if HAS_PROJ:
-        j = tl.arange(0, BJ)
-        b = tl.load(basis_ptr + j[:, None] * HW + pos[None, :], mask=(j[:, None] < J) & (pos < HW)[None, :], other=0.0)
-        k = tl.load(coef_ptr + (n * C + c[:, None]) * J + j[None, :], mask=(c < C)[:, None] & (j[None, :] < J),
-                    other=0.0)  # fmt: skip
-        grad += tl.sum(k[:, :, None] * b[None, :, :], axis=1)
+    for jj in range(0, J):  # rank-1 updates, 2-D only (see _transfer_stats_kernel)
+        b = tl.load(basis_ptr + jj * HW + pos, mask=pos < HW, other=0.0)
+        k = tl.load(coef_ptr + (n * C + c) * J + jj, mask=c < C, other=0.0)
+        grad += k[:, None] * b[None, :]
     tl.store(g_ptr + n * sgn + c[:, None] * sgc + h[None, :] * sgh + w[None, :] * sgw,
              grad.to(g_ptr.dtype.element_ty), mask=mask)  # fmt: skip
 
@@ -112,12 +111,12 @@ def transfer_grad(s, t, basis, pixel_coef, coef, grad) -> None:
     """``grad = pixel_coef[0] (s - t) + sum_j coef[n, c, j] basis[j, hw]`` in grad's dtype and strides."""
     n, c, h, w = s.shape
     j = basis.shape[0]
-    bc, bs = _tile(s, h * w, j)
+    bc, bs = _tile(s, h * w)
     bs = min(bs, 256) if bc == 1 else bs  # the grad tiles need no reduction: more, smaller programs
     c_blocks = triton.cdiv(c, bc)
     _transfer_grad_kernel[(n * c_blocks, triton.cdiv(h * w, bs))](
         s, t, basis, pixel_coef, coef, grad, c, h * w, w, j, c_blocks, *s.stride(), *t.stride(), *grad.stride(),
-        BC=bc, BS=bs, BJ=triton.next_power_of_2(max(j, 1)), HAS_PROJ=j > 0,
+        BC=bc, BS=bs,
     )  # fmt: skip
 
 
@@ -188,12 +187,14 @@ def _map_distance_kernel(
     ms = tl.load(ms_ptr + offs, mask=valid, other=0.0)
     mt = tl.load(mt_ptr + offs, mask=valid, other=0.0)
     if KIND < 2:  # attention transfer: L2-normalised maps
-        norm_s = tl.sqrt(tl.sum(tl.sum(ms * ms, axis=1), axis=0))
-        norm_t = tl.sqrt(tl.sum(tl.sum(mt * mt, axis=1), axis=0))
-        qs = ms / tl.maximum(norm_s, 1e-12)
-        diff = qs - mt / tl.maximum(norm_t, 1e-12)
+        # Correctly rounded sqrt and division (the GPU defaults are approximate): a map equal to the
+        # teacher's up to scale then normalises to exactly the same values, and the distance is exactly 0.
+        norm_s = tl.sqrt_rn(tl.sum(tl.sum(ms * ms, axis=1), axis=0))
+        norm_t = tl.sqrt_rn(tl.sum(tl.sum(mt * mt, axis=1), axis=0))
+        qs = tl.div_rn(ms, tl.maximum(norm_s, 1e-12))
+        diff = qs - tl.div_rn(mt, tl.maximum(norm_t, 1e-12))
         sq = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
-        dist = sq if KIND == 0 else tl.sqrt(sq)
+        dist = sq if KIND == 0 else tl.sqrt_rn(sq)
         if BACKWARD:
             g = tl.load(g_ptr + n)
             if KIND == 0:
