@@ -70,8 +70,6 @@ if with_cuda:
         extra_link_args=link_args,
     )
 else:
-    extension = CppExtension(
-        "ktkernels._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_args
-    )
+    extension = CppExtension("ktkernels._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_args)
 
 setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
