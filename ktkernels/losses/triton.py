@@ -187,8 +187,8 @@ def _map_distance_kernel(
     ms = tl.load(ms_ptr + offs, mask=valid, other=0.0)
     mt = tl.load(mt_ptr + offs, mask=valid, other=0.0)
     if KIND < 2:  # attention transfer: L2-normalised maps
-        # Correctly rounded sqrt and division (the GPU defaults are approximate): a map equal to the
-        # teacher's up to scale then normalises to exactly the same values, and the distance is exactly 0.
+        # Correctly rounded sqrt and division (the GPU defaults are approximate), as on the CPU and in CUDA:
+        # e.g. a one-position map then normalises to exactly 1 (sqrt_rn(x * x) == |x|), as in float64.
         norm_s = tl.sqrt_rn(tl.sum(tl.sum(ms * ms, axis=1), axis=0))
         norm_t = tl.sqrt_rn(tl.sum(tl.sum(mt * mt, axis=1), axis=0))
         qs = tl.div_rn(ms, tl.maximum(norm_s, 1e-12))
