@@ -10,7 +10,9 @@
   (``python -m ktkernels.bench model --help``);
 - ``train``: the KTFT training step (frozen teacher + anti-aliased student + CE + pixel/global transfer loss),
   ktkernels vs the pure-PyTorch recipe, eager and compiled, and the cached data loader's throughput
-  (``python -m ktkernels.bench train --help``).
+  (``python -m ktkernels.bench train --help``);
+- ``codegen``: no timing, no GPU needed: every Triton kernel compiled for sm_90 at the benchmark shapes, with
+  its registers, occupancy and load/store widths read from the SASS (``python -m ktkernels.bench codegen --help``).
 
 Each writes JSON, markdown and a PNG to --out (default benchmarks/results/) and prints the markdown table.
 """
@@ -26,7 +28,7 @@ import torch
 
 from . import blurpool, harness
 
-FAMILIES = ("blurpool", "dct", "losses", "model", "train")
+FAMILIES = ("blurpool", "dct", "losses", "model", "train", "codegen")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         from . import losses  # imports the loss ops: only when asked for
 
         return losses.main(argv)
+    if family == "codegen":
+        from . import codegen  # compiles for sm_90 without a GPU: only when asked for
+
+        return codegen.main(argv)
     if family == "train":
         from . import train  # imports torchvision and the training module: only when asked for
 

@@ -20,17 +20,34 @@ def _next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _tile(channels: int, rows: int, cols: int, channels_inner: bool) -> tuple[int, int, int, int]:
-    """(BC, BH, BW, num_warps) for an output region of channels x rows x cols."""
+NUM_WARPS = 4
+# Max-blur unrolls k*k taps x kmax*kmax window loads: 8-byte vectors keep it near 128 registers, 16-byte
+# vectors need ~190 (8 resident warps per SM instead of 16).
+MAX_BLUR_VECTOR = 8
+
+
+def _tile(
+    channels: int, rows: int, cols: int, channels_inner: bool, itemsize: int, vector_bytes: int = 16
+) -> tuple[int, int, int, int]:
+    """(BC, BH, BW, num_warps) for an output region of channels x rows x cols of ``itemsize``-byte elements.
+
+    channels_inner tiles give each thread one ``vector_bytes`` vector along C (16: 4 fp32, 8 bf16), loaded
+    as one instruction per tap. Planar tiles gather element by element (the taps of stride-s outputs are
+    not contiguous), 4 per thread. More elements per thread multiply the registers by the unrolled taps
+    and cut the resident warps (``python -m ktkernels.bench codegen``; benchmarks/NOTES.md, "codegen").
+    """
     if channels_inner:
-        bc = min(_next_pow2(channels), 64)
-        bw = min(_next_pow2(cols), max(1, 512 // bc))
-        bh = min(_next_pow2(rows), max(1, 1024 // (bc * bw)))
+        per_thread = max(vector_bytes // itemsize, 1)
+        elements = 32 * NUM_WARPS * per_thread
+        bc = min(_next_pow2(channels), 16 * per_thread)
+        bw = min(_next_pow2(cols), max(1, elements // bc))
+        bh = min(_next_pow2(rows), max(1, elements // (bc * bw)))
     else:
+        elements = 32 * NUM_WARPS * 4
         bw = min(_next_pow2(cols), 64)
-        bh = min(_next_pow2(rows), max(1, 1024 // bw))
-        bc = min(_next_pow2(channels), max(1, 1024 // (bh * bw)))
-    return bc, bh, bw, 4
+        bh = min(_next_pow2(rows), max(1, elements // bw))
+        bc = min(_next_pow2(channels), max(1, elements // (bh * bw)))
+    return bc, bh, bw, NUM_WARPS
 
 
 @triton.jit
@@ -111,9 +128,10 @@ def _separable_sum(
     return acc
 
 
-# Sizes are not specialised (fewer recompiles across shapes); strides are, so that a unit inner stride
-# lets Triton prove contiguity and vectorise.
-@triton.jit(do_not_specialize=["C", "H", "W", "HO", "WO", "HM", "WM", "STRIDE_H", "STRIDE_W", "PMAX"])
+# Spatial sizes are not specialised (fewer recompiles across shapes). Strides and C are: a unit inner
+# stride proves contiguity, and C % 16 == 0 proves the channel mask constant over a vector; without the
+# latter every channels_last tap compiled to scalar loads (benchmarks/NOTES.md, "codegen").
+@triton.jit(do_not_specialize=["H", "W", "HO", "WO", "HM", "WM", "STRIDE_H", "STRIDE_W", "PMAX"])
 def _gather_kernel(
     x_ptr,
     out_ptr,
@@ -191,7 +209,7 @@ def _gather_kernel(
                 tl.store(codes + r * skh + q * skw, code.to(tl.uint8), mask=live)
 
 
-@triton.jit(do_not_specialize=["C", "H", "W", "HM", "WM", "PMAX"])
+@triton.jit(do_not_specialize=["H", "W", "HM", "WM", "PMAX"])
 def _max_blur_backward_kernel(
     g_ptr,
     codes_ptr,
@@ -293,7 +311,9 @@ def _gather(x, rows, cols, out, codes, kmax, pmax, stride_h, stride_w) -> None:
     hm, wm = (codes.shape[2], codes.shape[3]) if codes is not None else (h, w)
     own_h = max(stride_h, hm - stride_h * (ho - 1), 1) if codes is not None else 1
     own_w = max(stride_w, wm - stride_w * (wo - 1), 1) if codes is not None else 1
-    bc, bh, bw, warps = _tile(c, ho, wo, _channels_inner(x))
+    bc, bh, bw, warps = _tile(
+        c, ho, wo, _channels_inner(x), x.element_size(), MAX_BLUR_VECTOR if codes is not None else 16
+    )
     k_strides = codes.stride() if codes is not None else (0, 0, 0, 0)
     _gather_kernel[_grid(n, c, ho, wo, bc, bh, bw)](
         x,
@@ -343,7 +363,7 @@ def max_blur_backward(
     if grad_input.numel() == 0:
         return
     (ri, rw), (ci, cw) = rows, cols
-    bc, bh, bw, warps = _tile(c, h, w, _channels_inner(grad_input))
+    bc, bh, bw, warps = _tile(c, h, w, _channels_inner(grad_input), grad_input.element_size(), MAX_BLUR_VECTOR)
     _max_blur_backward_kernel[_grid(n, c, h, w, bc, bh, bw)](
         grad,
         codes,

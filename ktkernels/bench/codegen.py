@@ -1,0 +1,282 @@
+"""``python -m ktkernels.bench codegen``: what the Triton kernels compile to on sm_90, without a GPU.
+
+Each case calls a public op on small CPU tensors with the ``triton`` backend while the Triton launcher is
+replaced by a recorder, so every launch a real call would make is captured with its real arguments: the
+tiles, the constexprs and the strides that the launcher derives from the ResNet-50 benchmark shapes
+(batch 2 instead of 128: no specialisation depends on the batch). Each recorded launch is then compiled
+for an H100 (``GPUTarget("cuda", 90, 32)``) through Triton's own argument binder, so the integer
+specialisation (``== 1`` becomes a constant, ``% 16 == 0`` a divisibility hint) is the one a GPU launch
+would get, and ``cuobjdump`` from Triton's bundled CUDA tools disassembles the cubin.
+
+The table reports per kernel: registers per thread, resident warps per SM that the registers allow,
+stack (spill) bytes per thread, SASS instruction count, and the loads/stores by width (``LDG.E`` is a
+32-bit global load, ``LDG.E.128`` a 16-byte vector, ``.U16`` a 2-byte scalar; LDS/STS are shared memory,
+LDL/STL spills). It is a static view, not a timing: it shows whether a load was vectorised or a kernel is
+register-bound, which is what the memory-bound kernels of this library live or die by, and it runs on any
+machine with ``triton`` installed (tested with triton 3.8; it uses Triton's argument binder, an internal API).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from .. import backend
+from . import harness
+
+H100 = ("cuda", 90, 32)
+REGISTERS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+
+
+@dataclasses.dataclass
+class Launch:
+    case: str
+    kernel: object  # triton.runtime.jit.JITFunction
+    args: tuple
+    kwargs: dict
+
+
+@dataclasses.dataclass
+class Recorder:
+    case: str = ""  # the label given to the launches recorded from now on
+    launches: list[Launch] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class KernelCode:
+    case: str
+    kernel: str
+    constexprs: str
+    num_warps: int
+    registers: int
+    warps_per_sm: int
+    spill_bytes: int  # stack (local memory) per thread: register spills
+    instructions: int
+    memory: dict  # SASS memory opcode (LDG.E.128, STG.E, ...) -> count
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[Recorder]:
+    """Capture every Triton launch (``kernel[grid](...)``) instead of running it; CPU tensors are accepted."""
+    from triton.runtime.jit import JITFunction
+
+    recorder = Recorder()
+
+    def record(kernel, *args, grid, warmup, **kwargs):
+        recorder.launches.append(Launch(recorder.case, kernel, args, kwargs))
+
+    with (
+        mock.patch.object(JITFunction, "run", record),
+        mock.patch.object(backend, "triton_interpreter", lambda: True),
+        backend.use_backend("triton"),
+    ):
+        yield recorder
+
+
+def _blurpool_cases(dtype: torch.dtype, layout: str) -> dict[str, Callable[[], object]]:
+    from ..blurpool import op
+
+    def blur(channels: int, size: int, filt_size: int, pads: list[int]) -> Callable[[], object]:
+        def run():
+            x = _input((2, channels, size, size), dtype, layout)
+            y = op.blur_pool2d(x, filt_size, 2, pads, "reflect")
+            y.backward(torch.zeros_like(y))  # keeps y's layout (sum()'s gradient would be an expanded tensor)
+
+        return run
+
+    def max_blur():
+        x = _input((2, 64, 112, 112), dtype, layout)
+        y = op.max_blur_pool2d(x, 2, 0, 4, 2, [1, 2, 1, 2], "reflect")[0]
+        y.backward(torch.zeros_like(y))
+
+    return {
+        "adobe k4 L2 down": blur(256, 56, 4, [1, 2, 1, 2]),
+        "timm k3 L2 down": blur(256, 56, 3, [1, 1, 1, 1]),
+        "maxblur k4 stem": max_blur,
+    }
+
+
+def _dct_cases(dtype: torch.dtype, layout: str) -> dict[str, Callable[[], object]]:
+    import ktkernels
+
+    def run(op: str) -> Callable[[], object]:
+        def call():
+            y = getattr(ktkernels, op)(_input((2, 256, 56, 56), dtype, layout))
+            y.backward(torch.zeros_like(y))
+
+        return call
+
+    return {"dct2d layer1": run("dct2d"), "dct attention map layer1": run("dct_attention_map")}
+
+
+def _losses_cases(dtype: torch.dtype, layout: str) -> dict[str, Callable[[], object]]:
+    import ktkernels
+
+    def pixel_global(channels: int, size: int) -> Callable[[], object]:
+        def call():
+            s, t = _input((2, channels, size, size), dtype, layout), _input((2, channels, size, size), dtype, layout)
+            ktkernels.PixelGlobalTransferLoss()({"layer": s}, {"layer": t.detach()}).total.backward()
+
+        return call
+
+    def attention_transfer():
+        s, t = _input((2, 256, 56, 56), dtype, layout), _input((2, 256, 56, 56), dtype, layout)
+        ktkernels.attention_transfer_loss(s, t.detach(), 2, "code").backward()
+
+    def soft_target():
+        s, t = torch.zeros(128, 1000, dtype=dtype, requires_grad=True), torch.zeros(128, 1000, dtype=dtype)
+        ktkernels.soft_target_loss(s, t, 4.0).backward()
+
+    return {
+        "pixel+global layer1": pixel_global(256, 56),
+        "pixel+global layer4": pixel_global(2048, 7),
+        "attention transfer layer1": attention_transfer,
+        "soft target (128, 1000)": soft_target,
+    }
+
+
+def _input(shape: tuple, dtype: torch.dtype, layout: str) -> torch.Tensor:
+    fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+    return torch.zeros(shape, dtype=dtype).to(memory_format=fmt).requires_grad_()
+
+
+FAMILIES = {"blurpool": _blurpool_cases, "dct": _dct_cases, "losses": _losses_cases}
+
+
+def cases(
+    families: tuple[str, ...], dtypes: tuple[torch.dtype, ...], layouts: tuple[str, ...]
+) -> dict[str, Callable[[], object]]:
+    """Case label -> a call of the public ops whose launches are recorded."""
+    out = {}
+    for family in families:
+        for dtype in dtypes:
+            for layout in layouts:
+                tag = f"{str(dtype).removeprefix('torch.')} {layout}"
+                out.update({f"{name}, {tag}": fn for name, fn in FAMILIES[family](dtype, layout).items()})
+    return out
+
+
+def record(calls: dict[str, Callable[[], object]]) -> list[Launch]:
+    with recording() as recorder:
+        for recorder.case, call in calls.items():
+            call()
+    return recorder.launches
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    found = str(bundled) if bundled.exists() else shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} not found (neither bundled with triton nor on PATH)")
+    return found
+
+
+def compile_launch(launch: Launch, target: tuple = H100) -> KernelCode:
+    """Compile one recorded launch for ``target`` exactly as the JIT would specialise it, and read its SASS."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import compile as triton_compile
+    from triton.runtime.jit import create_function_from_signature
+
+    fn, gpu = launch.kernel, GPUTarget(*target)
+    codegen = make_backend(gpu)
+    binder = create_function_from_signature(fn.signature, fn.params, codegen)
+    bound, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(codegen, launch.kwargs, bound, specialization, options)
+    compiled = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=gpu, options=options.__dict__)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T] )?([A-Z][A-Z0-9_.]*)", sass)
+    memory = collections.Counter(o for o in opcodes if o.split(".")[0] in ("LDG", "STG", "LDS", "STS", "LDL", "STL"))
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    warps = compiled.metadata.num_warps
+    blocks = REGISTERS_PER_SM // (max(8, -(-registers // 8) * 8) * 32 * warps)
+    names = [p.name for p in fn.params]
+    shown = {names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
+    return KernelCode(
+        case=launch.case,
+        kernel=fn.__name__,
+        constexprs=" ".join(f"{k}={_short(v)}" for k, v in shown.items() if k.isupper()),
+        num_warps=warps,
+        registers=registers,
+        warps_per_sm=min(MAX_WARPS_PER_SM, blocks * warps),
+        spill_bytes=int(re.search(r"STACK:(\d+)", usage).group(1)),
+        instructions=len(opcodes),
+        memory=dict(sorted(memory.items())),
+    )
+
+
+def _short(value: object) -> str:
+    return str(value).removeprefix("fp").replace("triton.language.", "")
+
+
+def analyse(calls: dict[str, Callable[[], object]]) -> list[KernelCode]:
+    """Compile every distinct launch of ``calls`` (same kernel, constexprs and case: compiled once)."""
+    out, seen = [], set()
+    for launch in record(calls):
+        key = (launch.case, launch.kernel.__name__, repr(sorted(launch.kwargs.items())))
+        if key not in seen:
+            seen.add(key)
+            out.append(compile_launch(launch))
+    return out
+
+
+def markdown(codes: list[KernelCode], env: dict) -> str:
+    lines = [
+        "# Triton kernels compiled for sm_90 (static, no GPU)",
+        "",
+        f"triton {env['triton']} | torch {env['torch']} | commit {env['commit']} | {env['date']}",
+        "",
+        "Warps/SM: resident warps that the registers allow (64 max). Memory: SASS global/shared/local "
+        "load and store instructions by width (LDG.E = 32 bit, .128 = 16-byte vector, .U16 = 2-byte).",
+        "",
+        "| case | kernel | constexprs | warps | regs | warps/SM | spills | SASS instrs | memory instructions |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in codes:
+        memory = ", ".join(f"{k} {v}" for k, v in c.memory.items())
+        lines.append(
+            f"| {c.case} | {c.kernel} | {c.constexprs} | {c.num_warps} | {c.registers} | {c.warps_per_sm} "
+            f"| {c.spill_bytes} | {c.instructions} | {memory} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ktkernels.bench codegen", description=__doc__)
+    parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma list of {', '.join(FAMILIES)}")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--layouts", default="NCHW,NHWC")
+    parser.add_argument("--out", default="benchmarks/results", help="directory for codegen_sm90.{json,md}")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of markdown; write nothing")
+    args = parser.parse_args(argv)
+    dtypes = tuple(getattr(torch, name) for name in args.dtypes.split(","))
+    codes = analyse(cases(tuple(args.families.split(",")), dtypes, tuple(args.layouts.split(","))))
+    if args.json:
+        print(json.dumps([dataclasses.asdict(c) for c in codes]))
+        return
+    env = harness.environment(torch.device("cpu"))
+    text = markdown(codes, env)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "codegen_sm90.md").write_text(text)
+    (out / "codegen_sm90.json").write_text(json.dumps([dataclasses.asdict(c) for c in codes], indent=1))
+    print(text)

@@ -1,0 +1,66 @@
+"""What the blur-pool Triton kernels compile to on sm_90, checked without a GPU (``python -m ktkernels.bench codegen``).
+
+The channels_last blur is memory bound, and on the H100 it reached its bandwidth only when each thread's taps
+were 16-byte vector loads and enough warps stayed resident (benchmarks/NOTES.md, "codegen"). Both are
+properties of the compiled code, so they are pinned here, on any machine with triton's CUDA tools.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+CUDA_TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+pytestmark = pytest.mark.skipif(not CUDA_TOOLS.exists(), reason="triton without its bundled CUDA tools")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def kernels() -> dict[tuple[str, str], dict]:
+    """(case, kernel + constexprs) -> codegen record, for the blur-pool family in channels_last."""
+    # The recorder needs the real JIT kernels: the interpreter that conftest switches on must stay off.
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    args = ["--families", "blurpool", "--dtypes", "float32,bfloat16", "--layouts", "NHWC", "--json"]
+    done = subprocess.run(
+        [sys.executable, "-m", "ktkernels.bench", "codegen", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {(r["case"], f"{r['kernel']} {r['constexprs']}"): r for r in json.loads(done.stdout)}
+
+
+def _find(kernels: dict, case: str, kernel: str, *constexprs: str) -> dict:
+    found = [
+        r for (c, k), r in kernels.items() if c == case and k.startswith(kernel) and all(s in k for s in constexprs)
+    ]
+    assert len(found) == 1, f"{case} {kernel} {constexprs}: {sorted(k for c, k in kernels if c == case)}"
+    return found[0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case,taps", [("adobe k4 L2 down", 16), ("timm k3 L2 down", 9)])
+def test_blur_taps_are_vector_loads(kernels, case, taps, dtype):
+    forward = _find(kernels, f"{case}, {dtype} NHWC", "_gather_kernel", "KMAX=0", f"KH={int(taps**0.5)}")
+    # One 16-byte load per tap and thread; the scalar loads left are the (index, weight) tables.
+    assert forward["memory"].get("LDG.E.128", 0) >= taps, forward
+    assert forward["memory"].get("LDG.E", 0) <= 16, forward
+    assert forward["spill_bytes"] == 0, forward
+    assert forward["warps_per_sm"] >= 24, forward
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_max_blur_does_not_spill(kernels, dtype):
+    for kernel in ("_gather_kernel", "_max_blur_backward_kernel"):
+        code = _find(kernels, f"maxblur k4 stem, {dtype} NHWC", kernel, "KMAX=2")
+        assert code["spill_bytes"] == 0, code
+        assert code["warps_per_sm"] >= 12, code
