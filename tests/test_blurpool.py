@@ -176,6 +176,43 @@ def test_max_blur_pool2d_matches_reference(target, kmax, pmax, filt_size, stride
     assert_close(x.grad, x64.grad, dtype)
 
 
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("kmax,pmax,filt_size,stride,mode", MAX_CASES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("padded", [True, False], ids=["adobe-pads", "no-pads"])
+def test_max_blur_pool2d_ties_nan_and_poisoned_outputs(
+    target, kmax, pmax, filt_size, stride, mode, layout, padded, monkeypatch
+):
+    """Ties and NaN pick torch.max_pool2d's element (first maximum, last NaN), and every output and code is written.
+
+    Small integers make ties everywhere; the outputs are allocated pre-filled with NaN and code 255, so an
+    element that no program writes fails the comparison. Without pads the last outputs also own max-map
+    positions past their stride (the remainder that codes_per_owner assigns them).
+    """
+    name, device = target
+    dtype = torch.float64 if name != "cuda" else torch.float32
+    x = torch.randint(-2, 3, (2, 3, 13, 10), generator=torch.Generator().manual_seed(kmax * 10 + filt_size)).double()
+    x[0, 1, 4, 5] = x[1, 2, 0, 0] = x[1, 0, 7, 3] = x[1, 0, 7, 4] = x[1, 0, 8, 3] = float("nan")
+    x = x.to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    allocate = ktkernels.layout.alloc
+
+    def poisoned(like, shape, channels_last, dtype=None):
+        out = allocate(like, shape, channels_last, dtype)
+        return out.fill_(float("nan") if out.is_floating_point() else 255)
+
+    monkeypatch.setattr(ktkernels.layout, "alloc", poisoned)
+    pads = list(geometry.adobe_pads(filt_size)) * 2 if padded else [0, 0, 0, 0]
+    with ktkernels.use_backend(name):
+        y, codes = op.max_blur_pool2d(x, kmax, pmax, filt_size, stride, pads, mode)
+    exp_y, exp_codes = ref.max_blur_pool2d_reference(x.double().cpu(), kmax, pmax, filt_size, stride, tuple(pads), mode)
+    assert torch.equal(codes.cpu(), exp_codes), "argmax codes differ"
+    y = y.double().cpu()
+    assert torch.equal(y.isnan(), exp_y.isnan()), "NaN pattern differs (an unwritten output stays NaN)"
+    assert_close(y.nan_to_num(0.0), exp_y.nan_to_num(0.0), dtype)
+
+
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_max_blur_pool2d_low_precision(target, dtype):
@@ -417,6 +454,31 @@ def test_adjoint_table_is_the_transpose():
             for m in range(idx.shape[1]):
                 dense_t[p, idx[p, m]] += float(w[p, m])
         assert torch.equal(dense_t, dense.T)
+
+
+def test_banded_table_is_r_and_covers_the_owned_codes():
+    """R from the bands equals R from the forward table, and each band covers the codes its output owns."""
+    rng = random.Random(7)
+    for _ in range(200):
+        k, s, mode = rng.randint(1, 7), rng.randint(1, 4), rng.choice(geometry.PAD_MODES)
+        before, after = rng.randint(0, k + 1), rng.randint(0, k + 1)
+        size = rng.randint(max(1, k - before - after, before + 1 if mode == "reflect" else 1, after + 1), 15)
+        if mode == "reflect" and max(before, after) >= size:
+            continue
+        axis = geometry.Axis(size, k, s, before, after, mode)
+        dense, banded = (torch.zeros(axis.out_size, size, dtype=torch.float64) for _ in range(2))
+        idx, w = geometry.forward_table(axis)
+        base, band = geometry.banded_table(axis)
+        owned = geometry.codes_per_owner(size, axis.out_size, s)
+        for i in range(axis.out_size):
+            for u in range(k):
+                dense[i, idx[i, u]] += float(w[i, u])
+            for d in range(band.shape[1]):
+                if band[i, d] != 0:
+                    banded[i, base[i] + d] += float(band[i, d])
+            stop = min(s * i + (s if i < axis.out_size - 1 else owned), size)
+            assert all(base[i] <= p < base[i] + band.shape[1] for p in range(s * i, stop)), (axis, i)
+        assert torch.equal(banded, dense), axis
 
 
 def test_backward_saves_no_activations_and_compact_codes():

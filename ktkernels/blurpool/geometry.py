@@ -13,6 +13,8 @@ gradient is ``dX = R_h^T dY R_w``.
 Kernels never see pads or modes. They receive each axis as a dense table of (index, weight)
 pairs: ``R`` row by row for the forward, ``R^T`` row by row for the backward. So the forward and
 the backward are one gather kernel, and the index maths of padding lives here and nowhere else.
+The fused max-blur of the Triton backend takes ``R`` as bands instead (``banded_table``): per output a
+base index and the weights of a contiguous window, so neighbouring taps share their loads.
 """
 
 from __future__ import annotations
@@ -168,16 +170,45 @@ def adjoint_table(axis: Axis) -> tuple[np.ndarray, np.ndarray]:
     return idx, weight
 
 
+@functools.lru_cache(maxsize=512)
+def banded_table(axis: Axis) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``R`` as bands: ``base`` (out_size,) and ``band`` (out_size, D), ``R[i, base[i] + d] = band[i, d]``.
+
+    Taps that fold onto one position (reflect, replicate) are summed, so a band is contiguous and every
+    position in it is read once. The band of output ``i`` also covers the positions whose max-pool codes
+    it writes (``codes_per_owner``), so a fused max-blur finds each code it owns inside its window.
+    D is the widest band over all outputs; narrower bands are padded with zero weights.
+    """
+    idx, weight = forward_table(axis)
+    n_out, stride = axis.out_size, axis.stride
+    owned = codes_per_owner(axis.size, n_out, stride)
+    spans = []
+    for i in range(n_out):
+        first, stop = stride * i, min(stride * i + (stride if i < n_out - 1 else owned), axis.size)
+        positions = [*idx[i][weight[i] != 0].tolist(), *range(first, stop)]
+        spans.append((min(positions, default=first), max(positions, default=first)))
+    base = np.asarray([low for low, _ in spans], dtype=np.int32)
+    band = np.zeros((n_out, max((high - low + 1 for low, high in spans), default=1)), dtype=np.float32)
+    for i in range(n_out):
+        taps = weight[i] != 0
+        np.add.at(band[i], idx[i][taps].astype(np.int64) - base[i], weight[i][taps])
+    return base, band  # sums of dyadic taps: exact in fp32
+
+
 _DEVICE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_HOST_TABLES = {"forward": forward_table, "adjoint": adjoint_table, "banded": banded_table}
 
 
-def device_table(axis: Axis, adjoint: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (index int32, weight float32) table on ``device``, cached: one host-to-device copy per shape."""
-    key = (axis, adjoint, device)
+def device_table(axis: Axis, adjoint: bool, device: torch.device, kind: str | None = None) -> tuple[torch.Tensor, ...]:
+    """A table of ``axis`` on ``device`` (``kind``: forward | adjoint | banded; default from ``adjoint``), cached.
+
+    One host-to-device copy per shape: (index int32, weight float32), or (base int32, band float32).
+    """
+    kind = kind or ("adjoint" if adjoint else "forward")
+    key = (axis, kind, device)
     table = _DEVICE_TABLES.get(key)
     if table is None:
-        idx, weight = (adjoint_table if adjoint else forward_table)(axis)
-        table = (torch.from_numpy(idx).to(device), torch.from_numpy(weight).to(device))
+        table = tuple(torch.from_numpy(a).to(device) for a in _HOST_TABLES[kind](axis))
         _DEVICE_TABLES[key] = table
     return table
 

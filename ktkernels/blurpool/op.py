@@ -262,12 +262,13 @@ def max_blur_pool2d(
         codes.copy_(ref_codes)
         return y, codes
     axes = blur_plan(tuple(codes.shape[2:]), filt_size, stride, padding, pad_mode, "max_blur_pool2d")
-    rows, cols = _tables(axes, False, x.device)
     if name == "triton":
         from . import triton as kernels
 
-        kernels.max_blur_forward(x, max_kernel, max_padding, (stride, stride), rows, cols, y, codes)
+        bands = tuple(device_table(axis, False, x.device, kind="banded") for axis in axes)
+        kernels.max_blur_forward(x, max_kernel, max_padding, (stride, stride), *bands, y, codes)
     else:
+        rows, cols = _tables(axes, False, x.device)
         torch.ops.ktkernels_C.max_blur_forward_(x, max_kernel, max_padding, stride, stride, *rows, *cols, y, codes)
     return y, codes
 

@@ -3,8 +3,14 @@
 Each program computes a (BC, BH, BW) tile of one image: BC channels x BH rows x BW columns.
 The launcher picks the tile from the memory layout. NCHW-like inputs use a wide BW, channels_last
 inputs a wide BC, so that the innermost memory axis is the fastest tile axis (Triton orders the tile
-by the contiguity it can prove). All index maths of padding sits in the (index, weight) tables of
-``geometry.py``, so the blur forward, its backward and BlurPool1d are the same gather kernel.
+by the contiguity it can prove). All index maths of padding sits in the tables of ``geometry.py``:
+
+- ``_gather_kernel``: (index, weight) tables, so the blur forward, its backward and BlurPool1d are one
+  gather kernel;
+- ``_max_blur_kernel``: banded tables (a base and contiguous weights per output), one output row per
+  program, so that each x element of the window is loaded once and the max map is formed in registers;
+- ``_max_blur_backward_kernel``: the adjoint tables, routed through the argmax codes.
+
 Maths is fp32 (fp64 for fp64 inputs) right after every load: bf16 arithmetic is also wrong under the
 interpreter.
 """
@@ -21,33 +27,33 @@ def _next_pow2(n: int) -> int:
 
 
 NUM_WARPS = 4
-# Max-blur unrolls k*k taps x kmax*kmax window loads: 8-byte vectors keep it near 128 registers, 16-byte
-# vectors need ~190 (8 resident warps per SM instead of 16).
-MAX_BLUR_VECTOR = 8
+# Elements per thread of the max-blur kernels: their window of x values, maxes and codes lives in registers,
+# and 2 per thread keeps them spill-free at 16 resident warps per SM (python -m ktkernels.bench codegen).
+MAX_BLUR_PER_THREAD = 2
 
 
-def _tile(
-    channels: int, rows: int, cols: int, channels_inner: bool, itemsize: int, vector_bytes: int = 16
-) -> tuple[int, int, int, int]:
-    """(BC, BH, BW, num_warps) for an output region of channels x rows x cols of ``itemsize``-byte elements.
+def _tile(channels: int, rows: int, cols: int, channels_inner: bool, per_thread: int) -> tuple[int, int, int, int]:
+    """(BC, BH, BW, num_warps) for an output region of channels x rows x cols, ``per_thread`` elements per thread.
 
-    channels_inner tiles give each thread one ``vector_bytes`` vector along C (16: 4 fp32, 8 bf16), loaded
-    as one instruction per tap. Planar tiles gather element by element (the taps of stride-s outputs are
-    not contiguous), 4 per thread. More elements per thread multiply the registers by the unrolled taps
-    and cut the resident warps (``python -m ktkernels.bench codegen``; benchmarks/NOTES.md, "codegen").
+    channels_inner tiles put a thread's elements on neighbouring channels, so that each tap is one vector
+    load; planar tiles put them along W. Registers grow with the elements per thread times the unrolled taps,
+    and cut the resident warps (benchmarks/NOTES.md, "codegen").
     """
+    elements = 32 * NUM_WARPS * per_thread
     if channels_inner:
-        per_thread = max(vector_bytes // itemsize, 1)
-        elements = 32 * NUM_WARPS * per_thread
         bc = min(_next_pow2(channels), 16 * per_thread)
         bw = min(_next_pow2(cols), max(1, elements // bc))
         bh = min(_next_pow2(rows), max(1, elements // (bc * bw)))
     else:
-        elements = 32 * NUM_WARPS * 4
         bw = min(_next_pow2(cols), 64)
         bh = min(_next_pow2(rows), max(1, elements // bw))
         bc = min(_next_pow2(channels), max(1, elements // (bh * bw)))
     return bc, bh, bw, NUM_WARPS
+
+
+def _blur_per_thread(t: torch.Tensor) -> int:
+    """One 16-byte vector (4 fp32, 8 bf16) per thread when channels are inner; planar gathers take 4 elements."""
+    return max(16 // t.element_size(), 1) if _channels_inner(t) else 4
 
 
 @triton.jit
@@ -70,20 +76,6 @@ def _tile_coords(C, HO, WO, BC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr
 
 
 @triton.jit
-def _window_max(base, r, q, ok, H, W, s_h, s_w, PMAX, KMAX: tl.constexpr, ACC: tl.constexpr):
-    """max over x[r+a-PMAX, q+b-PMAX], a,b < KMAX (out-of-range excluded; NaN propagates)."""
-    best = tl.full(ok.shape, float("-inf"), ACC)
-    for a in tl.static_range(KMAX):
-        rr = r + (a - PMAX)
-        for b in tl.static_range(KMAX):
-            qq = q + (b - PMAX)
-            inside = ok & (rr >= 0) & (rr < H) & (qq >= 0) & (qq < W)
-            v = tl.load(base + rr * s_h + qq * s_w, mask=inside, other=float("-inf")).to(ACC)
-            best = tl.where(inside & ((v > best) | (v != v)), v, best)
-    return best
-
-
-@triton.jit
 def _separable_sum(
     base,
     rows,
@@ -95,20 +87,15 @@ def _separable_sum(
     rw_ptr,
     ci_ptr,
     cw_ptr,
-    H,
-    W,
     s_h,
     s_w,
-    PMAX,
     KH: tl.constexpr,
     KW: tl.constexpr,
-    KMAX: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """sum_u sum_v rw[rows,u] * cw[cols,v] * src[ri[rows,u], ci[cols,v]], accumulated in ACC.
+    """sum_u sum_v rw[rows,u] * cw[cols,v] * src[ri[rows,u], ci[cols,v]] for the tensor at ``base``, in ACC.
 
-    ``src`` is the tensor at ``base`` (KMAX == 0) or its stride-1 KMAX x KMAX max map. Taps with
-    weight 0 (zero padding, unused adjoint slots) are not loaded, so inf/NaN elsewhere cannot leak.
+    Taps with weight 0 (zero padding, unused adjoint slots) are not loaded, so inf/NaN elsewhere cannot leak.
     """
     acc = tl.zeros(ok.shape, ACC)
     for u in tl.static_range(KH):
@@ -119,11 +106,7 @@ def _separable_sum(
             q = tl.load(ci_ptr + cols * KW + v, mask=col_ok, other=0)
             cw = tl.load(cw_ptr + cols * KW + v, mask=col_ok, other=0.0)
             live = ok & (rw != 0.0) & (cw != 0.0)
-            if KMAX == 0:
-                val = tl.load(base + r * s_h + q * s_w, mask=live, other=0.0).to(ACC)
-            else:
-                val = tl.where(live, _window_max(base, r, q, live, H, W, s_h, s_w, PMAX, KMAX, ACC), 0.0)
-            line += cw * val
+            line += cw * tl.load(base + r * s_h + q * s_w, mask=live, other=0.0).to(ACC)
         acc += rw * line
     return acc
 
@@ -131,15 +114,68 @@ def _separable_sum(
 # Spatial sizes are not specialised (fewer recompiles across shapes). Strides and C are: a unit inner
 # stride proves contiguity, and C % 16 == 0 proves the channel mask constant over a vector; without the
 # latter every channels_last tap compiled to scalar loads (benchmarks/NOTES.md, "codegen").
-@triton.jit(do_not_specialize=["H", "W", "HO", "WO", "HM", "WM", "STRIDE_H", "STRIDE_W", "PMAX"])
+@triton.jit(do_not_specialize=["H", "W", "HO", "WO"])
 def _gather_kernel(
     x_ptr,
     out_ptr,
-    codes_ptr,
     ri_ptr,
     rw_ptr,
     ci_ptr,
     cw_ptr,
+    C,
+    H,
+    W,
+    HO,
+    WO,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    son,
+    soc,
+    soh,
+    sow,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+):
+    """out = R_rows x R_cols^T per plane, the rows of R given as (index, weight) tables."""
+    n, c, i, j = _tile_coords(C, HO, WO, BC, BH, BW)
+    i_ok = i < HO
+    j_ok = j < WO
+    ok = (c < C) & i_ok & j_ok
+    base = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+    acc = _separable_sum(base, i, i_ok, j, j_ok, ok, ri_ptr, rw_ptr, ci_ptr, cw_ptr, sxh, sxw, KH, KW, ACC)
+    out = out_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc + i * soh + j * sow
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _argmax_step(best, code, v, valid, index):
+    """torch.max_pool2d's scan: v (at ``index``) replaces best if v > best or v is NaN; the first valid v always."""
+    take = valid & ((v > best) | (v != v) | (code < 0))
+    return tl.where(take, v, best), tl.where(take, index, code)
+
+
+@triton.jit
+def _owns(p, out_index, stride, out_size, size):
+    """Whether output ``out_index`` writes the code of max-map position ``p`` (geometry.codes_per_owner)."""
+    first = out_index * stride
+    return (p >= first) & ((p < first + stride) | (out_index == out_size - 1)) & (p < size)
+
+
+@triton.jit(do_not_specialize=["H", "W", "HO", "WO", "HM", "WM", "STRIDE_H", "STRIDE_W", "PMAX"])
+def _max_blur_kernel(
+    x_ptr,
+    out_ptr,
+    codes_ptr,
+    rbase_ptr,
+    rband_ptr,
+    cbase_ptr,
+    cband_ptr,
     C,
     H,
     W,
@@ -162,51 +198,74 @@ def _gather_kernel(
     STRIDE_H,
     STRIDE_W,
     PMAX,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
     KMAX: tl.constexpr,
-    OWN_H: tl.constexpr,
-    OWN_W: tl.constexpr,
     ACC: tl.constexpr,
     BC: tl.constexpr,
-    BH: tl.constexpr,
     BW: tl.constexpr,
 ):
-    """out = gather(x) (KMAX == 0) or gather(maxmap(x)) plus the argmax codes this tile owns."""
-    n, c, i, j = _tile_coords(C, HO, WO, BC, BH, BW)
-    c_ok = c < C
-    i_ok = i < HO
+    """out[i, j] = sum_e sum_d rband[i, e] cband[j, d] m[rbase[i] + e, cbase[j] + d], and the codes it owns.
+
+    m is the stride-1 KMAX x KMAX max map of x (padding PMAX, out-of-range excluded). One output row per
+    program: the x rows rbase[i] + e + a - PMAX and columns cbase[j] + d + b - PMAX of the window are loaded
+    once each, (DH + KMAX - 1) x (DW + KMAX - 1) loads per output instead of DH * DW * KMAX^2. The max is
+    taken along the row first, then down the column, which picks the same element as torch's row-major
+    scan. Every max-map position in the window whose code this output owns is stored, so each code is
+    written exactly once grid-wide (the bands cover the owned positions: geometry.banded_table).
+    """
+    n, c, i, j = _tile_coords(C, HO, WO, BC, 1, BW)
     j_ok = j < WO
-    ok = c_ok & i_ok & j_ok
-    base = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
-    acc = _separable_sum(
-        base, i, i_ok, j, j_ok, ok, ri_ptr, rw_ptr, ci_ptr, cw_ptr, H, W, sxh, sxw, PMAX, KH, KW, KMAX, ACC
-    )
+    ok = (c < C) & j_ok
+    x_base = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+    k_base = codes_ptr + n.to(tl.int64) * skn + c.to(tl.int64) * skc
+    rbase = tl.load(rbase_ptr + i)
+    cbase = tl.load(cbase_ptr + j, mask=j_ok, other=0)
+    acc = tl.zeros(ok.shape, ACC)
+    # Flat tuples (Triton's compiler does not nest them): the row max of band column d at x row rho sits at
+    # rho * DW + d, with the index b of its element (-1: no element in range).
+    row_max = ()
+    row_arg = ()
+    for rho in tl.static_range(DH + KMAX - 1):
+        xr = rbase + (rho - PMAX)
+        row_ok = ok & (xr >= 0) & (xr < H)
+        values = ()
+        inside = ()
+        for t in tl.static_range(DW + KMAX - 1):
+            xc = cbase + (t - PMAX)
+            valid = row_ok & (xc >= 0) & (xc < W)
+            values = values + (tl.load(x_base + xr * sxh + xc * sxw, mask=valid, other=float("-inf")).to(ACC),)
+            inside = inside + (valid,)
+        for d in tl.static_range(DW):
+            best = tl.full(ok.shape, float("-inf"), ACC)
+            code = tl.full(ok.shape, -1, tl.int32)
+            for b in tl.static_range(KMAX):
+                best, code = _argmax_step(best, code, values[d + b], inside[d + b], b)
+            row_max = row_max + (best,)
+            row_arg = row_arg + (code,)
+        # Band row e = rho - (KMAX - 1) has all its x rows now. (Spelt out below: a local e would not stay a
+        # compile-time constant, and tuples take constant indices only.)
+        if rho >= KMAX - 1:
+            r = rbase + (rho - (KMAX - 1))
+            r_owned = _owns(r, i, STRIDE_H, HO, HM)
+            line = tl.zeros(ok.shape, ACC)
+            for d in tl.static_range(DW):
+                best = tl.full(ok.shape, float("-inf"), ACC)
+                code = tl.full(ok.shape, -1, tl.int32)
+                for a in tl.static_range(KMAX):
+                    b = row_arg[(rho - (KMAX - 1) + a) * DW + d]
+                    best, code = _argmax_step(
+                        best, code, row_max[(rho - (KMAX - 1) + a) * DW + d], b >= 0, a * KMAX + b
+                    )
+                cw = tl.load(cband_ptr + j * DW + d, mask=j_ok, other=0.0)
+                line += tl.where(cw != 0.0, cw * best, 0.0)
+                q = cbase + d
+                owned = ok & r_owned & _owns(q, j, STRIDE_W, WO, WM)
+                tl.store(k_base + r * skh + q * skw, code.to(tl.uint8), mask=owned)
+            rw = tl.load(rband_ptr + i * DH + (rho - (KMAX - 1)))
+            acc += tl.where(rw != 0.0, rw * line, 0.0)
     out = out_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc + i * soh + j * sow
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ok)
-    if KMAX > 0:
-        # Output (i, j) owns max-map rows [s*i, s*i + s) and columns alike; the last row/column of
-        # outputs also owns the remainder. So each code is computed and written exactly once.
-        codes = codes_ptr + n.to(tl.int64) * skn + c.to(tl.int64) * skc
-        for oh in tl.static_range(OWN_H):
-            r = i * STRIDE_H + oh
-            r_ok = i_ok & (r < HM) & ((oh < STRIDE_H) | (i == HO - 1))
-            for ow in tl.static_range(OWN_W):
-                q = j * STRIDE_W + ow
-                q_ok = j_ok & (q < WM) & ((ow < STRIDE_W) | (j == WO - 1))
-                live = c_ok & r_ok & q_ok
-                best = tl.full(live.shape, float("-inf"), ACC)
-                code = tl.full(live.shape, -1, tl.int32)
-                for a in tl.static_range(KMAX):
-                    rr = r + (a - PMAX)
-                    for b in tl.static_range(KMAX):
-                        qq = q + (b - PMAX)
-                        inside = live & (rr >= 0) & (rr < H) & (qq >= 0) & (qq < W)
-                        v = tl.load(base + rr * sxh + qq * sxw, mask=inside, other=float("-inf")).to(ACC)
-                        take = inside & ((v > best) | (v != v) | (code < 0))
-                        best = tl.where(take, v, best)
-                        code = tl.where(take, a * KMAX + b, code)
-                tl.store(codes + r * skh + q * skw, code.to(tl.uint8), mask=live)
 
 
 @triton.jit(do_not_specialize=["H", "W", "HM", "WM", "PMAX"])
@@ -263,9 +322,7 @@ def _max_blur_backward_kernel(
             c_in = (cc >= 0) & (cc < WM)
             code = tl.load(k_base + r * skh + cc * skw, mask=ok & r_ok & c_in, other=255).to(tl.int32)
             hit = ok & r_ok & c_in & (code == a * KMAX + b)
-            acc += _separable_sum(
-                g_base, r, r_ok, cc, c_in, hit, ri_ptr, rw_ptr, ci_ptr, cw_ptr, 0, 0, sgh, sgw, 0, KH, KW, 0, ACC
-            )
+            acc += _separable_sum(g_base, r, r_ok, cc, c_in, hit, ri_ptr, rw_ptr, ci_ptr, cw_ptr, sgh, sgw, KH, KW, ACC)
     gx = gx_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + p * sxh + q * sxw
     tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=ok)
 
@@ -285,40 +342,15 @@ def _grid(n: int, c: int, h: int, w: int, bc: int, bh: int, bw: int) -> tuple[in
 
 def blur_gather(x: torch.Tensor, rows: tuple, cols: tuple, out: torch.Tensor) -> None:
     """``out = R_rows x R_cols^T`` per (n, c) plane, for 4-D x and out of any strides."""
-    _gather(x, rows, cols, out, None, 0, 0, 1, 1)
-
-
-def max_blur_forward(
-    x: torch.Tensor,
-    kmax: int,
-    pmax: int,
-    stride: tuple[int, int],
-    rows: tuple,
-    cols: tuple,
-    out: torch.Tensor,
-    codes: torch.Tensor,
-) -> None:
-    """``out = gather(maxmap(x))`` and the argmax ``codes`` of every max-map position."""
-    _gather(x, rows, cols, out, codes, kmax, pmax, stride[0], stride[1])
-
-
-def _gather(x, rows, cols, out, codes, kmax, pmax, stride_h, stride_w) -> None:
     n, c, h, w = x.shape
     ho, wo = out.shape[2:]
     if out.numel() == 0:
         return
     (ri, rw), (ci, cw) = rows, cols
-    hm, wm = (codes.shape[2], codes.shape[3]) if codes is not None else (h, w)
-    own_h = max(stride_h, hm - stride_h * (ho - 1), 1) if codes is not None else 1
-    own_w = max(stride_w, wm - stride_w * (wo - 1), 1) if codes is not None else 1
-    bc, bh, bw, warps = _tile(
-        c, ho, wo, _channels_inner(x), x.element_size(), MAX_BLUR_VECTOR if codes is not None else 16
-    )
-    k_strides = codes.stride() if codes is not None else (0, 0, 0, 0)
+    bc, bh, bw, warps = _tile(c, ho, wo, _channels_inner(x), _blur_per_thread(x))
     _gather_kernel[_grid(n, c, ho, wo, bc, bh, bw)](
         x,
         out,
-        codes if codes is not None else out,
         ri,
         rw,
         ci,
@@ -328,22 +360,64 @@ def _gather(x, rows, cols, out, codes, kmax, pmax, stride_h, stride_w) -> None:
         w,
         ho,
         wo,
-        hm,
-        wm,
         *x.stride(),
         *out.stride(),
-        *k_strides,
-        stride_h,
-        stride_w,
-        pmax,
         KH=ri.shape[1],
         KW=ci.shape[1],
-        KMAX=kmax,
-        OWN_H=own_h,
-        OWN_W=own_w,
         ACC=_acc_dtype(x),
         BC=bc,
         BH=bh,
+        BW=bw,
+        num_warps=warps,
+    )
+
+
+def max_blur_forward(
+    x: torch.Tensor,
+    kmax: int,
+    pmax: int,
+    stride: tuple[int, int],
+    row_bands: tuple,
+    col_bands: tuple,
+    out: torch.Tensor,
+    codes: torch.Tensor,
+) -> None:
+    """``out = R_rows maxmap(x) R_cols^T`` and the argmax ``codes`` of every max-map position.
+
+    ``row_bands`` / ``col_bands`` are (base, band) tables of the max-map axes (geometry.banded_table).
+    """
+    n, c, h, w = x.shape
+    ho, wo = out.shape[2:]
+    if out.numel() == 0:
+        return
+    (rbase, rband), (cbase, cband) = row_bands, col_bands
+    bc, _, bw, warps = _tile(c, 1, wo, _channels_inner(x), MAX_BLUR_PER_THREAD)
+    _max_blur_kernel[_grid(n, c, ho, wo, bc, 1, bw)](
+        x,
+        out,
+        codes,
+        rbase,
+        rband,
+        cbase,
+        cband,
+        c,
+        h,
+        w,
+        ho,
+        wo,
+        codes.shape[2],
+        codes.shape[3],
+        *x.stride(),
+        *out.stride(),
+        *codes.stride(),
+        stride[0],
+        stride[1],
+        pmax,
+        DH=rband.shape[1],
+        DW=cband.shape[1],
+        KMAX=kmax,
+        ACC=_acc_dtype(x),
+        BC=bc,
         BW=bw,
         num_warps=warps,
     )
@@ -363,7 +437,7 @@ def max_blur_backward(
     if grad_input.numel() == 0:
         return
     (ri, rw), (ci, cw) = rows, cols
-    bc, bh, bw, warps = _tile(c, h, w, _channels_inner(grad_input), grad_input.element_size(), MAX_BLUR_VECTOR)
+    bc, bh, bw, warps = _tile(c, h, w, _channels_inner(grad_input), MAX_BLUR_PER_THREAD)
     _max_blur_backward_kernel[_grid(n, c, h, w, bc, bh, bw)](
         grad,
         codes,
