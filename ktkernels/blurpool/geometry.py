@@ -195,20 +195,57 @@ def banded_table(axis: Axis) -> tuple[np.ndarray, np.ndarray]:
     return base, band  # sums of dyadic taps: exact in fp32
 
 
+@functools.lru_cache(maxsize=512)
+def routing_table(axis: Axis, kmax: int, pmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """The max-blur backward along one axis: for each input position, the output band that reaches it.
+
+    ``axis`` is the max map's axis (size M) and the input has ``M + kmax - 1 - 2 pmax`` positions. Input
+    position ``p`` sits in slot ``a`` of the max-pool windows at ``r = p - a + pmax``; the blur's gradient
+    there is ``sum_i R[i, r] g[i]``. Returns ``base`` (L,) and ``weight`` (L, kmax, D) with
+    ``weight[p, a, e] = R[base[p] + e, p - a + pmax]`` (0 where r is outside the max map), so a kernel loads
+    the D gradient rows of ``p`` once and forms the kmax window gradients from them.
+    """
+    idx, w = forward_table(axis)
+    dense = np.zeros((axis.out_size, axis.size), dtype=np.float64)
+    np.add.at(dense, (np.arange(axis.out_size)[:, None].repeat(idx.shape[1], 1), idx), w)
+    length = axis.size + kmax - 1 - 2 * pmax
+    slots = np.arange(length)[:, None] - np.arange(kmax)[None, :] + pmax  # (L, kmax) max-map positions
+    inside = (slots >= 0) & (slots < axis.size)
+    reach = np.zeros((length, kmax, axis.out_size), dtype=np.float64)
+    reach[inside] = dense[:, slots[inside]].T
+    used = np.abs(reach).sum(axis=1) != 0  # (L, out_size): outputs whose gradient reaches p
+    base = np.where(used.any(axis=1), used.argmax(axis=1), 0).astype(np.int32)
+    last = np.where(used.any(axis=1), axis.out_size - 1 - used[:, ::-1].argmax(axis=1), 0)
+    width = int(max((last - base).max(initial=0) + 1, 1))
+    weight = np.zeros((length, kmax, width), dtype=np.float32)
+    for e in range(width):
+        rows = np.minimum(base + e, axis.out_size - 1)
+        weight[:, :, e] = np.where((base + e < axis.out_size)[:, None], reach[np.arange(length), :, rows], 0.0)
+    return base, weight  # sums of dyadic taps: exact in fp32
+
+
 _DEVICE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-_HOST_TABLES = {"forward": forward_table, "adjoint": adjoint_table, "banded": banded_table}
+_HOST_TABLES = {
+    "forward": forward_table,
+    "adjoint": adjoint_table,
+    "banded": banded_table,
+    "routing": routing_table,
+}
 
 
-def device_table(axis: Axis, adjoint: bool, device: torch.device, kind: str | None = None) -> tuple[torch.Tensor, ...]:
-    """A table of ``axis`` on ``device`` (``kind``: forward | adjoint | banded; default from ``adjoint``), cached.
+def device_table(
+    axis: Axis, adjoint: bool, device: torch.device, kind: str | None = None, *args: int
+) -> tuple[torch.Tensor, ...]:
+    """A table of ``axis`` on ``device``, cached: one host-to-device copy per shape.
 
-    One host-to-device copy per shape: (index int32, weight float32), or (base int32, band float32).
+    ``kind``: forward | adjoint (default from ``adjoint``): (index int32, weight float32); banded: (base
+    int32, band float32); routing (``args`` = kmax, pmax): (base int32, weight float32).
     """
     kind = kind or ("adjoint" if adjoint else "forward")
-    key = (axis, kind, device)
+    key = (axis, kind, device, *args)
     table = _DEVICE_TABLES.get(key)
     if table is None:
-        table = tuple(torch.from_numpy(a).to(device) for a in _HOST_TABLES[kind](axis))
+        table = tuple(torch.from_numpy(a).to(device) for a in _HOST_TABLES[kind](axis, *args))
         _DEVICE_TABLES[key] = table
     return table
 

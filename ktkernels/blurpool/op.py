@@ -315,12 +315,13 @@ def max_blur_pool2d_backward(
         )
         return gx
     axes = blur_plan(tuple(codes.shape[2:]), filt_size, stride, padding, pad_mode, "max_blur_pool2d")
-    rows, cols = _tables(axes, True, grad.device)
     if name == "triton":
         from . import triton as kernels
 
-        kernels.max_blur_backward(grad, codes, max_kernel, max_padding, rows, cols, gx)
+        routes = tuple(device_table(a, True, grad.device, "routing", max_kernel, max_padding) for a in axes)
+        kernels.max_blur_backward(grad, codes, max_kernel, max_padding, *routes, gx)
     else:
+        rows, cols = _tables(axes, True, grad.device)
         torch.ops.ktkernels_C.max_blur_backward_(grad, codes, max_kernel, max_padding, *rows, *cols, gx)
     return gx
 

@@ -268,18 +268,20 @@ def _max_blur_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit(do_not_specialize=["H", "W", "HM", "WM", "PMAX"])
+@triton.jit(do_not_specialize=["H", "W", "HO", "WO", "HM", "WM", "PMAX"])
 def _max_blur_backward_kernel(
     g_ptr,
     codes_ptr,
     gx_ptr,
-    ri_ptr,
-    rw_ptr,
-    ci_ptr,
-    cw_ptr,
+    rbase_ptr,
+    rweight_ptr,
+    cbase_ptr,
+    cweight_ptr,
     C,
     H,
     W,
+    HO,
+    WO,
     HM,
     WM,
     sgn,
@@ -295,34 +297,51 @@ def _max_blur_backward_kernel(
     sxh,
     sxw,
     PMAX,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
     KMAX: tl.constexpr,
     ACC: tl.constexpr,
     BC: tl.constexpr,
-    BH: tl.constexpr,
     BW: tl.constexpr,
 ):
-    """gx[p,q] = sum_{a,b} [codes[r,c] == a*KMAX+b] * gm[r,c], r = p-a+PMAX, c = q-b+PMAX.
+    """gx[p, q] = sum_{a,b} [codes[r, c] == a*KMAX + b] gm[r, c] with r = p - a + PMAX, c = q - b + PMAX.
 
-    gm (the blur's gradient on the max map) is gathered on the fly through the adjoint tables; it is
-    never stored. Deterministic: every gx element is owned by one program, no atomics.
+    gm (the blur's gradient on the max map) is formed from the output gradient through the routing tables
+    (geometry.routing_table): input row p reads the DH gradient rows from rbase[p] once, column q the DW
+    columns from cbase[q], and every window slot (a, b) weighs the same DH x DW values. One input row per
+    program; every gx element is written by one program, no atomics: deterministic.
     """
-    n, c, p, q = _tile_coords(C, H, W, BC, BH, BW)
-    c_ok = c < C
-    ok = c_ok & (p < H) & (q < W)
+    n, c, p, q = _tile_coords(C, H, W, BC, 1, BW)
+    q_ok = q < W
+    ok = (c < C) & q_ok
     g_base = g_ptr + n.to(tl.int64) * sgn + c.to(tl.int64) * sgc
     k_base = codes_ptr + n.to(tl.int64) * skn + c.to(tl.int64) * skc
+    rbase = tl.load(rbase_ptr + p)
+    cbase = tl.load(cbase_ptr + q, mask=q_ok, other=0)
+    grads = ()  # grad[rbase + e, cbase + f] at e * DW + f
+    for e in tl.static_range(DH):
+        gr = rbase + e
+        row_ok = ok & (gr < HO)
+        for f in tl.static_range(DW):
+            gc = cbase + f
+            grads = grads + (tl.load(g_base + gr * sgh + gc * sgw, mask=row_ok & (gc < WO), other=0.0).to(ACC),)
     acc = tl.zeros(ok.shape, ACC)
     for a in tl.static_range(KMAX):
         r = p - a + PMAX
         r_ok = (r >= 0) & (r < HM)
         for b in tl.static_range(KMAX):
             cc = q - b + PMAX
-            c_in = (cc >= 0) & (cc < WM)
-            code = tl.load(k_base + r * skh + cc * skw, mask=ok & r_ok & c_in, other=255).to(tl.int32)
-            hit = ok & r_ok & c_in & (code == a * KMAX + b)
-            acc += _separable_sum(g_base, r, r_ok, cc, c_in, hit, ri_ptr, rw_ptr, ci_ptr, cw_ptr, sgh, sgw, KH, KW, ACC)
+            live = ok & r_ok & (cc >= 0) & (cc < WM)
+            code = tl.load(k_base + r * skh + cc * skw, mask=live, other=255).to(tl.int32)
+            gm = tl.zeros(ok.shape, ACC)
+            for e in tl.static_range(DH):
+                wr = tl.load(rweight_ptr + (p * KMAX + a) * DH + e)
+                line = tl.zeros(ok.shape, ACC)
+                for f in tl.static_range(DW):
+                    wc = tl.load(cweight_ptr + (q * KMAX + b) * DW + f, mask=q_ok, other=0.0)
+                    line += tl.where(wc != 0.0, wc * grads[e * DW + f], 0.0)
+                gm += tl.where(wr != 0.0, wr * line, 0.0)
+            acc += tl.where(live & (code == a * KMAX + b), gm, 0.0)
     gx = gx_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + p * sxh + q * sxw
     tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=ok)
 
@@ -428,39 +447,43 @@ def max_blur_backward(
     codes: torch.Tensor,
     kmax: int,
     pmax: int,
-    rows: tuple,
-    cols: tuple,
+    row_routes: tuple,
+    col_routes: tuple,
     grad_input: torch.Tensor,
 ) -> None:
-    """Gradient of max-blur w.r.t. its input; ``rows``/``cols`` are adjoint tables on the max map."""
+    """Gradient of max-blur w.r.t. its input; ``row_routes``/``col_routes`` are (base, weight) routing tables."""
     n, c, h, w = grad_input.shape
     if grad_input.numel() == 0:
         return
-    (ri, rw), (ci, cw) = rows, cols
-    bc, bh, bw, warps = _tile(c, h, w, _channels_inner(grad_input), MAX_BLUR_PER_THREAD)
-    _max_blur_backward_kernel[_grid(n, c, h, w, bc, bh, bw)](
+    (rbase, rweight), (cbase, cweight) = row_routes, col_routes
+    # Its window (DH x DW gradient values) is smaller than the forward's: 4 elements per thread fit when
+    # channels are inner (16-byte fp32 vectors at 56 registers); planar gathers keep 2.
+    inner = _channels_inner(grad_input)
+    bc, _, bw, warps = _tile(c, 1, w, inner, 4 if inner else MAX_BLUR_PER_THREAD)
+    _max_blur_backward_kernel[_grid(n, c, h, w, bc, 1, bw)](
         grad,
         codes,
         grad_input,
-        ri,
-        rw,
-        ci,
-        cw,
+        rbase,
+        rweight,
+        cbase,
+        cweight,
         c,
         h,
         w,
+        grad.shape[2],
+        grad.shape[3],
         codes.shape[2],
         codes.shape[3],
         *grad.stride(),
         *codes.stride(),
         *grad_input.stride(),
         pmax,
-        KH=ri.shape[1],
-        KW=ci.shape[1],
+        DH=rweight.shape[2],
+        DW=cweight.shape[2],
         KMAX=kmax,
         ACC=_acc_dtype(grad),
         BC=bc,
-        BH=bh,
         BW=bw,
         num_warps=warps,
     )
