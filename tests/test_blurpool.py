@@ -481,6 +481,35 @@ def test_banded_table_is_r_and_covers_the_owned_codes():
         assert torch.equal(banded, dense), axis
 
 
+def test_routing_table_reaches_every_window_slot():
+    """weight[p, a, e] = R[base[p] + e, p - a + pmax] for every output e could name, and 0 elsewhere."""
+    rng = random.Random(11)
+    for _ in range(100):
+        kmax = rng.randint(1, 3)
+        pmax = rng.randint(0, kmax // 2)
+        k, s, mode = rng.randint(1, 7), rng.randint(1, 4), rng.choice(("replicate", "zero"))
+        size = rng.randint(max(1, k - 2), 12)
+        axis = geometry.Axis(size, k, s, rng.randint(0, 2), rng.randint(0, 2), mode)
+        if axis.out_size < 1:
+            continue
+        dense = torch.zeros(axis.out_size, size, dtype=torch.float64)
+        idx, w = geometry.forward_table(axis)
+        for i in range(axis.out_size):
+            for u in range(k):
+                dense[i, idx[i, u]] += float(w[i, u])
+        base, weight = geometry.routing_table(axis, kmax, pmax)
+        assert weight.shape[:2] == (size + kmax - 1 - 2 * pmax, kmax)
+        for p in range(weight.shape[0]):
+            for a in range(kmax):
+                r = p - a + pmax
+                expected = dense[:, r] if 0 <= r < size else torch.zeros(axis.out_size, dtype=torch.float64)
+                got = torch.zeros(axis.out_size, dtype=torch.float64)
+                for e in range(weight.shape[2]):
+                    if base[p] + e < axis.out_size:
+                        got[base[p] + e] = float(weight[p, a, e])
+                assert torch.equal(got, expected), (axis, kmax, pmax, p, a)
+
+
 def test_backward_saves_no_activations_and_compact_codes():
     """The blur saves nothing; the max-blur saves only uint8 codes (no max map, no int64 indices)."""
     saved: list[torch.Tensor] = []
