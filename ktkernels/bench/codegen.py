@@ -109,6 +109,43 @@ def _blurpool_cases(dtype: torch.dtype, layout: str) -> dict[str, Callable[[], o
     }
 
 
+# (max_kernel, max_padding, filt_size, stride, mode): the max-blur geometries of tests/test_blurpool.py.
+MAX_GEOMETRIES = [(2, 0, 4, 2, "reflect"), (3, 1, 4, 2, "reflect"), (2, 0, 3, 2, "zero"), (2, 0, 5, 3, "replicate")]
+MAX_GEOMETRIES += [(3, 1, 2, 1, "zero"), (3, 0, 7, 4, "zero")]
+
+
+def _blurpool_geometry_cases(dtype: torch.dtype, layout: str) -> dict[str, Callable[[], object]]:
+    """The smallest, a middle and the largest filter at strides 1, 2 and 4 (2-D and 1-D), and the tested max-blur
+    geometries, on odd small shapes.
+
+    Not a performance view: it proves that every kernel variant the tests run under the interpreter also
+    compiles for the GPU (the compiler is stricter than the interpreter, e.g. on compile-time constants).
+    """
+    from ..blurpool import geometry, op
+
+    def blur(filt_size: int, stride: int) -> Callable[[], object]:
+        def run():
+            pads = list(geometry.adobe_pads(filt_size)) * 2
+            y = op.blur_pool2d(_input((2, 3, 13, 10), dtype, layout), filt_size, stride, pads, "reflect")
+            y.backward(torch.zeros_like(y))
+            z = op.blur_pool1d(_input((2, 3, 13, 10), dtype, layout)[:, :, 0], filt_size, stride, pads[:2], "zero")
+            z.backward(torch.zeros_like(z))
+
+        return run
+
+    def max_blur(kmax: int, pmax: int, filt_size: int, stride: int, mode: str) -> Callable[[], object]:
+        def run():
+            pads = list(geometry.adobe_pads(filt_size)) * 2
+            y = op.max_blur_pool2d(_input((2, 3, 13, 10), dtype, layout), kmax, pmax, filt_size, stride, pads, mode)[0]
+            y.backward(torch.zeros_like(y))
+
+        return run
+
+    cases = {f"blur k{k} s{s}": blur(k, s) for k in (1, 4, 7) for s in (1, 2, 4)}
+    cases.update({f"maxblur {g}": max_blur(*g) for g in MAX_GEOMETRIES})
+    return cases
+
+
 def _dct_cases(dtype: torch.dtype, layout: str) -> dict[str, Callable[[], object]]:
     import ktkernels
 
@@ -153,7 +190,13 @@ def _input(shape: tuple, dtype: torch.dtype, layout: str) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype).to(memory_format=fmt).requires_grad_()
 
 
-FAMILIES = {"blurpool": _blurpool_cases, "dct": _dct_cases, "losses": _losses_cases}
+FAMILIES = {
+    "blurpool": _blurpool_cases,
+    "dct": _dct_cases,
+    "losses": _losses_cases,
+    "blurpool-geometries": _blurpool_geometry_cases,
+}
+DEFAULT_FAMILIES = ("blurpool", "dct", "losses")
 
 
 def cases(
@@ -262,7 +305,7 @@ def markdown(codes: list[KernelCode], env: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ktkernels.bench codegen", description=__doc__)
-    parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma list of {', '.join(FAMILIES)}")
+    parser.add_argument("--families", default=",".join(DEFAULT_FAMILIES), help=f"comma list of {', '.join(FAMILIES)}")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--layouts", default="NCHW,NHWC")
     parser.add_argument("--out", default="benchmarks/results", help="directory for codegen_sm90.{json,md}")

@@ -51,9 +51,16 @@ def _tile(channels: int, rows: int, cols: int, channels_inner: bool, per_thread:
     return bc, bh, bw, NUM_WARPS
 
 
-def _blur_per_thread(t: torch.Tensor) -> int:
-    """One 16-byte vector (4 fp32, 8 bf16) per thread when channels are inner; planar gathers take 4 elements."""
-    return max(16 // t.element_size(), 1) if _channels_inner(t) else 4
+def _blur_per_thread(t: torch.Tensor, taps: int) -> int:
+    """Elements per thread of the blur gather for input ``t`` and ``taps`` = KH * KW unrolled taps.
+
+    One 16-byte vector (4 fp32, 8 bf16) when channels are inner, 4 elements (2 fp64) for planar gathers;
+    fewer for wide filters (k >= 6 at stride 1), whose taps times elements would not fit in the registers.
+    """
+    size = t.element_size()
+    vector = max(16 // size, 1) if _channels_inner(t) else (4 if size <= 4 else 2)
+    budget = max(1, 128 // taps)
+    return min(vector, 1 << (budget.bit_length() - 1))
 
 
 @triton.jit
@@ -366,7 +373,7 @@ def blur_gather(x: torch.Tensor, rows: tuple, cols: tuple, out: torch.Tensor) ->
     if out.numel() == 0:
         return
     (ri, rw), (ci, cw) = rows, cols
-    bc, bh, bw, warps = _tile(c, ho, wo, _channels_inner(x), _blur_per_thread(x))
+    bc, bh, bw, warps = _tile(c, ho, wo, _channels_inner(x), _blur_per_thread(x, ri.shape[1] * ci.shape[1]))
     _gather_kernel[_grid(n, c, ho, wo, bc, bh, bw)](
         x,
         out,
