@@ -233,16 +233,13 @@ _HOST_TABLES = {
 }
 
 
-def device_table(
-    axis: Axis, adjoint: bool, device: torch.device, kind: str | None = None, *args: int
-) -> tuple[torch.Tensor, ...]:
-    """A table of ``axis`` on ``device``, cached: one host-to-device copy per shape.
+def device_table(kind: str, axis: Axis, device: torch.device, *args: int) -> tuple[torch.Tensor, ...]:
+    """The ``kind`` table of ``axis`` on ``device``, cached: one host-to-device copy per shape.
 
-    ``kind``: forward | adjoint (default from ``adjoint``): (index int32, weight float32); banded: (base
-    int32, band float32); routing (``args`` = kmax, pmax): (base int32, weight float32).
+    ``forward`` / ``adjoint``: (index int32, weight float32); ``banded``: (base int32, band float32);
+    ``routing`` (``args`` = kmax, pmax): (base int32, weight float32).
     """
-    kind = kind or ("adjoint" if adjoint else "forward")
-    key = (axis, kind, device, *args)
+    key = (kind, axis, device, *args)
     table = _DEVICE_TABLES.get(key)
     if table is None:
         table = tuple(torch.from_numpy(a).to(device) for a in _HOST_TABLES[kind](axis, *args))

@@ -134,7 +134,7 @@ def _as4d(t: Tensor) -> Tensor:
 
 
 def _tables(axes: tuple[Axis, Axis], adjoint: bool, device: torch.device) -> tuple:
-    return tuple(device_table(axis, adjoint, device) for axis in axes)
+    return tuple(device_table("adjoint" if adjoint else "forward", axis, device) for axis in axes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def max_blur_pool2d(
     if name == "triton":
         from . import triton as kernels
 
-        bands = tuple(device_table(axis, False, x.device, kind="banded") for axis in axes)
+        bands = tuple(device_table("banded", axis, x.device) for axis in axes)
         kernels.max_blur_forward(x, max_kernel, max_padding, (stride, stride), *bands, y, codes)
     else:
         rows, cols = _tables(axes, False, x.device)
@@ -318,7 +318,7 @@ def max_blur_pool2d_backward(
     if name == "triton":
         from . import triton as kernels
 
-        routes = tuple(device_table(a, True, grad.device, "routing", max_kernel, max_padding) for a in axes)
+        routes = tuple(device_table("routing", axis, grad.device, max_kernel, max_padding) for axis in axes)
         kernels.max_blur_backward(grad, codes, max_kernel, max_padding, *routes, gx)
     else:
         rows, cols = _tables(axes, True, grad.device)

@@ -9,7 +9,8 @@ by the contiguity it can prove). All index maths of padding sits in the tables o
   gather kernel;
 - ``_max_blur_kernel``: banded tables (a base and contiguous weights per output), one output row per
   program, so that each x element of the window is loaded once and the max map is formed in registers;
-- ``_max_blur_backward_kernel``: the adjoint tables, routed through the argmax codes.
+- ``_max_blur_backward_kernel``: routing tables (per input position, the band of output gradients that
+  reaches its max-pool window slots), one input row per program; the argmax codes select the slots.
 
 Maths is fp32 (fp64 for fp64 inputs) right after every load: bf16 arithmetic is also wrong under the
 interpreter.
@@ -55,7 +56,8 @@ def _blur_per_thread(t: torch.Tensor, taps: int) -> int:
     """Elements per thread of the blur gather for input ``t`` and ``taps`` = KH * KW unrolled taps.
 
     One 16-byte vector (4 fp32, 8 bf16) when channels are inner, 4 elements (2 fp64) for planar gathers;
-    fewer for wide filters (k >= 6 at stride 1), whose taps times elements would not fit in the registers.
+    fewer for 5x5 taps and more (wide filters at stride 1), whose taps times elements would not fit in the
+    registers.
     """
     size = t.element_size()
     vector = max(16 // size, 1) if _channels_inner(t) else (4 if size <= 4 else 2)
