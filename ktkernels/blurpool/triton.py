@@ -230,6 +230,9 @@ def _max_blur_kernel(
     k_base = codes_ptr + n.to(tl.int64) * skn + c.to(tl.int64) * skc
     rbase = tl.load(rbase_ptr + i)
     cbase = tl.load(cbase_ptr + j, mask=j_ok, other=0)
+    col_weights = ()
+    for d in tl.static_range(DW):
+        col_weights = col_weights + (tl.load(cband_ptr + j * DW + d, mask=j_ok, other=0.0),)
     acc = tl.zeros(ok.shape, ACC)
     # Flat tuples (Triton's compiler does not nest them): the row max of band column d at x row rho sits at
     # rho * DW + d, with the index b of its element (-1: no element in range).
@@ -266,8 +269,7 @@ def _max_blur_kernel(
                     best, code = _argmax_step(
                         best, code, row_max[(rho - (KMAX - 1) + a) * DW + d], b >= 0, a * KMAX + b
                     )
-                cw = tl.load(cband_ptr + j * DW + d, mask=j_ok, other=0.0)
-                line += tl.where(cw != 0.0, cw * best, 0.0)
+                line += tl.where(col_weights[d] != 0.0, col_weights[d] * best, 0.0)
                 q = cbase + d
                 owned = ok & r_owned & _owns(q, j, STRIDE_W, WO, WM)
                 tl.store(k_base + r * skh + q * skw, code.to(tl.uint8), mask=owned)
@@ -327,6 +329,14 @@ def _max_blur_backward_kernel(
     k_base = codes_ptr + n.to(tl.int64) * skn + c.to(tl.int64) * skc
     rbase = tl.load(rbase_ptr + p)
     cbase = tl.load(cbase_ptr + q, mask=q_ok, other=0)
+    # Slot weights: rows (a, e) at a * DH + e, columns (b, f) at b * DW + f.
+    row_weights = ()
+    col_weights = ()
+    for a in tl.static_range(KMAX):
+        for e in tl.static_range(DH):
+            row_weights = row_weights + (tl.load(rweight_ptr + (p * KMAX + a) * DH + e),)
+        for f in tl.static_range(DW):
+            col_weights = col_weights + (tl.load(cweight_ptr + (q * KMAX + a) * DW + f, mask=q_ok, other=0.0),)
     grads = ()  # grad[rbase + e, cbase + f] at e * DW + f
     for e in tl.static_range(DH):
         gr = rbase + e
@@ -344,11 +354,11 @@ def _max_blur_backward_kernel(
             code = tl.load(k_base + r * skh + cc * skw, mask=live, other=255).to(tl.int32)
             gm = tl.zeros(ok.shape, ACC)
             for e in tl.static_range(DH):
-                wr = tl.load(rweight_ptr + (p * KMAX + a) * DH + e)
                 line = tl.zeros(ok.shape, ACC)
                 for f in tl.static_range(DW):
-                    wc = tl.load(cweight_ptr + (q * KMAX + b) * DW + f, mask=q_ok, other=0.0)
+                    wc = col_weights[b * DW + f]
                     line += tl.where(wc != 0.0, wc * grads[e * DW + f], 0.0)
+                wr = row_weights[a * DH + e]
                 gm += tl.where(wr != 0.0, wr * line, 0.0)
             acc += tl.where(live & (code == a * KMAX + b), gm, 0.0)
     gx = gx_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + p * sxh + q * sxw
