@@ -67,7 +67,7 @@ def test_blur_taps_are_vector_loads(kernels, case, taps, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_max_blur_loads_each_window_element_once(kernels, dtype):
     forward = _find(kernels, f"maxblur k4 stem, {dtype} NHWC", "_max_blur_kernel", "DH=4 DW=4 KMAX=2")
-    # The stem's window is (4 + 2 - 1)^2 = 25 x loads per thread, plus ~22 loads of the band tables; the gather
+    # The stem's window is (4 + 2 - 1)^2 = 25 x loads per thread, plus the band-table loads; the gather
     # that recomputed every window (4 * 4 taps x 2 * 2 maxes, and the codes again) issued 96.
     loads = sum(n for op, n in forward["memory"].items() if op.startswith("LDG"))
     assert loads <= 25 + 24, forward
