@@ -37,13 +37,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 def make_input(shape, dtype, device, layout: str) -> torch.Tensor:
     """Fresh random input in the requested memory layout: nchw | channels_last | strided."""
     if layout == "strided":
+        # Slice after the dtype conversion: .to() of a non-dense view returns a contiguous copy.
         n, c, *spatial = shape
-        big = torch.randn(n, c + 1, *[2 * s + 1 for s in spatial], dtype=torch.float64)
+        big = torch.randn(n, c + 1, *[2 * s + 1 for s in spatial], dtype=torch.float64).to(device=device, dtype=dtype)
         x = big[(slice(None), slice(1, None), *[slice(1, None, 2) for _ in spatial])]
-        assert not x.is_contiguous()
-    else:
-        x = torch.randn(shape, dtype=torch.float64)
-    x = x.to(device=device, dtype=dtype)
+        assert x.stride(-1) == 2
+        return x
+    x = torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last) if x.dim() == 4 else x.transpose(1, 2).contiguous().transpose(1, 2)
     return x
@@ -196,13 +196,7 @@ def test_max_blur_pool2d_ties_nan_and_poisoned_outputs(
     x = x.to(device=device, dtype=dtype)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
-    allocate = ktkernels.layout.alloc
-
-    def poisoned(like, shape, channels_last, dtype=None):
-        out = allocate(like, shape, channels_last, dtype)
-        return out.fill_(float("nan") if out.is_floating_point() else 255)
-
-    monkeypatch.setattr(ktkernels.layout, "alloc", poisoned)
+    poison_outputs(monkeypatch)
     pads = list(geometry.adobe_pads(filt_size)) * 2 if padded else [0, 0, 0, 0]
     with ktkernels.use_backend(name):
         y, codes = op.max_blur_pool2d(x, kmax, pmax, filt_size, stride, pads, mode)
@@ -211,6 +205,87 @@ def test_max_blur_pool2d_ties_nan_and_poisoned_outputs(
     y = y.double().cpu()
     assert torch.equal(y.isnan(), exp_y.isnan()), "NaN pattern differs (an unwritten output stays NaN)"
     assert_close(y.nan_to_num(0.0), exp_y.nan_to_num(0.0), dtype)
+
+
+def poison_outputs(monkeypatch) -> None:
+    """Allocate every op output pre-filled with NaN (code 255), so that an element no program writes fails."""
+    allocate = ktkernels.layout.alloc
+
+    def poisoned(like, shape, channels_last, dtype=None):
+        out = allocate(like, shape, channels_last, dtype)
+        return out.fill_(float("nan") if out.is_floating_point() else 255)
+
+    monkeypatch.setattr(ktkernels.layout, "alloc", poisoned)
+
+
+BLUR_EDGE_CASES = [
+    # (N, C, H, W), filt_size, stride, padding (F.pad order), mode
+    ((2, 3, 9, 7), 4, 2, [1, 2, 1, 2], "reflect"),  # odd W: the reflect window is one wider than the filter
+    ((1, 2, 9, 150), 4, 2, [1, 2, 1, 2], "reflect"),  # several column and row tiles
+    ((1, 2, 7, 151), 3, 1, [1, 1, 1, 1], "replicate"),
+    ((1, 2, 10, 141), 5, 4, [0, 3, 2, 2], "zero"),
+    ((2, 2, 8, 13), 7, 1, [3, 3, 3, 3], "reflect"),
+    ((2, 2, 9, 10), 6, 3, [2, 3, 1, 1], "reflect"),  # stride 3: the gather kernel
+]
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("shape,filt_size,stride,padding,mode", BLUR_EDGE_CASES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_blur_pool2d_inf_stays_local_and_every_output_is_written(
+    target, shape, filt_size, stride, padding, mode, layout, monkeypatch
+):
+    """+inf in the input reaches exactly the outputs whose taps read it (a weight-0 window position must not
+    turn it into NaN), forward and backward, on outputs pre-filled with NaN; wide rows take several tiles."""
+    name, device = target
+    dtype = torch.float64 if name != "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(sum(shape) * 10 + filt_size)
+    x = torch.randn(shape, dtype=torch.float64, generator=gen)
+    x.view(-1)[torch.randperm(x.numel(), generator=gen)[:3]] = float("inf")
+    x = make_input(shape, dtype, device, layout).copy_(x.to(dtype)).requires_grad_()
+    poison_outputs(monkeypatch)
+    with ktkernels.use_backend(name):
+        y = op.blur_pool2d(x, filt_size, stride, padding, mode)
+        grad = torch.randn(y.shape, dtype=torch.float64, generator=gen).to(device=device, dtype=dtype)
+        grad[0, 0, 0, -1] = float("inf")
+        y.backward(grad)
+    x64 = x.detach().double().cpu().requires_grad_()
+    expected = ref.blur_pool2d_reference(x64, filt_size, stride, tuple(padding), mode)
+    expected.backward(grad.double().cpu())
+    for got, want in ((y, expected), (x.grad, x64.grad)):
+        got = got.detach().double().cpu()
+        assert not got.isnan().any() and not want.isnan().any()
+        assert torch.equal(got.isinf(), want.isinf()), "inf reached other outputs than the reference's"
+        assert_close(got.nan_to_num(posinf=0.0), want.detach().nan_to_num(posinf=0.0), dtype)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="spies on the Triton launchers under the interpreter")
+def test_triton_planar_kernels_take_planar_inputs(monkeypatch):
+    """Unit-W-stride planar inputs (and 1-D) at strides 1, 2, 4 run the planar kernels, forward and backward;
+    channels_last, strided views and stride 3 run the gather kernel. Results are checked by the tests above."""
+    from ktkernels.blurpool import triton as kernels
+
+    calls = []
+    for fn in ("_planar_forward", "_planar_adjoint", "blur_gather"):
+        real = getattr(kernels, fn)
+        monkeypatch.setattr(kernels, fn, lambda *a, fn=fn, real=real: (calls.append(fn), real(*a))[1])
+
+    def run(x, stride, spatial=2):
+        calls.clear()
+        pads = [1, 2] * spatial
+        with ktkernels.use_backend("triton"):
+            blur = op.blur_pool2d if spatial == 2 else op.blur_pool1d
+            y = blur(x.requires_grad_(), 4, stride, pads, "reflect")
+            y.backward(torch.randn_like(y))  # a contiguous gradient: y.sum()'s would be stride 0
+        return calls[:]
+
+    for stride in (1, 2, 4):
+        assert run(torch.randn(1, 2, 9, 10), stride) == ["_planar_forward", "_planar_adjoint"]
+        assert run(torch.randn(1, 2, 10), stride, spatial=1) == ["_planar_forward", "_planar_adjoint"]
+    assert run(torch.randn(1, 2, 9, 10), 3) == ["blur_gather"] * 2
+    assert run(make_input((1, 2, 9, 10), torch.float32, "cpu", "channels_last"), 2) == ["blur_gather"] * 2
+    # A strided view's gradient and grad_input are allocated planar: only its forward gathers.
+    assert run(make_input((1, 2, 9, 10), torch.float32, "cpu", "strided"), 2) == ["blur_gather", "_planar_adjoint"]
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -435,6 +510,16 @@ def test_backend_env_var():
     assert out.stdout.strip() == "torch"
 
 
+def dense_r(axis: geometry.Axis) -> torch.Tensor:
+    """R (out_size, size) in float64, from the forward table: what every other table must reproduce."""
+    dense = torch.zeros(axis.out_size, axis.size, dtype=torch.float64)
+    idx, w = geometry.forward_table(axis)
+    for i in range(axis.out_size):
+        for u in range(axis.filt_size):
+            dense[i, idx[i, u]] += float(w[i, u])
+    return dense
+
+
 def test_adjoint_table_is_the_transpose():
     """R^T from the adjoint table equals the transpose of R from the forward table, densely."""
     for size, k, s, before, after, mode in [
@@ -443,11 +528,7 @@ def test_adjoint_table_is_the_transpose():
         (6, 3, 3, 4, 0, "zero"),
     ]:
         axis = geometry.Axis(size, k, s, before, after, mode)
-        dense = torch.zeros(axis.out_size, size, dtype=torch.float64)
-        idx, w = geometry.forward_table(axis)
-        for i in range(axis.out_size):
-            for u in range(k):
-                dense[i, idx[i, u]] += float(w[i, u])
+        dense = dense_r(axis)
         dense_t = torch.zeros(size, axis.out_size, dtype=torch.float64)
         idx, w = geometry.adjoint_table(axis)
         for p in range(size):
@@ -456,29 +537,48 @@ def test_adjoint_table_is_the_transpose():
         assert torch.equal(dense_t, dense.T)
 
 
-def test_banded_table_is_r_and_covers_the_owned_codes():
-    """R from the bands equals R from the forward table, and each band covers the codes its output owns."""
-    rng = random.Random(7)
-    for _ in range(200):
+def random_axes(rng: random.Random, count: int):
+    """Up to ``count`` valid random axes: every filter, stride and mode, pads up to k + 1 (reflect: < size)."""
+    for _ in range(count):
         k, s, mode = rng.randint(1, 7), rng.randint(1, 4), rng.choice(geometry.PAD_MODES)
         before, after = rng.randint(0, k + 1), rng.randint(0, k + 1)
         size = rng.randint(max(1, k - before - after, before + 1 if mode == "reflect" else 1, after + 1), 15)
-        if mode == "reflect" and max(before, after) >= size:
-            continue
-        axis = geometry.Axis(size, k, s, before, after, mode)
-        dense, banded = (torch.zeros(axis.out_size, size, dtype=torch.float64) for _ in range(2))
-        idx, w = geometry.forward_table(axis)
+        if mode != "reflect" or max(before, after) < size:
+            yield geometry.Axis(size, k, s, before, after, mode)
+
+
+def test_banded_table_is_r_and_covers_the_owned_codes():
+    """R from the bands equals R from the forward table, and each band covers the codes its output owns."""
+    for axis in random_axes(random.Random(7), 200):
+        size, s = axis.size, axis.stride
+        banded = torch.zeros(axis.out_size, size, dtype=torch.float64)
         base, band = geometry.banded_table(axis)
         owned = geometry.codes_per_owner(size, axis.out_size, s)
         for i in range(axis.out_size):
-            for u in range(k):
-                dense[i, idx[i, u]] += float(w[i, u])
             for d in range(band.shape[1]):
                 if band[i, d] != 0:
                     banded[i, base[i] + d] += float(band[i, d])
             stop = min(s * i + (s if i < axis.out_size - 1 else owned), size)
             assert all(base[i] <= p < base[i] + band.shape[1] for p in range(s * i, stop)), (axis, i)
-        assert torch.equal(banded, dense), axis
+        assert torch.equal(banded, dense_r(axis)), axis
+
+
+def test_window_table_is_r_on_the_stride_grid():
+    """R[i, s*i + offset + d] = weight[d, i] and nothing else, for random axes (pads far from the anchors' too)."""
+    for axis in random_axes(random.Random(13), 200):
+        size, s = axis.size, axis.stride
+        windowed = torch.zeros(axis.out_size, size, dtype=torch.float64)
+        offset, weight = geometry.window_table(axis)
+        assert weight.shape[1] == axis.out_size
+        for i in range(axis.out_size):
+            for d in range(weight.shape[0]):
+                if weight[d, i] != 0:
+                    assert 0 <= s * i + offset + d < size, (axis, i, d)
+                    windowed[i, s * i + offset + d] += float(weight[d, i])
+        assert torch.equal(windowed, dense_r(axis)), axis
+    # Anchor pads on even sizes need no widening; odd sizes widen the reflect window by one.
+    assert geometry.window_table(geometry.Axis(56, 4, 2, 1, 2, "reflect"))[1].shape == (4, 28)
+    assert geometry.window_table(geometry.Axis(7, 4, 2, 1, 2, "reflect"))[1].shape == (5, 4)
 
 
 def test_routing_table_reaches_every_window_slot():
@@ -492,11 +592,7 @@ def test_routing_table_reaches_every_window_slot():
         axis = geometry.Axis(size, k, s, rng.randint(0, 2), rng.randint(0, 2), mode)
         if axis.out_size < 1:
             continue
-        dense = torch.zeros(axis.out_size, size, dtype=torch.float64)
-        idx, w = geometry.forward_table(axis)
-        for i in range(axis.out_size):
-            for u in range(k):
-                dense[i, idx[i, u]] += float(w[i, u])
+        dense = dense_r(axis)
         base, weight = geometry.routing_table(axis, kmax, pmax)
         assert weight.shape[:2] == (size + kmax - 1 - 2 * pmax, kmax)
         for p in range(weight.shape[0]):

@@ -312,7 +312,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown; write nothing")
     args = parser.parse_args(argv)
     dtypes = tuple(getattr(torch, name) for name in args.dtypes.split(","))
-    codes = analyse(cases(tuple(args.families.split(",")), dtypes, tuple(args.layouts.split(","))))
+    layouts = tuple(args.layouts.split(","))
+    if set(layouts) - {"NCHW", "NHWC"}:
+        parser.error(f"--layouts takes NCHW and/or NHWC, got {args.layouts!r}")
+    codes = analyse(cases(tuple(args.families.split(",")), dtypes, layouts))
     if args.json:
         print(json.dumps([dataclasses.asdict(c) for c in codes]))
         return

@@ -196,6 +196,32 @@ def banded_table(axis: Axis) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=512)
+def window_table(axis: Axis) -> tuple[int, np.ndarray]:
+    """Rows of ``R`` as windows on the stride grid: ``offset`` and ``weight`` (D, out_size) with
+    ``R[i, s*i + offset + d] = weight[d, i]``.
+
+    Unlike ``banded_table`` the window starts at ``s*i + offset`` for every output, borders included, so
+    neighbouring outputs read neighbouring memory and a kernel can load them as vectors; the weights are
+    stored tap-major for the same reason. Taps that fold (reflect, replicate) are summed into the window,
+    which is widened just enough to hold them; window positions outside ``[0, size)`` or hit by no tap have
+    weight 0.
+
+    >>> offset, weight = window_table(Axis(7, 4, 2, 1, 2, "reflect"))
+    >>> offset, weight.shape  # the last output's x[8] reflects to x[4]: one position wider than the filter
+    (-2, (5, 4))
+    """
+    idx, weight = forward_table(axis)
+    outputs = np.broadcast_to(np.arange(axis.out_size)[:, None], idx.shape)
+    live = weight != 0
+    rel = idx.astype(np.int64) - axis.stride * outputs
+    offset = int(rel[live].min()) if live.any() else 0
+    width = int(rel[live].max()) - offset + 1 if live.any() else 1
+    window = np.zeros((width, axis.out_size), dtype=np.float32)
+    np.add.at(window, (rel[live] - offset, outputs[live]), weight[live])
+    return offset, window  # sums of dyadic taps: exact in fp32
+
+
+@functools.lru_cache(maxsize=512)
 def routing_table(axis: Axis, kmax: int, pmax: int) -> tuple[np.ndarray, np.ndarray]:
     """The max-blur backward along one axis: for each input position, the output band that reaches it.
 
@@ -224,12 +250,13 @@ def routing_table(axis: Axis, kmax: int, pmax: int) -> tuple[np.ndarray, np.ndar
     return base, weight  # sums of dyadic taps: exact in fp32
 
 
-_DEVICE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_DEVICE_TABLES: dict[tuple, tuple] = {}
 _HOST_TABLES = {
     "forward": forward_table,
     "adjoint": adjoint_table,
     "banded": banded_table,
     "routing": routing_table,
+    "window": window_table,
 }
 
 
@@ -237,12 +264,14 @@ def device_table(kind: str, axis: Axis, device: torch.device, *args: int) -> tup
     """The ``kind`` table of ``axis`` on ``device``, cached: one host-to-device copy per shape.
 
     ``forward`` / ``adjoint``: (index int32, weight float32); ``banded``: (base int32, band float32);
-    ``routing`` (``args`` = kmax, pmax): (base int32, weight float32).
+    ``routing`` (``args`` = kmax, pmax): (base int32, weight float32); ``window``: (offset int, weight float32).
+    Integers stay on the host (they become compile-time constants of the kernels).
     """
     key = (kind, axis, device, *args)
     table = _DEVICE_TABLES.get(key)
     if table is None:
-        table = tuple(torch.from_numpy(a).to(device) for a in _HOST_TABLES[kind](axis, *args))
+        host = _HOST_TABLES[kind](axis, *args)
+        table = tuple(torch.from_numpy(a).to(device) if isinstance(a, np.ndarray) else a for a in host)
         _DEVICE_TABLES[key] = table
     return table
 

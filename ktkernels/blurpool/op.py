@@ -142,13 +142,13 @@ def _tables(axes: tuple[Axis, Axis], adjoint: bool, device: torch.device) -> tup
 
 
 def _gather(name: str, x: Tensor, axes: tuple[Axis, Axis], adjoint: bool, out: Tensor) -> None:
-    rows, cols = _tables(axes, adjoint, x.device)
     x, out = _as4d(x), _as4d(out)
     if name == "triton":
         from . import triton as kernels
 
-        kernels.blur_gather(x, rows, cols, out)
+        kernels.blur(x, axes, adjoint, out)
     else:
+        rows, cols = _tables(axes, adjoint, x.device)
         torch.ops.ktkernels_C.blur_gather_(x, *rows, *cols, out)
 
 

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .geometry import MAX_FILT_SIZE, Axis, device_table, window_table
+
 
 def _next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
@@ -66,8 +68,8 @@ def _blur_per_thread(t: torch.Tensor, taps: int) -> int:
 
 
 @triton.jit
-def _tile_coords(C, HO, WO, BC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
-    """This program's image index and (BC,1,1), (1,BH,1), (1,1,BW) channel/row/column indices."""
+def _tile_blocks(C, HO, WO, BC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """This program's image index and its channel, row and column block numbers (``_grid`` order)."""
     pid = tl.program_id(0)
     n_wb = tl.cdiv(WO, BW)
     n_hb = tl.cdiv(HO, BH)
@@ -78,6 +80,13 @@ def _tile_coords(C, HO, WO, BC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr
     rest = rest // n_hb
     cb = rest % n_cb
     n = rest // n_cb
+    return n, cb, hb, wb
+
+
+@triton.jit
+def _tile_coords(C, HO, WO, BC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """This program's image index and (BC,1,1), (1,BH,1), (1,1,BW) channel/row/column indices."""
+    n, cb, hb, wb = _tile_blocks(C, HO, WO, BC, BH, BW)
     c = cb * BC + tl.arange(0, BC)[:, None, None]
     i = hb * BH + tl.arange(0, BH)[None, :, None]
     j = wb * BW + tl.arange(0, BW)[None, None, :]
@@ -160,6 +169,172 @@ def _gather_kernel(
     acc = _separable_sum(base, i, i_ok, j, j_ok, ok, ri_ptr, rw_ptr, ci_ptr, cw_ptr, sxh, sxw, KH, KW, ACC)
     out = out_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc + i * soh + j * sow
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _phases(g, S: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """The S phases of g (BC, BH, BW*S): phase r is g[..., S*w + r], shape (BC, BH, BW). Register-only."""
+    if S == 1:
+        return (g,)
+    elif S == 2:
+        even, odd = tl.split(tl.reshape(g, (BC, BH, BW, 2)))
+        return even, odd
+    else:
+        # (w, a, b) with r = 2a + b: split b, then a.
+        low, high = tl.split(tl.reshape(g, (BC, BH, BW, 2, 2)))
+        p0, p2 = tl.split(low)
+        p1, p3 = tl.split(high)
+        return p0, p1, p2, p3
+
+
+@triton.jit
+def _interleave(parts, S: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """Inverse of ``_phases``: S tensors (BC, BH, BW) -> (BC, BH, BW*S) with parts[r] at S*w + r."""
+    if S == 1:
+        return parts[0]
+    elif S == 2:
+        return tl.reshape(tl.join(parts[0], parts[1]), (BC, BH, BW * 2))
+    else:
+        return tl.reshape(tl.join(tl.join(parts[0], parts[2]), tl.join(parts[1], parts[3])), (BC, BH, BW * 4))
+
+
+# Planar kernels: the plane geometry (W, WO and the plane strides) is compile-time, so that Triton can prove
+# the alignment of every row and the constancy of the border masks over a vector; with runtime sizes every
+# load along W compiled to scalar loads (benchmarks/NOTES.md, "planar"). A network has a handful of shapes.
+@triton.jit(do_not_specialize=["H", "HO"])
+def _planar_blur_kernel(
+    x_ptr,
+    out_ptr,
+    rw_ptr,
+    cw_ptr,
+    C,
+    H,
+    HO,
+    sxn,
+    son,
+    SXC: tl.constexpr,
+    SXH: tl.constexpr,
+    SOC: tl.constexpr,
+    SOH: tl.constexpr,
+    W: tl.constexpr,
+    WO: tl.constexpr,
+    SH: tl.constexpr,
+    OFFSET_H: tl.constexpr,
+    DH: tl.constexpr,
+    S: tl.constexpr,
+    OFFSET: tl.constexpr,
+    D: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+):
+    """out[i, j] = sum_e rw[e, i] sum_d cw[d, j] x[SH*i + OFFSET_H + e, S*j + OFFSET + d], for planar rows.
+
+    Both axes come as window tables (geometry.window_table). Window position S*j + OFFSET + d is phase
+    (OFFSET + d) % S of the S-element group j + (OFFSET + d) // S, so for each row the program loads whole
+    groups for BW consecutive outputs (BW*S contiguous elements per group offset) and splits the phases in
+    registers, instead of one stride-S gather per tap.
+    """
+    n, cb, hb, wb = _tile_blocks(C, HO, WO, BC, BH, BW)
+    c = cb * BC + tl.arange(0, BC)[:, None, None]
+    i = hb * BH + tl.arange(0, BH)[None, :, None]
+    j = wb * BW + tl.arange(0, BW)[None, None, :]
+    lane = tl.arange(0, BW * S)[None, None, :]
+    c_ok = c < C
+    i_ok = i < HO
+    j_ok = j < WO
+    col_weights = ()
+    for d in tl.static_range(D):
+        col_weights = col_weights + (tl.load(cw_ptr + d * WO + j, mask=j_ok, other=0.0),)
+    plane = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * SXC
+    acc = tl.zeros((BC, BH, BW), ACC)
+    for e in tl.static_range(DH):
+        r = SH * i + (OFFSET_H + e)
+        rw = tl.load(rw_ptr + e * HO + i, mask=i_ok, other=0.0)
+        row_ok = c_ok & (rw != 0.0) & (r >= 0) & (r < H)
+        row = plane + r * SXH
+        line = tl.zeros((BC, BH, BW), ACC)
+        for q in tl.static_range(OFFSET // S, (OFFSET + D - 1) // S + 1):
+            cols = (wb * BW + q) * S + lane
+            group = tl.load(row + cols, mask=row_ok & (cols >= 0) & (cols < W), other=0.0).to(ACC)
+            parts = _phases(group, S, BC, BH, BW)
+            for p in tl.static_range(S):
+                if (q * S + p - OFFSET >= 0) and (q * S + p - OFFSET < D):
+                    w = col_weights[q * S + p - OFFSET]
+                    line += w * tl.where(w != 0.0, parts[p], 0.0)
+        acc += rw * line
+    out = out_ptr + n.to(tl.int64) * son + c.to(tl.int64) * SOC + i * SOH + j
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=c_ok & i_ok & j_ok)
+
+
+@triton.jit(do_not_specialize=["H", "HO"])
+def _planar_blur_adjoint_kernel(
+    g_ptr,
+    gx_ptr,
+    ai_ptr,
+    aw_ptr,
+    cw_ptr,
+    C,
+    H,
+    HO,
+    sgn,
+    sxn,
+    SGC: tl.constexpr,
+    SGH: tl.constexpr,
+    SXC: tl.constexpr,
+    SXH: tl.constexpr,
+    W: tl.constexpr,
+    WO: tl.constexpr,
+    KA: tl.constexpr,
+    S: tl.constexpr,
+    OFFSET: tl.constexpr,
+    D: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+):
+    """gx[p, S*u + r] = sum_m aw[p, m] sum_q cw[S*q + r - OFFSET, u - q] g[ai[p, m], u - q]: the adjoint of
+    ``_planar_blur_kernel``, rows through the adjoint table.
+
+    Each program writes BW groups of S neighbouring gx columns (group u covers columns S*u .. S*u + S - 1):
+    per group offset q it loads the gradient row at u - q (contiguous in u), forms the S phases, and
+    interleaves them in registers into one contiguous store. Every gx element has one writer: deterministic.
+    """
+    n, cb, hb, ub = _tile_blocks(C, H, tl.cdiv(W, S), BC, BH, BW)
+    c = cb * BC + tl.arange(0, BC)[:, None, None]
+    p = hb * BH + tl.arange(0, BH)[None, :, None]
+    u = ub * BW + tl.arange(0, BW)[None, None, :]
+    c_ok = c < C
+    p_ok = p < H
+    plane = g_ptr + n.to(tl.int64) * sgn + c.to(tl.int64) * SGC
+    rows = ()
+    row_weights = ()
+    for m in tl.static_range(KA):
+        rows = rows + (tl.load(ai_ptr + p * KA + m, mask=p_ok, other=0),)
+        row_weights = row_weights + (tl.load(aw_ptr + p * KA + m, mask=p_ok, other=0.0),)
+    lines = ()  # the row-combined gradient at output column u - q, for q from OFFSET // S
+    for q in tl.static_range(OFFSET // S, (OFFSET + D - 1) // S + 1):
+        col_ok = (u - q >= 0) & (u - q < WO)
+        line = tl.zeros((BC, BH, BW), ACC)
+        for m in tl.static_range(KA):
+            live = c_ok & (row_weights[m] != 0.0) & col_ok
+            line += row_weights[m] * tl.load(plane + rows[m] * SGH + (u - q), mask=live, other=0.0).to(ACC)
+        lines = lines + (line,)
+    parts = ()
+    for r in tl.static_range(S):
+        part = tl.zeros((BC, BH, BW), ACC)
+        for q in tl.static_range(OFFSET // S, (OFFSET + D - 1) // S + 1):
+            if (q * S + r - OFFSET >= 0) and (q * S + r - OFFSET < D):
+                col_ok = (u - q >= 0) & (u - q < WO)
+                w = tl.load(cw_ptr + (q * S + r - OFFSET) * WO + (u - q), mask=col_ok, other=0.0)
+                part += w * tl.where(w != 0.0, lines[q - OFFSET // S], 0.0)
+        parts = parts + (part,)
+    gx = _interleave(parts, S, BC, BH, BW)
+    cols = ub * BW * S + tl.arange(0, BW * S)[None, None, :]
+    out = gx_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * SXC + p * SXH + cols
+    tl.store(out, gx.to(gx_ptr.dtype.element_ty), mask=c_ok & p_ok & (cols < W))
 
 
 @triton.jit
@@ -378,12 +553,116 @@ def _grid(n: int, c: int, h: int, w: int, bc: int, bh: int, bw: int) -> tuple[in
     return (n * triton.cdiv(c, bc) * triton.cdiv(h, bh) * triton.cdiv(w, bw),)
 
 
-def blur_gather(x: torch.Tensor, rows: tuple, cols: tuple, out: torch.Tensor) -> None:
-    """``out = R_rows x R_cols^T`` per (n, c) plane, for 4-D x and out of any strides."""
-    n, c, h, w = x.shape
-    ho, wo = out.shape[2:]
+# Column strides the planar kernels take (the phase split needs a power of two); windows wider than this
+# (only pads far from the anchors' make them) go to the gather kernel.
+PLANAR_STRIDES = (1, 2, 4)
+PLANAR_MAX_WINDOW = 2 * MAX_FILT_SIZE
+
+
+def _planar(x: torch.Tensor, out: torch.Tensor, axes: tuple[Axis, Axis]) -> bool:
+    """Whether the planar kernels take this call: unit W strides on both sides, a power-of-two W stride."""
+    return (
+        not _channels_inner(x)
+        and x.stride(3) == 1
+        and out.stride(3) == 1
+        and axes[1].stride in PLANAR_STRIDES
+        and all(window_table(axis)[1].shape[0] <= PLANAR_MAX_WINDOW for axis in axes)
+    )
+
+
+def blur(x: torch.Tensor, axes: tuple[Axis, Axis], adjoint: bool, out: torch.Tensor) -> None:
+    """``out = R_h x R_w^T`` (forward) or ``R_h^T x R_w`` (``adjoint``) per (n, c) plane, for 4-D x and out.
+
+    ``axes`` are the (row, column) axes of the forward op. Planar inputs with unit W stride take the
+    planar kernels, everything else (channels_last, strided views, stride 3) the gather kernel.
+    """
     if out.numel() == 0:
         return
+    row_axis, col_axis = axes
+    table = "adjoint" if adjoint else "forward"
+    if not _planar(x, out, axes):
+        blur_gather(x, device_table(table, row_axis, x.device), device_table(table, col_axis, x.device), out)
+        return
+    cols = device_table("window", col_axis, x.device)
+    if adjoint:
+        _planar_adjoint(x, device_table("adjoint", row_axis, x.device), cols, col_axis.stride, out)
+    else:
+        _planar_forward(x, device_table("window", row_axis, x.device), row_axis.stride, cols, col_axis.stride, out)
+
+
+def _planar_per_thread(t: torch.Tensor, stride: int) -> int:
+    """Groups of ``stride`` columns per thread: one 16-byte vector of a planar row, at most 4 groups.
+
+    The cap matters at stride 1 in 16-bit dtypes: every group offset but one is misaligned there, so 8 groups
+    per thread compiled to scalar loads at 253 registers (python -m ktkernels.bench codegen).
+    """
+    return max(1, min(4, 16 // (t.element_size() * stride)))
+
+
+def _planar_constexprs(src: torch.Tensor, w: int, wo: int, stride: int, cols: tuple, tile: tuple) -> dict:
+    """The launch options both planar kernels share: the column geometry, the window and the tile."""
+    offset, window = cols
+    bc, bh, bw, warps = tile
+    return dict(W=w, WO=wo, S=stride, OFFSET=offset, D=window.shape[0], ACC=_acc_dtype(src), BC=bc, BH=bh, BW=bw,
+                num_warps=warps)  # fmt: skip
+
+
+def _planar_forward(x: torch.Tensor, rows: tuple, row_stride: int, cols: tuple, stride: int, out) -> None:
+    n, c, h, w = x.shape
+    ho, wo = out.shape[2:]
+    row_offset, row_window = rows
+    tile = _tile(c, ho, wo, False, _planar_per_thread(x, stride))
+    _planar_blur_kernel[_grid(n, c, ho, wo, *tile[:3])](
+        x,
+        out,
+        row_window,
+        cols[1],
+        c,
+        h,
+        ho,
+        x.stride(0),
+        out.stride(0),
+        SXC=x.stride(1),
+        SXH=x.stride(2),
+        SOC=out.stride(1),
+        SOH=out.stride(2),
+        SH=row_stride,
+        OFFSET_H=row_offset,
+        DH=row_window.shape[0],
+        **_planar_constexprs(x, w, wo, stride, cols, tile),
+    )
+
+
+def _planar_adjoint(grad: torch.Tensor, rows: tuple, cols: tuple, stride: int, gx) -> None:
+    n, c, h, w = gx.shape
+    ho, wo = grad.shape[2:]
+    ai, aw = rows
+    groups = triton.cdiv(w, stride)
+    tile = _tile(c, h, groups, False, _planar_per_thread(gx, stride))
+    _planar_blur_adjoint_kernel[_grid(n, c, h, groups, *tile[:3])](
+        grad,
+        gx,
+        ai,
+        aw,
+        cols[1],
+        c,
+        h,
+        ho,
+        grad.stride(0),
+        gx.stride(0),
+        SGC=grad.stride(1),
+        SGH=grad.stride(2),
+        SXC=gx.stride(1),
+        SXH=gx.stride(2),
+        KA=ai.shape[1],
+        **_planar_constexprs(grad, w, wo, stride, cols, tile),
+    )
+
+
+def blur_gather(x: torch.Tensor, rows: tuple, cols: tuple, out: torch.Tensor) -> None:
+    """``out = R_rows x R_cols^T`` per (n, c) plane through (index, weight) tables, for 4-D x and out of any strides."""
+    n, c, h, w = x.shape
+    ho, wo = out.shape[2:]
     (ri, rw), (ci, cw) = rows, cols
     bc, bh, bw, warps = _tile(c, ho, wo, _channels_inner(x), _blur_per_thread(x, ri.shape[1] * ci.shape[1]))
     _gather_kernel[_grid(n, c, ho, wo, bc, bh, bw)](
