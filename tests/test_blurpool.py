@@ -288,6 +288,37 @@ def test_triton_planar_kernels_take_planar_inputs(monkeypatch):
     assert run(make_input((1, 2, 9, 10), torch.float32, "cpu", "strided"), 2) == ["blur_gather", "_planar_adjoint"]
 
 
+@pytest.mark.skipif(not INTERPRET, reason="spies on the Triton kernels under the interpreter")
+def test_triton_planar_max_blur_kernel_takes_planar_inputs(monkeypatch):
+    """The max-blur forward runs its planar kernel on unit-W-stride inputs at W strides 1, 2, 4, the banded one
+    on channels_last and at stride 3 (its results: the max-blur tests above, which run both layouts)."""
+    from ktkernels.blurpool import triton as kernels
+
+    calls = []
+
+    class Spy:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(kernels, name)
+
+        def __getitem__(self, grid):
+            calls.append(self.name)
+            return self.kernel[grid]
+
+    for name in ("_planar_max_blur_kernel", "_max_blur_kernel"):
+        monkeypatch.setattr(kernels, name, Spy(name))
+
+    def run(x, stride):
+        calls.clear()
+        with ktkernels.use_backend("triton"):
+            op.max_blur_pool2d(x, 2, 0, 4, stride, [1, 2, 1, 2], "reflect")
+        return calls[:]
+
+    for stride in (1, 2, 4):
+        assert run(torch.randn(1, 2, 9, 10), stride) == ["_planar_max_blur_kernel"]
+    assert run(torch.randn(1, 2, 9, 10), 3) == ["_max_blur_kernel"]
+    assert run(make_input((1, 2, 9, 10), torch.float32, "cpu", "channels_last"), 2) == ["_max_blur_kernel"]
+
+
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_max_blur_pool2d_low_precision(target, dtype):

@@ -93,6 +93,16 @@ def test_max_blur_loads_each_window_element_once(kernels, dtype):
     assert backward["spill_bytes"] == 0 and backward["warps_per_sm"] >= 32, backward
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_planar_max_blur_loads_groups_not_gathers(kernels, dtype):
+    """NCHW stem: each of the 5 x rows is 3 group loads of 2 outputs x 2 columns (vector loads, at most 2
+    instructions each), plus the table loads; the banded kernel there issued 60 scalar loads (50 in bf16)."""
+    forward = _find(kernels, f"maxblur k4 stem, {dtype} NCHW", "_planar_max_blur_kernel", "DH=4", "KMAX=2")
+    loads = sum(n for op, n in forward["memory"].items() if op.startswith("LDG"))
+    assert loads <= 5 * 3 * 2 + 10 and "LDG.E.U16" not in forward["memory"], forward
+    assert forward["spill_bytes"] == 0 and forward["warps_per_sm"] >= 16, forward
+
+
 def test_every_tested_geometry_compiles_without_spills():
     """The interpreter runs kernel variants that the GPU compiler may reject (it is stricter about constants).
 
@@ -105,6 +115,7 @@ def test_every_tested_geometry_compiles_without_spills():
         "_planar_blur_kernel",
         "_planar_blur_adjoint_kernel",
         "_max_blur_kernel",
+        "_planar_max_blur_kernel",
         "_max_blur_backward_kernel",
     }, kernels
     spilled = [(r["case"], r["kernel"], r["constexprs"], r["spill_bytes"]) for r in records if r["spill_bytes"]]

@@ -196,7 +196,7 @@ def banded_table(axis: Axis) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=512)
-def window_table(axis: Axis) -> tuple[int, np.ndarray]:
+def window_table(axis: Axis, cover_owned: bool = False) -> tuple[int, np.ndarray]:
     """Rows of ``R`` as windows on the stride grid: ``offset`` and ``weight`` (D, out_size) with
     ``R[i, s*i + offset + d] = weight[d, i]``.
 
@@ -204,7 +204,8 @@ def window_table(axis: Axis) -> tuple[int, np.ndarray]:
     neighbouring outputs read neighbouring memory and a kernel can load them as vectors; the weights are
     stored tap-major for the same reason. Taps that fold (reflect, replicate) are summed into the window,
     which is widened just enough to hold them; window positions outside ``[0, size)`` or hit by no tap have
-    weight 0.
+    weight 0. ``cover_owned`` widens it further to the positions whose max-pool codes each output owns
+    (``codes_per_owner``), for the fused max-blur.
 
     >>> offset, weight = window_table(Axis(7, 4, 2, 1, 2, "reflect"))
     >>> offset, weight.shape  # the last output's x[8] reflects to x[4]: one position wider than the filter
@@ -214,8 +215,11 @@ def window_table(axis: Axis) -> tuple[int, np.ndarray]:
     outputs = np.broadcast_to(np.arange(axis.out_size)[:, None], idx.shape)
     live = weight != 0
     rel = idx.astype(np.int64) - axis.stride * outputs
-    offset = int(rel[live].min()) if live.any() else 0
-    width = int(rel[live].max()) - offset + 1 if live.any() else 1
+    span = rel[live].tolist()
+    if cover_owned:  # output i owns s*i + [0, owned) at most (the last one may own more than s)
+        span += [0, codes_per_owner(axis.size, axis.out_size, axis.stride) - 1]
+    offset = min(span, default=0)
+    width = max(span, default=0) - offset + 1
     window = np.zeros((width, axis.out_size), dtype=np.float32)
     np.add.at(window, (rel[live] - offset, outputs[live]), weight[live])
     return offset, window  # sums of dyadic taps: exact in fp32

@@ -265,8 +265,7 @@ def max_blur_pool2d(
     if name == "triton":
         from . import triton as kernels
 
-        bands = tuple(device_table("banded", axis, x.device) for axis in axes)
-        kernels.max_blur_forward(x, max_kernel, max_padding, (stride, stride), *bands, y, codes)
+        kernels.max_blur_forward(x, max_kernel, max_padding, axes, y, codes)
     else:
         rows, cols = _tables(axes, False, x.device)
         torch.ops.ktkernels_C.max_blur_forward_(x, max_kernel, max_padding, stride, stride, *rows, *cols, y, codes)

@@ -351,6 +351,38 @@ def _owns(p, out_index, stride, out_size, size):
     return (p >= first) & ((p < first + stride) | (out_index == out_size - 1)) & (p < size)
 
 
+@triton.jit
+def _append_row_maxes(row_max, row_arg, values, inside, DW: tl.constexpr, KMAX: tl.constexpr):
+    """Append one x row's maxima: for each band column d, the max of values[d : d + KMAX] and its index b
+    (-1: none in range). A band column's maximum at x row rho then sits at row_max[rho * DW + d]."""
+    for d in tl.static_range(DW):
+        best = tl.full(values[0].shape, float("-inf"), values[0].dtype)
+        code = tl.full(values[0].shape, -1, tl.int32)
+        for b in tl.static_range(KMAX):
+            best, code = _argmax_step(best, code, values[d + b], inside[d + b], b)
+        row_max = row_max + (best,)
+        row_arg = row_arg + (code,)
+    return row_max, row_arg
+
+
+@triton.jit
+def _band_row(row_max, row_arg, col_weights, E: tl.constexpr, DW: tl.constexpr, KMAX: tl.constexpr):
+    """Max-map row E of the band, blurred along the columns, and its codes: (sum_d col_weights[d] * m[d],
+    (code_0, ..., code_{DW-1})), where m[d] is the max down the KMAX row maxima from x row E at band column d and
+    code_d = a * KMAX + b its argmax in the window."""
+    line = tl.zeros(row_max[0].shape, row_max[0].dtype)
+    codes = ()
+    for d in tl.static_range(DW):
+        best = tl.full(line.shape, float("-inf"), line.dtype)
+        code = tl.full(line.shape, -1, tl.int32)
+        for a in tl.static_range(KMAX):
+            b = row_arg[(E + a) * DW + d]
+            best, code = _argmax_step(best, code, row_max[(E + a) * DW + d], b >= 0, a * KMAX + b)
+        line += col_weights[d] * tl.where(col_weights[d] != 0.0, best, 0.0)
+        codes = codes + (code,)
+    return line, codes
+
+
 @triton.jit(do_not_specialize=["H", "W", "HO", "WO", "HM", "WM", "STRIDE_H", "STRIDE_W", "PMAX"])
 def _max_blur_kernel(
     x_ptr,
@@ -409,9 +441,7 @@ def _max_blur_kernel(
     for d in tl.static_range(DW):
         col_weights = col_weights + (tl.load(cband_ptr + j * DW + d, mask=j_ok, other=0.0),)
     acc = tl.zeros(ok.shape, ACC)
-    # Flat tuples (Triton's compiler does not nest them): the row max of band column d at x row rho sits at
-    # rho * DW + d, with the index b of its element (-1: no element in range).
-    row_max = ()
+    row_max = ()  # flat tuples (Triton's compiler does not nest them): see _append_row_maxes
     row_arg = ()
     for rho in tl.static_range(DH + KMAX - 1):
         xr = rbase + (rho - PMAX)
@@ -423,34 +453,114 @@ def _max_blur_kernel(
             valid = row_ok & (xc >= 0) & (xc < W)
             values = values + (tl.load(x_base + xr * sxh + xc * sxw, mask=valid, other=float("-inf")).to(ACC),)
             inside = inside + (valid,)
-        for d in tl.static_range(DW):
-            best = tl.full(ok.shape, float("-inf"), ACC)
-            code = tl.full(ok.shape, -1, tl.int32)
-            for b in tl.static_range(KMAX):
-                best, code = _argmax_step(best, code, values[d + b], inside[d + b], b)
-            row_max = row_max + (best,)
-            row_arg = row_arg + (code,)
-        # Band row e = rho - (KMAX - 1) has all its x rows now. (Spelt out below: a local e would not stay a
-        # compile-time constant, and tuples take constant indices only.)
+        row_max, row_arg = _append_row_maxes(row_max, row_arg, values, inside, DW, KMAX)
         if rho >= KMAX - 1:
             r = rbase + (rho - (KMAX - 1))
-            r_owned = _owns(r, i, STRIDE_H, HO, HM)
-            line = tl.zeros(ok.shape, ACC)
+            owned = ok & _owns(r, i, STRIDE_H, HO, HM)
+            line, codes = _band_row(row_max, row_arg, col_weights, rho - (KMAX - 1), DW, KMAX)
             for d in tl.static_range(DW):
-                best = tl.full(ok.shape, float("-inf"), ACC)
-                code = tl.full(ok.shape, -1, tl.int32)
-                for a in tl.static_range(KMAX):
-                    b = row_arg[(rho - (KMAX - 1) + a) * DW + d]
-                    best, code = _argmax_step(
-                        best, code, row_max[(rho - (KMAX - 1) + a) * DW + d], b >= 0, a * KMAX + b
-                    )
-                line += tl.where(col_weights[d] != 0.0, col_weights[d] * best, 0.0)
                 q = cbase + d
-                owned = ok & r_owned & _owns(q, j, STRIDE_W, WO, WM)
-                tl.store(k_base + r * skh + q * skw, code.to(tl.uint8), mask=owned)
+                tl.store(k_base + r * skh + q * skw, codes[d].to(tl.uint8), mask=owned & _owns(q, j, STRIDE_W, WO, WM))
             rw = tl.load(rband_ptr + i * DH + (rho - (KMAX - 1)))
-            acc += tl.where(rw != 0.0, rw * line, 0.0)
+            acc += rw * tl.where(rw != 0.0, line, 0.0)
     out = out_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc + i * soh + j * sow
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["H", "HO", "HM", "STRIDE_H"])
+def _planar_max_blur_kernel(
+    x_ptr,
+    out_ptr,
+    codes_ptr,
+    rbase_ptr,
+    rband_ptr,
+    cw_ptr,
+    C,
+    H,
+    HO,
+    HM,
+    sxn,
+    son,
+    skn,
+    STRIDE_H,
+    SXC: tl.constexpr,
+    SXH: tl.constexpr,
+    SOC: tl.constexpr,
+    SOH: tl.constexpr,
+    SKC: tl.constexpr,
+    SKH: tl.constexpr,
+    W: tl.constexpr,
+    WO: tl.constexpr,
+    WM: tl.constexpr,
+    S: tl.constexpr,
+    OFFSET: tl.constexpr,
+    PMAX: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    KMAX: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BW: tl.constexpr,
+):
+    """``_max_blur_kernel`` for planar rows (unit W stride): the columns come from the window table
+    (geometry.window_table with the owned codes covered), ``cw[d, j]`` at max-map column S*j + OFFSET + d.
+
+    The x columns of output j's window, S*j + OFFSET - PMAX + t, are phases of S-element groups, so each x row
+    is loaded as whole groups for BW consecutive outputs (contiguous vectors) and split in registers, instead of
+    DW + KMAX - 1 stride-S gathers. Rows, maxima, codes and the blur are those of ``_max_blur_kernel``.
+    """
+    n, cb, i, wb = _tile_blocks(C, HO, WO, BC, 1, BW)
+    c = cb * BC + tl.arange(0, BC)[:, None, None]
+    j = wb * BW + tl.arange(0, BW)[None, None, :]
+    lane = tl.arange(0, BW * S)[None, None, :]
+    c_ok = c < C
+    ok = c_ok & (j < WO)
+    x_base = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * SXC
+    k_base = codes_ptr + n.to(tl.int64) * skn + c.to(tl.int64) * SKC
+    rbase = tl.load(rbase_ptr + i)
+    cbase = S * j + OFFSET
+    col_weights = ()
+    for d in tl.static_range(DW):
+        col_weights = col_weights + (tl.load(cw_ptr + d * WO + j, mask=j < WO, other=0.0),)
+    acc = tl.zeros(ok.shape, ACC)
+    row_max = ()
+    row_arg = ()
+    for rho in tl.static_range(DH + KMAX - 1):
+        xr = rbase + (rho - PMAX)
+        row_in = (xr >= 0) & (xr < H)
+        x_row = x_base + xr * SXH
+        # phases[k] is x column S*j + S*((OFFSET - PMAX) // S) + k: the groups from the first one the window needs.
+        phases = ()
+        for q in tl.static_range((OFFSET - PMAX) // S, (OFFSET - PMAX + DW + KMAX - 2) // S + 1):
+            cols = (wb * BW + q) * S + lane
+            group = tl.load(x_row + cols, mask=c_ok & row_in & (cols >= 0) & (cols < W), other=float("-inf"))
+            phases = phases + _phases(group.to(ACC), S, BC, 1, BW)
+        values = ()
+        inside = ()
+        for t in tl.static_range(DW + KMAX - 1):
+            xc = cbase + (t - PMAX)
+            values = values + (phases[OFFSET - PMAX + t - (OFFSET - PMAX) // S * S],)
+            inside = inside + (ok & row_in & (xc >= 0) & (xc < W),)
+        row_max, row_arg = _append_row_maxes(row_max, row_arg, values, inside, DW, KMAX)
+        if rho >= KMAX - 1:
+            r = rbase + (rho - (KMAX - 1))
+            k_row = k_base + r * SKH
+            owned = c_ok & _owns(r, i, STRIDE_H, HO, HM)
+            line, codes = _band_row(row_max, row_arg, col_weights, rho - (KMAX - 1), DW, KMAX)
+            # Output j owns the codes of columns S*j + p, p < S (window position p - OFFSET): interleaved, they
+            # are one contiguous store. The last output also owns the columns past those (geometry.codes_per_owner).
+            own = ()
+            for p in tl.static_range(S):
+                own = own + (codes[p - OFFSET],)
+            cols = wb * BW * S + lane
+            own_ok = owned & (cols < S * WO) & (cols < WM)
+            tl.store(k_row + cols, _interleave(own, S, BC, 1, BW).to(tl.uint8), mask=own_ok)
+            for d in tl.static_range(S - OFFSET, DW):
+                q = cbase + d
+                tl.store(k_row + q, codes[d].to(tl.uint8), mask=owned & ok & (j == WO - 1) & (q < WM))
+            rw = tl.load(rband_ptr + i * DH + (rho - (KMAX - 1)))
+            acc += rw * tl.where(rw != 0.0, line, 0.0)
+    out = out_ptr + n.to(tl.int64) * son + c.to(tl.int64) * SOC + i * SOH + j
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -690,26 +800,61 @@ def blur_gather(x: torch.Tensor, rows: tuple, cols: tuple, out: torch.Tensor) ->
 
 
 def max_blur_forward(
-    x: torch.Tensor,
-    kmax: int,
-    pmax: int,
-    stride: tuple[int, int],
-    row_bands: tuple,
-    col_bands: tuple,
-    out: torch.Tensor,
-    codes: torch.Tensor,
+    x: torch.Tensor, kmax: int, pmax: int, axes: tuple[Axis, Axis], out: torch.Tensor, codes: torch.Tensor
 ) -> None:
     """``out = R_rows maxmap(x) R_cols^T`` and the argmax ``codes`` of every max-map position.
 
-    ``row_bands`` / ``col_bands`` are (base, band) tables of the max-map axes (geometry.banded_table).
+    ``axes`` are the blur's (row, column) axes over the max map. Rows come as bands (geometry.banded_table);
+    planar inputs take their columns as windows (``_planar_max_blur_kernel``), all others as bands.
     """
     n, c, h, w = x.shape
     ho, wo = out.shape[2:]
     if out.numel() == 0:
         return
-    (rbase, rband), (cbase, cband) = row_bands, col_bands
+    row_axis, col_axis = axes
+    rbase, rband = device_table("banded", row_axis, x.device)
     bc, _, bw, warps = _tile(c, 1, wo, _channels_inner(x), MAX_BLUR_PER_THREAD)
-    _max_blur_kernel[_grid(n, c, ho, wo, bc, 1, bw)](
+    grid = _grid(n, c, ho, wo, bc, 1, bw)
+    if _planar(x, out, axes) and codes.stride(3) == 1:
+        offset, window = device_table("window", col_axis, x.device, True)
+        _planar_max_blur_kernel[grid](
+            x,
+            out,
+            codes,
+            rbase,
+            rband,
+            window,
+            c,
+            h,
+            ho,
+            codes.shape[2],
+            x.stride(0),
+            out.stride(0),
+            codes.stride(0),
+            row_axis.stride,
+            SXC=x.stride(1),
+            SXH=x.stride(2),
+            SOC=out.stride(1),
+            SOH=out.stride(2),
+            SKC=codes.stride(1),
+            SKH=codes.stride(2),
+            W=w,
+            WO=wo,
+            WM=codes.shape[3],
+            S=col_axis.stride,
+            OFFSET=offset,
+            PMAX=pmax,
+            DH=rband.shape[1],
+            DW=window.shape[0],
+            KMAX=kmax,
+            ACC=_acc_dtype(x),
+            BC=bc,
+            BW=bw,
+            num_warps=warps,
+        )
+        return
+    cbase, cband = device_table("banded", col_axis, x.device)
+    _max_blur_kernel[grid](
         x,
         out,
         codes,
@@ -727,8 +872,8 @@ def max_blur_forward(
         *x.stride(),
         *out.stride(),
         *codes.stride(),
-        stride[0],
-        stride[1],
+        row_axis.stride,
+        col_axis.stride,
         pmax,
         DH=rband.shape[1],
         DW=cband.shape[1],
