@@ -290,8 +290,8 @@ def test_triton_planar_kernels_take_planar_inputs(monkeypatch):
 
 @pytest.mark.skipif(not INTERPRET, reason="spies on the Triton kernels under the interpreter")
 def test_triton_planar_max_blur_kernel_takes_planar_inputs(monkeypatch):
-    """The max-blur forward runs its planar kernel on unit-W-stride inputs at W strides 1, 2, 4, the banded one
-    on channels_last and at stride 3 (its results: the max-blur tests above, which run both layouts)."""
+    """Max-blur runs its planar kernels on unit-W-stride inputs at W strides 1, 2, 4, forward and backward, the
+    banded/routing ones on channels_last and at stride 3 (results: the max-blur tests above, both layouts)."""
     from ktkernels.blurpool import triton as kernels
 
     calls = []
@@ -304,19 +304,22 @@ def test_triton_planar_max_blur_kernel_takes_planar_inputs(monkeypatch):
             calls.append(self.name)
             return self.kernel[grid]
 
-    for name in ("_planar_max_blur_kernel", "_max_blur_kernel"):
+    planar = ["_planar_max_blur_kernel", "_planar_max_blur_backward_kernel"]
+    banded = ["_max_blur_kernel", "_max_blur_backward_kernel"]
+    for name in planar + banded:
         monkeypatch.setattr(kernels, name, Spy(name))
 
     def run(x, stride):
         calls.clear()
         with ktkernels.use_backend("triton"):
-            op.max_blur_pool2d(x, 2, 0, 4, stride, [1, 2, 1, 2], "reflect")
+            y = op.max_blur_pool2d(x.requires_grad_(), 2, 0, 4, stride, [1, 2, 1, 2], "reflect")[0]
+            y.backward(torch.randn_like(y))
         return calls[:]
 
     for stride in (1, 2, 4):
-        assert run(torch.randn(1, 2, 9, 10), stride) == ["_planar_max_blur_kernel"]
-    assert run(torch.randn(1, 2, 9, 10), 3) == ["_max_blur_kernel"]
-    assert run(make_input((1, 2, 9, 10), torch.float32, "cpu", "channels_last"), 2) == ["_max_blur_kernel"]
+        assert run(torch.randn(1, 2, 9, 10), stride) == planar
+    assert run(torch.randn(1, 2, 9, 10), 3) == banded
+    assert run(make_input((1, 2, 9, 10), torch.float32, "cpu", "channels_last"), 2) == banded
 
 
 @pytest.mark.parametrize("target", TARGETS)

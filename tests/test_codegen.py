@@ -101,6 +101,10 @@ def test_planar_max_blur_loads_groups_not_gathers(kernels, dtype):
     loads = sum(n for op, n in forward["memory"].items() if op.startswith("LDG"))
     assert loads <= 5 * 3 * 2 + 10 and "LDG.E.U16" not in forward["memory"], forward
     assert forward["spill_bytes"] == 0 and forward["warps_per_sm"] >= 16, forward
+    # The backward writes its 2 x 2 input columns per thread as one vector (the routing kernel: scalar stores).
+    backward = _find(kernels, f"maxblur k4 stem, {dtype} NCHW", "_planar_max_blur_backward_kernel", "KMAX=2")
+    assert not any(op in backward["memory"] for op in ("STG.E", "STG.E.U16")), backward
+    assert backward["spill_bytes"] == 0 and backward["warps_per_sm"] >= 28, backward
 
 
 def test_every_tested_geometry_compiles_without_spills():
@@ -116,6 +120,7 @@ def test_every_tested_geometry_compiles_without_spills():
         "_planar_blur_adjoint_kernel",
         "_max_blur_kernel",
         "_planar_max_blur_kernel",
+        "_planar_max_blur_backward_kernel",
         "_max_blur_backward_kernel",
     }, kernels
     spilled = [(r["case"], r["kernel"], r["constexprs"], r["spill_bytes"]) for r in records if r["spill_bytes"]]

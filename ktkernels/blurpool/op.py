@@ -317,8 +317,7 @@ def max_blur_pool2d_backward(
     if name == "triton":
         from . import triton as kernels
 
-        routes = tuple(device_table("routing", axis, grad.device, max_kernel, max_padding) for axis in axes)
-        kernels.max_blur_backward(grad, codes, max_kernel, max_padding, *routes, gx)
+        kernels.max_blur_backward(grad, codes, max_kernel, max_padding, axes, gx)
     else:
         rows, cols = _tables(axes, True, grad.device)
         torch.ops.ktkernels_C.max_blur_backward_(grad, codes, max_kernel, max_padding, *rows, *cols, gx)

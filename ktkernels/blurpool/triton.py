@@ -650,6 +650,104 @@ def _max_blur_backward_kernel(
     tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit(do_not_specialize=["H", "HO", "HM"])
+def _planar_max_blur_backward_kernel(
+    g_ptr,
+    codes_ptr,
+    gx_ptr,
+    rbase_ptr,
+    rweight_ptr,
+    cw_ptr,
+    C,
+    H,
+    HO,
+    HM,
+    sgn,
+    skn,
+    sxn,
+    SGC: tl.constexpr,
+    SGH: tl.constexpr,
+    SKC: tl.constexpr,
+    SKH: tl.constexpr,
+    SXC: tl.constexpr,
+    SXH: tl.constexpr,
+    W: tl.constexpr,
+    WO: tl.constexpr,
+    WM: tl.constexpr,
+    S: tl.constexpr,
+    OFFSET: tl.constexpr,
+    PMAX: tl.constexpr,
+    F_MIN: tl.constexpr,
+    F_MAX: tl.constexpr,
+    Q_MIN: tl.constexpr,
+    Q_MAX: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    KMAX: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BW: tl.constexpr,
+):
+    """``_max_blur_backward_kernel`` for planar rows: rows through the routing table, columns through the
+    forward's window table.
+
+    Input column S*u + rho sits in slot b of the max-map column m = S*u + rho - b + PMAX, whose blur gradient
+    is sum_f cw[d, u - f] g[u - f] with d = S*f + rho - b + PMAX - OFFSET (F_MIN <= f <= F_MAX). So the
+    program loads the gradient at u - f and the codes' column groups (Q_MIN..Q_MAX) contiguously for BW groups
+    of S input columns, forms each phase rho, and interleaves the phases into one contiguous store.
+    """
+    n, cb, p, ub = _tile_blocks(C, H, tl.cdiv(W, S), BC, 1, BW)
+    c = cb * BC + tl.arange(0, BC)[:, None, None]
+    u = ub * BW + tl.arange(0, BW)[None, None, :]
+    lane = tl.arange(0, BW * S)[None, None, :]
+    c_ok = c < C
+    g_base = g_ptr + n.to(tl.int64) * sgn + c.to(tl.int64) * SGC
+    k_base = codes_ptr + n.to(tl.int64) * skn + c.to(tl.int64) * SKC
+    rbase = tl.load(rbase_ptr + p)
+    row_weights = ()  # (a, e) at a * DH + e
+    for a in tl.static_range(KMAX):
+        for e in tl.static_range(DH):
+            row_weights = row_weights + (tl.load(rweight_ptr + (p * KMAX + a) * DH + e),)
+    grads = ()  # g[rbase + e, u - f] at e * (F_MAX - F_MIN + 1) + f - F_MIN
+    col_weights = ()  # cw[d, u - f] at (f - F_MIN) * DW + d; the pairs no phase uses are never loaded
+    for f in tl.static_range(F_MIN, F_MAX + 1):
+        for d in tl.static_range(DW):
+            col_weights = col_weights + (tl.load(cw_ptr + d * WO + (u - f), mask=(u >= f) & (u - f < WO), other=0.0),)
+    for e in tl.static_range(DH):
+        row_ok = c_ok & (rbase + e < HO)
+        for f in tl.static_range(F_MIN, F_MAX + 1):
+            live = row_ok & (u >= f) & (u - f < WO)
+            grads = grads + (tl.load(g_base + (rbase + e) * SGH + (u - f), mask=live, other=0.0).to(ACC),)
+    codes = ()  # code at max-map column S*u + k, row p - a + PMAX, at a * S * (Q_MAX - Q_MIN + 1) + k - S * Q_MIN
+    for a in tl.static_range(KMAX):
+        r = p - a + PMAX
+        r_ok = (r >= 0) & (r < HM)
+        for q in tl.static_range(Q_MIN, Q_MAX + 1):
+            cols = (ub * BW + q) * S + lane
+            group = tl.load(k_base + r * SKH + cols, mask=c_ok & r_ok & (cols >= 0) & (cols < WM), other=255)
+            codes = codes + _phases(group.to(tl.int32), S, BC, 1, BW)
+    parts = ()
+    for rho in tl.static_range(S):
+        acc = tl.zeros((BC, 1, BW), ACC)
+        for a in tl.static_range(KMAX):
+            for b in tl.static_range(KMAX):
+                code = codes[a * S * (Q_MAX - Q_MIN + 1) + rho - b + PMAX - S * Q_MIN]
+                gm = tl.zeros((BC, 1, BW), ACC)
+                for e in tl.static_range(DH):
+                    line = tl.zeros((BC, 1, BW), ACC)
+                    for f in tl.static_range(F_MIN, F_MAX + 1):
+                        if (S * f + rho - b + PMAX - OFFSET >= 0) and (S * f + rho - b + PMAX - OFFSET < DW):
+                            w = col_weights[(f - F_MIN) * DW + S * f + rho - b + PMAX - OFFSET]
+                            line += w * tl.where(w != 0.0, grads[e * (F_MAX - F_MIN + 1) + f - F_MIN], 0.0)
+                    wr = row_weights[a * DH + e]
+                    gm += wr * tl.where(wr != 0.0, line, 0.0)
+                acc += tl.where(code == a * KMAX + b, gm, 0.0)
+        parts = parts + (acc,)
+    cols = ub * BW * S + lane
+    gx = gx_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * SXC + p * SXH + cols
+    tl.store(gx, _interleave(parts, S, BC, 1, BW).to(gx_ptr.dtype.element_ty), mask=c_ok & (cols < W))
+
+
 def _channels_inner(t: torch.Tensor) -> bool:
     return t.size(1) > 1 and t.stride(1) == 1
 
@@ -890,15 +988,62 @@ def max_blur_backward(
     codes: torch.Tensor,
     kmax: int,
     pmax: int,
-    row_routes: tuple,
-    col_routes: tuple,
+    axes: tuple[Axis, Axis],
     grad_input: torch.Tensor,
 ) -> None:
-    """Gradient of max-blur w.r.t. its input; ``row_routes``/``col_routes`` are (base, weight) routing tables."""
+    """Gradient of max-blur w.r.t. its input. Rows through routing tables (geometry.routing_table); planar
+    tensors take their columns from the forward's window table, all others from routing tables too."""
     n, c, h, w = grad_input.shape
     if grad_input.numel() == 0:
         return
-    (rbase, rweight), (cbase, cweight) = row_routes, col_routes
+    row_axis, col_axis = axes
+    rbase, rweight = device_table("routing", row_axis, grad.device, kmax, pmax)
+    if _planar(grad, grad_input, axes) and codes.stride(3) == 1:
+        offset, window = device_table("window", col_axis, grad.device, True)
+        s, dw = col_axis.stride, window.shape[0]
+        groups = triton.cdiv(w, s)
+        bc, _, bw, warps = _tile(c, 1, groups, False, MAX_BLUR_PER_THREAD)
+        _planar_max_blur_backward_kernel[_grid(n, c, h, groups, bc, 1, bw)](
+            grad,
+            codes,
+            grad_input,
+            rbase,
+            rweight,
+            window,
+            c,
+            h,
+            grad.shape[2],
+            codes.shape[2],
+            grad.stride(0),
+            codes.stride(0),
+            grad_input.stride(0),
+            SGC=grad.stride(1),
+            SGH=grad.stride(2),
+            SKC=codes.stride(1),
+            SKH=codes.stride(2),
+            SXC=grad_input.stride(1),
+            SXH=grad_input.stride(2),
+            W=w,
+            WO=grad.shape[3],
+            WM=codes.shape[3],
+            S=s,
+            OFFSET=offset,
+            PMAX=pmax,
+            # Gradient columns u - f reach a window slot of input group u (see the kernel's docstring).
+            F_MIN=-((s - 1 + pmax - offset) // s),
+            F_MAX=(dw - 1 - (pmax - offset - kmax + 1)) // s,
+            Q_MIN=(pmax - kmax + 1) // s,
+            Q_MAX=(s - 1 + pmax) // s,
+            DH=rweight.shape[2],
+            DW=dw,
+            KMAX=kmax,
+            ACC=_acc_dtype(grad),
+            BC=bc,
+            BW=bw,
+            num_warps=warps,
+        )
+        return
+    cbase, cweight = device_table("routing", col_axis, grad.device, kmax, pmax)
     # Its window (DH x DW gradient values) is smaller than the forward's: 4 elements per thread fit when
     # channels are inner (16-byte fp32 vectors at 56 registers); planar gathers keep 2.
     inner = _channels_inner(grad_input)
