@@ -10,7 +10,10 @@ by the contiguity it can prove). All index maths of padding sits in the tables o
 - ``_max_blur_kernel``: banded tables (a base and contiguous weights per output), one output row per
   program, so that each x element of the window is loaded once and the max map is formed in registers;
 - ``_max_blur_backward_kernel``: routing tables (per input position, the band of output gradients that
-  reaches its max-pool window slots), one input row per program; the argmax codes select the slots.
+  reaches its max-pool window slots), one input row per program; the argmax codes select the slots;
+- ``_planar_*`` kernels: the same ops for planar rows (unit W stride, W stride of the op 1, 2 or 4). Their
+  columns come as window tables (``geometry.window_table``): output j reads columns s*j + offset + d, so a row
+  is loaded as contiguous groups of s columns and split into its s phases in registers.
 
 Maths is fp32 (fp64 for fp64 inputs) right after every load: bf16 arithmetic is also wrong under the
 interpreter.
