@@ -176,6 +176,42 @@ def test_max_blur_pool2d_matches_reference(target, kmax, pmax, filt_size, stride
     assert_close(x.grad, x64.grad, dtype)
 
 
+def poison_outputs(monkeypatch) -> None:
+    """Allocate every op output pre-filled with NaN (code 255), so that an element no program writes fails."""
+    allocate = ktkernels.layout.alloc
+
+    def poisoned(like, shape, channels_last, dtype=None):
+        out = allocate(like, shape, channels_last, dtype)
+        return out.fill_(float("nan") if out.is_floating_point() else 255)
+
+    monkeypatch.setattr(ktkernels.layout, "alloc", poisoned)
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("kmax,pmax", [(2, 0), (3, 1)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_max_blur_pool2d_aligned_rows(target, kmax, pmax, layout, monkeypatch):
+    """The stems on 16-byte aligned rows (W = 64), where the GPU's planar kernels load and store vectors (the
+    interpreter has no vectors): values, codes and gradient against the reference, outputs pre-filled with NaN."""
+    name, device = target
+    dtype = torch.float64 if name != "cuda" else torch.float32
+    x = make_input((2, 3, 10, 64), dtype, device, layout).requires_grad_()
+    poison_outputs(monkeypatch)
+    with ktkernels.use_backend(name):
+        y, codes = op.max_blur_pool2d(x, kmax, pmax, 4, 2, [1, 2, 1, 2], "reflect")
+        grad = torch.randn_like(y)
+        y.backward(grad)
+    x64 = x.detach().double().cpu().requires_grad_()
+    exp_y, exp_codes = ref.max_blur_pool2d_reference(x64.detach(), kmax, pmax, 4, 2, (1, 2, 1, 2), "reflect")
+    expected = ref.blur_pool2d_reference(
+        torch.nn.functional.max_pool2d(x64, kmax, 1, pmax), 4, 2, (1, 2, 1, 2), "reflect"
+    )
+    expected.backward(grad.double().cpu())
+    assert torch.equal(codes.cpu(), exp_codes), "argmax codes differ"
+    assert_close(y, exp_y, dtype)
+    assert_close(x.grad, x64.grad, dtype)
+
+
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("kmax,pmax,filt_size,stride,mode", MAX_CASES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -207,17 +243,6 @@ def test_max_blur_pool2d_ties_nan_and_poisoned_outputs(
     assert_close(y.nan_to_num(0.0), exp_y.nan_to_num(0.0), dtype)
 
 
-def poison_outputs(monkeypatch) -> None:
-    """Allocate every op output pre-filled with NaN (code 255), so that an element no program writes fails."""
-    allocate = ktkernels.layout.alloc
-
-    def poisoned(like, shape, channels_last, dtype=None):
-        out = allocate(like, shape, channels_last, dtype)
-        return out.fill_(float("nan") if out.is_floating_point() else 255)
-
-    monkeypatch.setattr(ktkernels.layout, "alloc", poisoned)
-
-
 BLUR_EDGE_CASES = [
     # (N, C, H, W), filt_size, stride, padding (F.pad order), mode
     ((2, 3, 9, 7), 4, 2, [1, 2, 1, 2], "reflect"),  # odd W: the reflect window is one wider than the filter
@@ -226,6 +251,8 @@ BLUR_EDGE_CASES = [
     ((1, 2, 10, 141), 5, 4, [0, 3, 2, 2], "zero"),
     ((2, 2, 8, 13), 7, 1, [3, 3, 3, 3], "reflect"),
     ((2, 2, 9, 10), 6, 3, [2, 3, 1, 1], "reflect"),  # stride 3: the gather kernel
+    ((2, 4, 12, 64), 4, 2, [1, 2, 1, 2], "reflect"),  # 16-byte aligned rows: the GPU's vector loads and stores
+    ((1, 2, 8, 56), 3, 2, [1, 1, 1, 1], "reflect"),
 ]
 
 

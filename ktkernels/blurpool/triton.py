@@ -257,15 +257,15 @@ def _planar_blur_kernel(
         rw = tl.load(rw_ptr + e * HO + i, mask=i_ok, other=0.0)
         row_ok = c_ok & (rw != 0.0) & (r >= 0) & (r < H)
         row = plane + r * SXH
-        line = tl.zeros((BC, BH, BW), ACC)
+        phases = ()  # phases[k]: column S*j + S*(OFFSET // S) + k, from the first group the window needs
         for q in tl.static_range(OFFSET // S, (OFFSET + D - 1) // S + 1):
             cols = (wb * BW + q) * S + lane
-            group = tl.load(row + cols, mask=row_ok & (cols >= 0) & (cols < W), other=0.0).to(ACC)
-            parts = _phases(group, S, BC, BH, BW)
-            for p in tl.static_range(S):
-                if (q * S + p - OFFSET >= 0) and (q * S + p - OFFSET < D):
-                    w = col_weights[q * S + p - OFFSET]
-                    line += w * tl.where(w != 0.0, parts[p], 0.0)
+            group = tl.load(row + cols, mask=row_ok & (cols >= 0) & (cols < W), other=0.0)
+            phases = phases + _phases(group.to(ACC), S, BC, BH, BW)
+        line = tl.zeros((BC, BH, BW), ACC)
+        for d in tl.static_range(D):
+            w = col_weights[d]
+            line += w * tl.where(w != 0.0, phases[OFFSET + d - OFFSET // S * S], 0.0)
         acc += rw * line
     out = out_ptr + n.to(tl.int64) * son + c.to(tl.int64) * SOC + i * SOH + j
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=c_ok & i_ok & j_ok)
@@ -329,10 +329,11 @@ def _planar_blur_adjoint_kernel(
     for r in tl.static_range(S):
         part = tl.zeros((BC, BH, BW), ACC)
         for q in tl.static_range(OFFSET // S, (OFFSET + D - 1) // S + 1):
-            if (q * S + r - OFFSET >= 0) and (q * S + r - OFFSET < D):
-                col_ok = (u - q >= 0) & (u - q < WO)
-                w = tl.load(cw_ptr + (q * S + r - OFFSET) * WO + (u - q), mask=col_ok, other=0.0)
-                part += w * tl.where(w != 0.0, lines[q - OFFSET // S], 0.0)
+            if q * S + r - OFFSET >= 0:  # window position d = q*S + r - OFFSET of output u - q
+                if q * S + r - OFFSET < D:
+                    col_ok = (u - q >= 0) & (u - q < WO)
+                    w = tl.load(cw_ptr + (q * S + r - OFFSET) * WO + (u - q), mask=col_ok, other=0.0)
+                    part += w * tl.where(w != 0.0, lines[q - OFFSET // S], 0.0)
         parts = parts + (part,)
     gx = _interleave(parts, S, BC, BH, BW)
     cols = ub * BW * S + tl.arange(0, BW * S)[None, None, :]
@@ -739,9 +740,10 @@ def _planar_max_blur_backward_kernel(
                 for e in tl.static_range(DH):
                     line = tl.zeros((BC, 1, BW), ACC)
                     for f in tl.static_range(F_MIN, F_MAX + 1):
-                        if (S * f + rho - b + PMAX - OFFSET >= 0) and (S * f + rho - b + PMAX - OFFSET < DW):
-                            w = col_weights[(f - F_MIN) * DW + S * f + rho - b + PMAX - OFFSET]
-                            line += w * tl.where(w != 0.0, grads[e * (F_MAX - F_MIN + 1) + f - F_MIN], 0.0)
+                        if S * f + rho - b + PMAX - OFFSET >= 0:  # window position d of output u - f
+                            if S * f + rho - b + PMAX - OFFSET < DW:
+                                w = col_weights[(f - F_MIN) * DW + S * f + rho - b + PMAX - OFFSET]
+                                line += w * tl.where(w != 0.0, grads[e * (F_MAX - F_MIN + 1) + f - F_MIN], 0.0)
                     wr = row_weights[a * DH + e]
                     gm += wr * tl.where(wr != 0.0, line, 0.0)
                 acc += tl.where(code == a * KMAX + b, gm, 0.0)
