@@ -243,6 +243,39 @@ def test_max_blur_pool2d_ties_nan_and_poisoned_outputs(
     assert_close(y.nan_to_num(0.0), exp_y.nan_to_num(0.0), dtype)
 
 
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize(
+    "shape,pads",
+    [((1, 2, 37, 11), [1, 2, 1, 2]), ((1, 2, 12, 12), [5, 5, 5, 5])],
+    ids=["row-blocks", "wide-windows"],
+)
+@pytest.mark.parametrize("kmax,pmax", [(2, 0), (3, 1)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_max_blur_pool2d_row_blocks_and_wide_windows(target, shape, pads, kmax, pmax, layout, monkeypatch):
+    """Ties, NaN, codes and gradient where the rolling kernels need several row blocks (37 rows), and where the
+    pads widen the windows past MAX_WINDOW (16 wide) so the banded/routing kernels take over; outputs poisoned."""
+    name, device = target
+    dtype = torch.float64 if name != "cuda" else torch.float32
+    x = torch.randint(-2, 3, shape, generator=torch.Generator().manual_seed(kmax)).double()
+    x[0, 1, 4, 5] = x[0, 0, 10, 7] = float("nan")
+    x = make_input(shape, dtype, device, layout).copy_(x).requires_grad_()
+    poison_outputs(monkeypatch)
+    with ktkernels.use_backend(name):
+        y, codes = op.max_blur_pool2d(x, kmax, pmax, 4, 2, pads, "reflect")
+        grad = torch.randn_like(y)
+        y.backward(grad)
+    x64 = x.detach().double().cpu().requires_grad_()
+    exp_y, exp_codes = ref.max_blur_pool2d_reference(x64.detach(), kmax, pmax, 4, 2, tuple(pads), "reflect")
+    expected = ref.blur_pool2d_reference(
+        torch.nn.functional.max_pool2d(x64, kmax, 1, pmax), 4, 2, tuple(pads), "reflect"
+    )
+    expected.backward(grad.double().cpu())
+    assert torch.equal(codes.cpu(), exp_codes), "argmax codes differ"
+    assert torch.equal(y.isnan().cpu(), exp_y.isnan()), "NaN pattern differs (an unwritten output stays NaN)"
+    assert_close(y.nan_to_num(0.0), exp_y.nan_to_num(0.0), dtype)
+    assert_close(x.grad, x64.grad, dtype)
+
+
 BLUR_EDGE_CASES = [
     # (N, C, H, W), filt_size, stride, padding (F.pad order), mode
     ((2, 3, 9, 7), 4, 2, [1, 2, 1, 2], "reflect"),  # odd W: the reflect window is one wider than the filter
@@ -250,9 +283,12 @@ BLUR_EDGE_CASES = [
     ((1, 2, 7, 151), 3, 1, [1, 1, 1, 1], "replicate"),
     ((1, 2, 10, 141), 5, 4, [0, 3, 2, 2], "zero"),
     ((2, 2, 8, 13), 7, 1, [3, 3, 3, 3], "reflect"),
-    ((2, 2, 9, 10), 6, 3, [2, 3, 1, 1], "reflect"),  # stride 3: the gather kernel
+    ((2, 2, 9, 10), 6, 3, [2, 3, 1, 1], "reflect"),  # stride 3: columns tap by tap (no phase split)
     ((2, 4, 12, 64), 4, 2, [1, 2, 1, 2], "reflect"),  # 16-byte aligned rows: the GPU's vector loads and stores
     ((1, 2, 8, 56), 3, 2, [1, 1, 1, 1], "reflect"),
+    ((1, 2, 41, 12), 4, 2, [1, 2, 1, 2], "reflect"),  # several row blocks of the rolling kernels
+    ((1, 2, 38, 9), 2, 3, [0, 1, 1, 1], "zero"),  # windows narrower than the stride (rows no output reads)
+    ((1, 2, 12, 12), 4, 2, [5, 5, 5, 5], "reflect"),  # pads far from the anchors': an 18-wide window, the gather
 ]
 
 
@@ -287,38 +323,53 @@ def test_blur_pool2d_inf_stays_local_and_every_output_is_written(
 
 
 @pytest.mark.skipif(not INTERPRET, reason="spies on the Triton launchers under the interpreter")
-def test_triton_planar_kernels_take_planar_inputs(monkeypatch):
-    """Unit-W-stride planar inputs (and 1-D) at strides 1, 2, 4 run the planar kernels, forward and backward;
-    channels_last, strided views and stride 3 run the gather kernel. Results are checked by the tests above."""
+def test_triton_blur_takes_the_rolling_kernels(monkeypatch):
+    """Every layout and stride runs the rolling kernels, forward and backward, planar (phase split) where rows
+    have a unit W stride and the W stride is 1, 2 or 4; only windows wider than MAX_WINDOW gather. Results are
+    checked by the tests above."""
     from ktkernels.blurpool import triton as kernels
 
     calls = []
-    for fn in ("_planar_forward", "_planar_adjoint", "blur_gather"):
+    for fn in ("_rolling_forward", "_rolling_adjoint", "blur_gather"):
         real = getattr(kernels, fn)
         monkeypatch.setattr(kernels, fn, lambda *a, fn=fn, real=real: (calls.append(fn), real(*a))[1])
+    planar = []  # the PLANAR flag of each rolling launch
+    real_constexprs = kernels._rolling_constexprs
 
-    def run(x, stride, spatial=2):
+    def constexprs(*args, **kwargs):
+        options = real_constexprs(*args, **kwargs)
+        planar.append(options["PLANAR"])
+        return options
+
+    monkeypatch.setattr(kernels, "_rolling_constexprs", constexprs)
+
+    def run(x, stride, spatial=2, pads=(1, 2)):
         calls.clear()
-        pads = [1, 2] * spatial
         with ktkernels.use_backend("triton"):
             blur = op.blur_pool2d if spatial == 2 else op.blur_pool1d
-            y = blur(x.requires_grad_(), 4, stride, pads, "reflect")
+            y = blur(x.requires_grad_(), 4, stride, list(pads) * spatial, "reflect")
             y.backward(torch.randn_like(y))  # a contiguous gradient: y.sum()'s would be stride 0
         return calls[:]
 
-    for stride in (1, 2, 4):
-        assert run(torch.randn(1, 2, 9, 10), stride) == ["_planar_forward", "_planar_adjoint"]
-        assert run(torch.randn(1, 2, 10), stride, spatial=1) == ["_planar_forward", "_planar_adjoint"]
-    assert run(torch.randn(1, 2, 9, 10), 3) == ["blur_gather"] * 2
-    assert run(make_input((1, 2, 9, 10), torch.float32, "cpu", "channels_last"), 2) == ["blur_gather"] * 2
-    # A strided view's gradient and grad_input are allocated planar: only its forward gathers.
-    assert run(make_input((1, 2, 9, 10), torch.float32, "cpu", "strided"), 2) == ["blur_gather", "_planar_adjoint"]
+    rolling = ["_rolling_forward", "_rolling_adjoint"]
+    for stride in (1, 2, 3, 4):
+        for x in (torch.randn(1, 2, 9, 10), torch.randn(1, 2, 10)):
+            planar.clear()
+            assert run(x, stride, spatial=x.dim() - 2) == rolling
+            assert planar == [stride != 3] * 2
+    for layout in ("channels_last", "strided"):
+        planar.clear()
+        assert run(make_input((1, 2, 9, 10), torch.float32, "cpu", layout), 2) == rolling
+        # A strided view's gradient and grad_input are allocated planar: only its forward is not.
+        assert planar == ([False, False] if layout == "channels_last" else [False, True])
+    # Reflect pads far from the anchors' fold taps far into the plane: an 18-wide window.
+    assert run(torch.randn(1, 2, 12, 12), 2, pads=(5, 5)) == ["blur_gather"] * 2
 
 
 @pytest.mark.skipif(not INTERPRET, reason="spies on the Triton kernels under the interpreter")
-def test_triton_planar_max_blur_kernel_takes_planar_inputs(monkeypatch):
-    """Max-blur runs its planar kernels on unit-W-stride inputs at W strides 1, 2, 4, forward and backward, the
-    banded/routing ones on channels_last and at stride 3 (results: the max-blur tests above, both layouts)."""
+def test_triton_max_blur_takes_the_rolling_kernels(monkeypatch):
+    """Max-blur runs its rolling kernels in every layout and at every stride, forward and backward; only windows
+    wider than MAX_WINDOW take the banded/routing ones (results: the max-blur tests above)."""
     from ktkernels.blurpool import triton as kernels
 
     calls = []
@@ -331,22 +382,23 @@ def test_triton_planar_max_blur_kernel_takes_planar_inputs(monkeypatch):
             calls.append(self.name)
             return self.kernel[grid]
 
-    planar = ["_planar_max_blur_kernel", "_planar_max_blur_backward_kernel"]
+    rolling = ["_rolling_max_blur_kernel", "_rolling_max_blur_backward_kernel"]
     banded = ["_max_blur_kernel", "_max_blur_backward_kernel"]
-    for name in planar + banded:
+    for name in rolling + banded:
         monkeypatch.setattr(kernels, name, Spy(name))
 
-    def run(x, stride):
+    def run(x, stride, pads=(1, 2)):
         calls.clear()
         with ktkernels.use_backend("triton"):
-            y = op.max_blur_pool2d(x.requires_grad_(), 2, 0, 4, stride, [1, 2, 1, 2], "reflect")[0]
+            y = op.max_blur_pool2d(x.requires_grad_(), 2, 0, 4, stride, list(pads) * 2, "reflect")[0]
             y.backward(torch.randn_like(y))
         return calls[:]
 
-    for stride in (1, 2, 4):
-        assert run(torch.randn(1, 2, 9, 10), stride) == planar
-    assert run(torch.randn(1, 2, 9, 10), 3) == banded
-    assert run(make_input((1, 2, 9, 10), torch.float32, "cpu", "channels_last"), 2) == banded
+    for stride in (1, 2, 3, 4):
+        assert run(torch.randn(1, 2, 9, 10), stride) == rolling
+    for layout in ("channels_last", "strided"):
+        assert run(make_input((1, 2, 9, 10), torch.float32, "cpu", layout), 2) == rolling
+    assert run(torch.randn(1, 2, 12, 12), 2, pads=(5, 5)) == banded  # 16-wide windows
 
 
 @pytest.mark.parametrize("target", TARGETS)

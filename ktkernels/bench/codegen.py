@@ -2,18 +2,23 @@
 
 Each case calls a public op on small CPU tensors with the ``triton`` backend while the Triton launcher is
 replaced by a recorder, so every launch a real call would make is captured with its real arguments: the
-tiles, the constexprs and the strides that the launcher derives from the ResNet-50 benchmark shapes
-(batch 2 instead of 128: no specialisation depends on the batch). Each recorded launch is then compiled
+tiles, the constexprs, the strides and the grid that the launcher derives from the ResNet-50 benchmark shapes
+at batch 128 (uninitialised tensors: nothing runs, so nothing is read). Each recorded launch is then compiled
 for an H100 (``GPUTarget("cuda", 90, 32)``) through Triton's own argument binder, so the integer
 specialisation (``== 1`` becomes a constant, ``% 16 == 0`` a divisibility hint) is the one a GPU launch
 would get, and ``cuobjdump`` from Triton's bundled CUDA tools disassembles the cubin.
 
 The table reports per kernel: registers per thread, resident warps per SM that the registers allow,
-stack (spill) bytes per thread, SASS instruction count, and the loads/stores by width (``LDG.E`` is a
-32-bit global load, ``LDG.E.128`` a 16-byte vector, ``.U16`` a 2-byte scalar; LDS/STS are shared memory,
-LDL/STL spills). It is a static view, not a timing: it shows whether a load was vectorised or a kernel is
-register-bound, which is what the memory-bound kernels of this library live or die by, and it runs on any
-machine with ``triton`` installed (tested with triton 3.8; it uses Triton's argument binder, an internal API).
+stack (spill) bytes per thread, SASS instruction count, the issue time, and the loads/stores by width
+(``LDG.E`` is a 32-bit global load, ``LDG.E.128`` a 16-byte vector, ``.U16`` a 2-byte scalar; LDS/STS are
+shared memory, LDL/STL spills). The issue time is the launch's warp instructions (SASS count x warps x
+programs) over what an H100 SXM can issue: 132 SMs x 4 schedulers x 1 instruction per cycle at its 1.98 GHz
+boost clock. The count is static, exact for the loop-free blur-pool kernels and low for kernels with loops, so
+it is a floor: a memory-bound kernel whose issue time is not well under its bytes / copy bandwidth cannot
+reach that bandwidth. It is a static view, not a timing: it shows whether a load was vectorised or a kernel is
+register- or issue-bound, which is what the memory-bound kernels of this library live or die by, and it runs
+on any machine with ``triton`` installed (tested with triton 3.6 and 3.8; it uses Triton's argument binder, an
+internal API).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import collections
 import contextlib
 import dataclasses
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -37,6 +43,9 @@ from .. import backend
 from . import harness
 
 H100 = ("cuda", 90, 32)
+H100_SMS = 132
+H100_ISSUE_PER_US = H100_SMS * 4 * 1.98e3  # warp instructions per microsecond: 4 schedulers per SM, 1.98 GHz
+BATCH = 128  # the benchmark's batch: the recorded grids are the real ones
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 
@@ -47,6 +56,7 @@ class Launch:
     kernel: object  # triton.runtime.jit.JITFunction
     args: tuple
     kwargs: dict
+    programs: int  # the launch grid's size
 
 
 @dataclasses.dataclass
@@ -64,7 +74,9 @@ class KernelCode:
     registers: int
     warps_per_sm: int
     spill_bytes: int  # stack (local memory) per thread: register spills
-    instructions: int
+    instructions: int  # static SASS count: the dynamic count per thread when the kernel has no loops
+    programs: int
+    issue_us: float  # instructions x warps x programs / H100_ISSUE_PER_US
     memory: dict  # SASS memory opcode (LDG.E.128, STG.E, ...) -> count
 
 
@@ -76,7 +88,8 @@ def recording() -> Iterator[Recorder]:
     recorder = Recorder()
 
     def record(kernel, *args, grid, warmup, **kwargs):
-        recorder.launches.append(Launch(recorder.case, kernel, args, kwargs))
+        grid = grid(kwargs) if callable(grid) else grid
+        recorder.launches.append(Launch(recorder.case, kernel, args, kwargs, math.prod(grid)))
 
     with (
         mock.patch.object(JITFunction, "run", record),
@@ -91,16 +104,16 @@ def _blurpool_cases(dtype: torch.dtype, layout: str) -> dict[str, Callable[[], o
 
     def blur(channels: int, size: int, filt_size: int, pads: list[int]) -> Callable[[], object]:
         def run():
-            x = _input((2, channels, size, size), dtype, layout)
+            x = _input((BATCH, channels, size, size), dtype, layout)
             y = op.blur_pool2d(x, filt_size, 2, pads, "reflect")
-            y.backward(torch.zeros_like(y))  # keeps y's layout (sum()'s gradient would be an expanded tensor)
+            y.backward(torch.empty_like(y))  # keeps y's layout (sum()'s gradient would be an expanded tensor)
 
         return run
 
     def max_blur():
-        x = _input((2, 64, 112, 112), dtype, layout)
+        x = _input((BATCH, 64, 112, 112), dtype, layout)
         y = op.max_blur_pool2d(x, 2, 0, 4, 2, [1, 2, 1, 2], "reflect")[0]
-        y.backward(torch.zeros_like(y))
+        y.backward(torch.empty_like(y))
 
     return {
         "adobe k4 L2 down": blur(256, 56, 4, [1, 2, 1, 2]),
@@ -127,7 +140,7 @@ def _blurpool_geometry_cases(dtype: torch.dtype, layout: str) -> dict[str, Calla
         def run():
             pads = list(geometry.adobe_pads(filt_size)) * 2
             y = op.blur_pool2d(_input((2, 3, 13, 10), dtype, layout), filt_size, stride, pads, "reflect")
-            y.backward(torch.zeros_like(y))
+            y.backward(torch.empty_like(y))
             z = op.blur_pool1d(_input((2, 3, 13, 10), dtype, layout)[:, :, 0], filt_size, stride, pads[:2], "zero")
             z.backward(torch.zeros_like(z))
 
@@ -137,11 +150,18 @@ def _blurpool_geometry_cases(dtype: torch.dtype, layout: str) -> dict[str, Calla
         def run():
             pads = list(geometry.adobe_pads(filt_size)) * 2
             y = op.max_blur_pool2d(_input((2, 3, 13, 10), dtype, layout), kmax, pmax, filt_size, stride, pads, mode)[0]
-            y.backward(torch.zeros_like(y))
+            y.backward(torch.empty_like(y))
 
         return run
 
+    def wide_windows():  # pads far from the anchors': the windows outgrow the rolling kernels, the fallbacks run
+        y = op.blur_pool2d(_input((2, 3, 12, 12), dtype, layout), 4, 2, [5, 5, 5, 5], "reflect")
+        y.backward(torch.empty_like(y))
+        y = op.max_blur_pool2d(_input((2, 3, 12, 12), dtype, layout), 2, 0, 4, 2, [5, 5, 5, 5], "reflect")[0]
+        y.backward(torch.empty_like(y))
+
     cases = {f"blur k{k} s{s}": blur(k, s) for k in (1, 4, 7) for s in (1, 2, 4)}
+    cases["wide windows"] = wide_windows
     cases.update({f"maxblur {g}": max_blur(*g) for g in MAX_GEOMETRIES})
     return cases
 
@@ -151,8 +171,8 @@ def _dct_cases(dtype: torch.dtype, layout: str) -> dict[str, Callable[[], object
 
     def run(op: str) -> Callable[[], object]:
         def call():
-            y = getattr(ktkernels, op)(_input((2, 256, 56, 56), dtype, layout))
-            y.backward(torch.zeros_like(y))
+            y = getattr(ktkernels, op)(_input((BATCH, 256, 56, 56), dtype, layout))
+            y.backward(torch.empty_like(y))
 
         return call
 
@@ -164,17 +184,20 @@ def _losses_cases(dtype: torch.dtype, layout: str) -> dict[str, Callable[[], obj
 
     def pixel_global(channels: int, size: int) -> Callable[[], object]:
         def call():
-            s, t = _input((2, channels, size, size), dtype, layout), _input((2, channels, size, size), dtype, layout)
+            s, t = (
+                _input((BATCH, channels, size, size), dtype, layout),
+                _input((BATCH, channels, size, size), dtype, layout),
+            )
             ktkernels.PixelGlobalTransferLoss()({"layer": s}, {"layer": t.detach()}).total.backward()
 
         return call
 
     def attention_transfer():
-        s, t = _input((2, 256, 56, 56), dtype, layout), _input((2, 256, 56, 56), dtype, layout)
+        s, t = _input((BATCH, 256, 56, 56), dtype, layout), _input((BATCH, 256, 56, 56), dtype, layout)
         ktkernels.attention_transfer_loss(s, t.detach(), 2, "code").backward()
 
     def soft_target():
-        s, t = torch.zeros(128, 1000, dtype=dtype, requires_grad=True), torch.zeros(128, 1000, dtype=dtype)
+        s, t = torch.empty(BATCH, 1000, dtype=dtype, requires_grad=True), torch.empty(BATCH, 1000, dtype=dtype)
         ktkernels.soft_target_loss(s, t, 4.0).backward()
 
     return {
@@ -187,7 +210,7 @@ def _losses_cases(dtype: torch.dtype, layout: str) -> dict[str, Callable[[], obj
 
 def _input(shape: tuple, dtype: torch.dtype, layout: str) -> torch.Tensor:
     fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
-    return torch.zeros(shape, dtype=dtype).to(memory_format=fmt).requires_grad_()
+    return torch.empty(shape, dtype=dtype, memory_format=fmt).requires_grad_()  # never read: launches are recorded
 
 
 FAMILIES = {
@@ -263,6 +286,8 @@ def compile_launch(launch: Launch, target: tuple = H100) -> KernelCode:
         warps_per_sm=min(MAX_WARPS_PER_SM, blocks * warps),
         spill_bytes=int(re.search(r"STACK:(\d+)", usage).group(1)),
         instructions=len(opcodes),
+        programs=launch.programs,
+        issue_us=round(len(opcodes) * warps * launch.programs / H100_ISSUE_PER_US, 1),
         memory=dict(sorted(memory.items())),
     )
 
@@ -289,16 +314,19 @@ def markdown(codes: list[KernelCode], env: dict) -> str:
         f"triton {env['triton']} | torch {env['torch']} | commit {env['commit']} | {env['date']}",
         "",
         "Warps/SM: resident warps that the registers allow (64 max). Memory: SASS global/shared/local "
-        "load and store instructions by width (LDG.E = 32 bit, .128 = 16-byte vector, .U16 = 2-byte).",
+        "load and store instructions by width (LDG.E = 32 bit, .128 = 16-byte vector, .U16 = 2-byte). Issue: the "
+        f"least time an H100 needs to issue the launch at batch {BATCH} (warp instructions / (132 SMs x 4 x "
+        "1.98 GHz)); static counts, so low for kernels with loops.",
         "",
-        "| case | kernel | constexprs | warps | regs | warps/SM | spills | SASS instrs | memory instructions |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | kernel | constexprs | warps | regs | warps/SM | spills | SASS instrs | issue us "
+        "| memory instructions |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in codes:
         memory = ", ".join(f"{k} {v}" for k, v in c.memory.items())
         lines.append(
             f"| {c.case} | {c.kernel} | {c.constexprs} | {c.num_warps} | {c.registers} | {c.warps_per_sm} "
-            f"| {c.spill_bytes} | {c.instructions} | {memory} |"
+            f"| {c.spill_bytes} | {c.instructions} | {c.issue_us} | {memory} |"
         )
     return "\n".join(lines) + "\n"
 

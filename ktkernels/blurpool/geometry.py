@@ -226,6 +226,20 @@ def window_table(axis: Axis, cover_owned: bool = False) -> tuple[int, np.ndarray
 
 
 @functools.lru_cache(maxsize=512)
+def window_holes(axis: Axis) -> bool:
+    """Whether ``window_table(axis)`` has a zero weight at a position inside ``[0, size)`` (odd sizes widen the
+    window past some outputs' taps). A kernel that multiplies loaded values by the window's weights must then
+    select, not multiply, or an inf there would give 0 * inf = NaN where the reference never reads it.
+
+    >>> window_holes(Axis(56, 4, 2, 1, 2, "reflect")), window_holes(Axis(7, 4, 2, 1, 2, "reflect"))
+    (False, True)
+    """
+    offset, weight = window_table(axis)
+    positions = axis.stride * np.arange(axis.out_size)[None, :] + offset + np.arange(weight.shape[0])[:, None]
+    return bool(((weight == 0) & (positions >= 0) & (positions < axis.size)).any())
+
+
+@functools.lru_cache(maxsize=512)
 def routing_table(axis: Axis, kmax: int, pmax: int) -> tuple[np.ndarray, np.ndarray]:
     """The max-blur backward along one axis: for each input position, the output band that reaches it.
 

@@ -1,19 +1,25 @@
 """Triton kernels for the blur-pool family and their launchers.
 
-Each program computes a (BC, BH, BW) tile of one image: BC channels x BH rows x BW columns.
-The launcher picks the tile from the memory layout. NCHW-like inputs use a wide BW, channels_last
-inputs a wide BC, so that the innermost memory axis is the fastest tile axis (Triton orders the tile
-by the contiguity it can prove). All index maths of padding sits in the tables of ``geometry.py``:
+The blur is separable and its windows overlap: output row i reads x rows SH*i + OFFSET_H + e, and output
+i + 1 reads SH of them again. The rolling kernels therefore give each program a (BC, 1, BW) tile of channels x
+columns and R consecutive output rows: every x row is loaded and filtered along W once, then added with a
+scalar row weight into each output row whose window holds it. That costs SH rows of loads and FMAs per output
+row instead of DH, which is what the H100 needs: its per-output gathers issued more instructions than it could
+issue in the time its memory moved the bytes (benchmarks/NOTES.md, "rolling"). Rows and columns both come as
+window tables (``geometry.window_table``: output j reads columns S*j + OFFSET + d), so all index maths of
+padding sits in ``geometry.py``; the launcher picks the tile from the memory layout (channels_last: a wide
+BC, planar: a wide BW), so the innermost memory axis is the fastest tile axis.
 
-- ``_gather_kernel``: (index, weight) tables, so the blur forward, its backward and BlurPool1d are one
-  gather kernel;
-- ``_max_blur_kernel``: banded tables (a base and contiguous weights per output), one output row per
-  program, so that each x element of the window is loaded once and the max map is formed in registers;
-- ``_max_blur_backward_kernel``: routing tables (per input position, the band of output gradients that
-  reaches its max-pool window slots), one input row per program; the argmax codes select the slots;
-- ``_planar_*`` kernels: the same ops for planar rows (unit W stride, W stride of the op 1, 2 or 4). Their
-  columns come as window tables (``geometry.window_table``): output j reads columns s*j + offset + d, so a row
-  is loaded as contiguous groups of s columns and split into its s phases in registers.
+- ``_rolling_blur_kernel`` / ``_rolling_blur_adjoint_kernel``: the blur forward and its adjoint (BlurPool1d is
+  the 2-D op with one row). Planar rows (unit W stride, W stride of the op 1, 2 or 4) are loaded as contiguous
+  groups of S columns and split into their S phases in registers;
+- ``_rolling_max_blur_kernel``: the fused max pool + blur: x rows reduced to row maxima once, max-map rows
+  formed from KMAX of them, blurred like the blur's rows; the argmax codes formed where the program owns them;
+- ``_rolling_max_blur_backward_kernel``: the max map's gradient formed as in the blur adjoint, routed to the
+  window slots that the codes select;
+- fallbacks for windows wider than ``MAX_WINDOW`` (pads far from the anchors'): ``_gather_kernel`` ((index,
+  weight) tables), ``_max_blur_kernel`` (banded tables, one output row per program) and
+  ``_max_blur_backward_kernel`` (routing tables, one input row per program).
 
 Maths is fp32 (fp64 for fp64 inputs) right after every load: bf16 arithmetic is also wrong under the
 interpreter.
@@ -25,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .geometry import MAX_FILT_SIZE, Axis, device_table, window_table
+from .geometry import MAX_FILT_SIZE, Axis, device_table, window_holes, window_table
 
 
 def _next_pow2(n: int) -> int:
@@ -201,11 +207,96 @@ def _interleave(parts, S: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, BW: 
         return tl.reshape(tl.join(tl.join(parts[0], parts[2]), tl.join(parts[1], parts[3])), (BC, BH, BW * 4))
 
 
-# Planar kernels: the plane geometry (W, WO and the plane strides) is compile-time, so that Triton can prove
-# the alignment of every row and the constancy of the border masks over a vector; with runtime sizes every
-# load along W compiled to scalar loads (benchmarks/NOTES.md, "planar"). A network has a handful of shapes.
+# Rolling blur kernels: a program owns a [BC, 1, BW] column tile of R consecutive output rows (forward) or of
+# P = SH * R consecutive input rows (adjoint) and walks down the plane. Each x row (gradient row) is loaded and
+# filtered along W once, then added with a scalar row weight into every output row whose window holds it, so
+# a row costs its loads and D FMAs per element once instead of once per overlapping window. Rows and columns
+# both come as window tables (geometry.window_table), whose windows start at S*i + OFFSET on every output.
+# The instruction count is the limit here, not the bytes: the per-output gathers issued up to ~170 SASS
+# instructions per fp32 output, more than an H100 can issue in the time its memory moves the bytes (NOTES,
+# "rolling").
+#
+# The geometry (sizes, strides but the batch's) is compile-time: Triton then proves the alignment of every row
+# and the constancy of the border masks over a vector; with runtime sizes every planar load along W compiled
+# to scalar loads (benchmarks/NOTES.md, "planar"). A network has a handful of shapes.
+@triton.jit
+def _output_tile(C, HO, WO, cw_ptr, D: tl.constexpr, BC: tl.constexpr, R: tl.constexpr, BW: tl.constexpr):
+    """A rolling forward program's tile: image n, channels c (BC, 1, 1), output columns j (1, 1, BW), their
+    column block wb, first output row i0, and the D column weights of the window table at j."""
+    n, cb, hb, wb = _tile_blocks(C, HO, WO, BC, R, BW)
+    c = cb * BC + tl.arange(0, BC)[:, None, None]
+    j = wb * BW + tl.arange(0, BW)[None, None, :]
+    col_weights = ()
+    for d in tl.static_range(D):
+        col_weights = col_weights + (tl.load(cw_ptr + d * WO + j, mask=j < WO, other=0.0),)
+    return n, c, j, wb, hb * R, col_weights
+
+
+@triton.jit
+def _store_output_row(out_row, ok, lines, rw_ptr, i, HO, FIRST: tl.constexpr, DH: tl.constexpr,
+                      SELECT: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Output row i = sum_e rw[e, i] * lines[FIRST + e], stored at ``out_row``. SELECT: a zero weight must not
+    multiply the line (it may hold inf)."""
+    acc = tl.zeros(ok.shape, ACC)
+    for e in tl.static_range(DH):
+        rw = tl.load(rw_ptr + e * HO + i, mask=i < HO, other=0.0)
+        line = lines[FIRST + e]
+        if SELECT:
+            line = tl.where(rw != 0.0, line, 0.0)
+        acc += rw * line
+    tl.store(out_row, acc.to(out_row.dtype.element_ty), mask=ok & (i < HO))
+
+
+@triton.jit
+def _window_line(
+    row,
+    row_ok,
+    wb,
+    col_weights,
+    SXW: tl.constexpr,
+    W: tl.constexpr,
+    S: tl.constexpr,
+    OFFSET: tl.constexpr,
+    D: tl.constexpr,
+    COL_SELECT: tl.constexpr,
+    PLANAR: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BW: tl.constexpr,
+):
+    """sum_d cw[d, j] * row[S*j + OFFSET + d] for the BW outputs j of column block wb: shape (BC, 1, BW).
+
+    PLANAR rows (unit W stride, S in 1, 2, 4) are loaded as whole S-element groups, BW*S contiguous elements
+    per group offset, and split into phases in registers; column S*j + OFFSET + d is phase (OFFSET + d) % S of
+    group j + (OFFSET + d) // S. Other rows load each tap's column (a vector along C in channels_last).
+    COL_SELECT: some in-range window position has weight 0 (odd sizes), whose inf must not become 0 * inf.
+    """
+    line = tl.zeros((BC, 1, BW), ACC)
+    if PLANAR:
+        lane = tl.arange(0, BW * S)[None, None, :]
+        phases = ()
+        for q in tl.static_range(OFFSET // S, (OFFSET + D - 1) // S + 1):
+            cols = (wb * BW + q) * S + lane
+            group = tl.load(row + cols, mask=row_ok & (cols >= 0) & (cols < W), other=0.0)
+            phases = phases + _phases(group.to(ACC), S, BC, 1, BW)
+        for d in tl.static_range(D):
+            value = phases[OFFSET + d - OFFSET // S * S]
+            if COL_SELECT:
+                value = tl.where(col_weights[d] != 0.0, value, 0.0)
+            line += col_weights[d] * value
+    else:
+        j = wb * BW + tl.arange(0, BW)[None, None, :]
+        for d in tl.static_range(D):
+            col = S * j + (OFFSET + d)
+            value = tl.load(row + col * SXW, mask=row_ok & (col >= 0) & (col < W), other=0.0).to(ACC)
+            if COL_SELECT:
+                value = tl.where(col_weights[d] != 0.0, value, 0.0)
+            line += col_weights[d] * value
+    return line
+
+
 @triton.jit(do_not_specialize=["H", "HO"])
-def _planar_blur_kernel(
+def _rolling_blur_kernel(
     x_ptr,
     out_ptr,
     rw_ptr,
@@ -217,8 +308,10 @@ def _planar_blur_kernel(
     son,
     SXC: tl.constexpr,
     SXH: tl.constexpr,
+    SXW: tl.constexpr,
     SOC: tl.constexpr,
     SOH: tl.constexpr,
+    SOW: tl.constexpr,
     W: tl.constexpr,
     WO: tl.constexpr,
     SH: tl.constexpr,
@@ -227,56 +320,45 @@ def _planar_blur_kernel(
     S: tl.constexpr,
     OFFSET: tl.constexpr,
     D: tl.constexpr,
+    ROW_SELECT: tl.constexpr,
+    COL_SELECT: tl.constexpr,
+    PLANAR: tl.constexpr,
     ACC: tl.constexpr,
     BC: tl.constexpr,
-    BH: tl.constexpr,
+    R: tl.constexpr,
     BW: tl.constexpr,
 ):
-    """out[i, j] = sum_e rw[e, i] sum_d cw[d, j] x[SH*i + OFFSET_H + e, S*j + OFFSET + d], for planar rows.
+    """out[i, j] = sum_e rw[e, i] sum_d cw[d, j] x[SH*i + OFFSET_H + e, S*j + OFFSET + d] for R rows i per program.
 
-    Both axes come as window tables (geometry.window_table). Window position S*j + OFFSET + d is phase
-    (OFFSET + d) % S of the S-element group j + (OFFSET + d) // S, so for each row the program loads whole
-    groups for BW consecutive outputs (BW*S contiguous elements per group offset) and splits the phases in
-    registers, instead of one stride-S gather per tap.
+    x row SH*i0 + OFFSET_H + t (t = 0 .. SH*(R-1) + DH - 1) is filtered along W once (``_window_line``); output
+    row i0 + r adds lines SH*r .. SH*r + DH - 1 and is stored as soon as its last line is in.
     """
-    n, cb, hb, wb = _tile_blocks(C, HO, WO, BC, BH, BW)
-    c = cb * BC + tl.arange(0, BC)[:, None, None]
-    i = hb * BH + tl.arange(0, BH)[None, :, None]
-    j = wb * BW + tl.arange(0, BW)[None, None, :]
-    lane = tl.arange(0, BW * S)[None, None, :]
+    n, c, j, wb, i0, col_weights = _output_tile(C, HO, WO, cw_ptr, D, BC, R, BW)
     c_ok = c < C
-    i_ok = i < HO
     j_ok = j < WO
-    col_weights = ()
-    for d in tl.static_range(D):
-        col_weights = col_weights + (tl.load(cw_ptr + d * WO + j, mask=j_ok, other=0.0),)
     plane = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * SXC
-    acc = tl.zeros((BC, BH, BW), ACC)
-    for e in tl.static_range(DH):
-        r = SH * i + (OFFSET_H + e)
-        rw = tl.load(rw_ptr + e * HO + i, mask=i_ok, other=0.0)
-        row_ok = c_ok & (rw != 0.0) & (r >= 0) & (r < H)
-        row = plane + r * SXH
-        phases = ()  # phases[k]: column S*j + S*(OFFSET // S) + k, from the first group the window needs
-        for q in tl.static_range(OFFSET // S, (OFFSET + D - 1) // S + 1):
-            cols = (wb * BW + q) * S + lane
-            group = tl.load(row + cols, mask=row_ok & (cols >= 0) & (cols < W), other=0.0)
-            phases = phases + _phases(group.to(ACC), S, BC, BH, BW)
-        line = tl.zeros((BC, BH, BW), ACC)
-        for d in tl.static_range(D):
-            w = col_weights[d]
-            line += w * tl.where(w != 0.0, phases[OFFSET + d - OFFSET // S * S], 0.0)
-        acc += rw * line
-    out = out_ptr + n.to(tl.int64) * son + c.to(tl.int64) * SOC + i * SOH + j
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=c_ok & i_ok & j_ok)
+    out_plane = out_ptr + n.to(tl.int64) * son + c.to(tl.int64) * SOC + j * SOW
+    lines = ()
+    for t in tl.static_range(SH * (R - 1) + DH):
+        if t % SH < DH:  # some output's window holds this row (not so between windows when DH < SH)
+            xr = SH * i0 + (OFFSET_H + t)
+            row_ok = c_ok & (xr >= 0) & (xr < H)
+            line = _window_line(plane + xr * SXH, row_ok, wb, col_weights, SXW, W, S, OFFSET, D, COL_SELECT,
+                                PLANAR, ACC, BC, BW)  # fmt: skip
+            lines = lines + (line,)
+        else:
+            lines = lines + (tl.zeros((BC, 1, BW), ACC),)
+        for r in tl.static_range(R):
+            if SH * r + DH - 1 == t:  # output row i0 + r is complete
+                _store_output_row(out_plane + (i0 + r) * SOH, c_ok & j_ok, lines, rw_ptr, i0 + r, HO, SH * r, DH,
+                                  ROW_SELECT, ACC)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["H", "HO"])
-def _planar_blur_adjoint_kernel(
+def _rolling_blur_adjoint_kernel(
     g_ptr,
     gx_ptr,
-    ai_ptr,
-    aw_ptr,
+    rw_ptr,
     cw_ptr,
     C,
     H,
@@ -285,60 +367,400 @@ def _planar_blur_adjoint_kernel(
     sxn,
     SGC: tl.constexpr,
     SGH: tl.constexpr,
+    SGW: tl.constexpr,
     SXC: tl.constexpr,
     SXH: tl.constexpr,
+    SXW: tl.constexpr,
     W: tl.constexpr,
     WO: tl.constexpr,
-    KA: tl.constexpr,
+    SH: tl.constexpr,
+    OFFSET_H: tl.constexpr,
+    DH: tl.constexpr,
     S: tl.constexpr,
     OFFSET: tl.constexpr,
     D: tl.constexpr,
+    ROW_SELECT: tl.constexpr,
+    COL_SELECT: tl.constexpr,
+    PLANAR: tl.constexpr,
     ACC: tl.constexpr,
     BC: tl.constexpr,
-    BH: tl.constexpr,
+    P: tl.constexpr,
     BW: tl.constexpr,
 ):
-    """gx[p, S*u + r] = sum_m aw[p, m] sum_q cw[S*q + r - OFFSET, u - q] g[ai[p, m], u - q]: the adjoint of
-    ``_planar_blur_kernel``, rows through the adjoint table.
+    """The adjoint of ``_rolling_blur_kernel``: gx[p, S*u + r] = sum_{i, e: SH*i + OFFSET_H + e = p} rw[e, i] *
+    sum_q cw[S*q + r - OFFSET, u - q] g[i, u - q], for P = SH * R rows p per program and BW column groups u.
 
-    Each program writes BW groups of S neighbouring gx columns (group u covers columns S*u .. S*u + S - 1):
-    per group offset q it loads the gradient row at u - q (contiguous in u), forms the S phases, and
-    interleaves them in registers into one contiguous store. Every gx element has one writer: deterministic.
+    The program's first row is p0 = SH*m. Gradient row m + k reaches rows SH*k + OFFSET_H + e (e < DH) of the
+    program; each is loaded once per column offset q, combined along W into the S phases of gx row p, and
+    added into every row it reaches; row t is stored after the last gradient row that reaches it,
+    k = (t - OFFSET_H) // SH. Planar rows interleave the phases into one contiguous store. Every gx element
+    has one writer: deterministic.
     """
-    n, cb, hb, ub = _tile_blocks(C, H, tl.cdiv(W, S), BC, BH, BW)
+    n, cb, hb, ub = _tile_blocks(C, H, tl.cdiv(W, S), BC, P, BW)
     c = cb * BC + tl.arange(0, BC)[:, None, None]
-    p = hb * BH + tl.arange(0, BH)[None, :, None]
     u = ub * BW + tl.arange(0, BW)[None, None, :]
     c_ok = c < C
-    p_ok = p < H
-    plane = g_ptr + n.to(tl.int64) * sgn + c.to(tl.int64) * SGC
-    rows = ()
-    row_weights = ()
-    for m in tl.static_range(KA):
-        rows = rows + (tl.load(ai_ptr + p * KA + m, mask=p_ok, other=0),)
-        row_weights = row_weights + (tl.load(aw_ptr + p * KA + m, mask=p_ok, other=0.0),)
-    lines = ()  # the row-combined gradient at output column u - q, for q from OFFSET // S
+    m = hb * (P // SH)
+    # cws[(q - OFFSET // S) * S + r]: weight of window position S*q + r - OFFSET of output u - q (0 outside)
+    cws = ()
     for q in tl.static_range(OFFSET // S, (OFFSET + D - 1) // S + 1):
-        col_ok = (u - q >= 0) & (u - q < WO)
-        line = tl.zeros((BC, BH, BW), ACC)
-        for m in tl.static_range(KA):
-            live = c_ok & (row_weights[m] != 0.0) & col_ok
-            line += row_weights[m] * tl.load(plane + rows[m] * SGH + (u - q), mask=live, other=0.0).to(ACC)
-        lines = lines + (line,)
+        for r in tl.static_range(S):
+            inside = (u - q >= 0) & (u - q < WO) & (S * q + r - OFFSET >= 0) & (S * q + r - OFFSET < D)
+            cws = cws + (tl.load(cw_ptr + (S * q + r - OFFSET) * WO + (u - q), mask=inside, other=0.0),)
+    g_plane = g_ptr + n.to(tl.int64) * sgn + c.to(tl.int64) * SGC
+    gx_plane = gx_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * SXC
+    # parts[(k - K0) * S + r]: gradient row m + k along W, phase r, from K0 = (1 - DH - OFFSET_H) // SH (the
+    # first row reaching row 0, or the one row 0 is stored after when DH < SH leaves it unreached).
     parts = ()
-    for r in tl.static_range(S):
-        part = tl.zeros((BC, BH, BW), ACC)
+    for k in tl.static_range((1 - DH - OFFSET_H) // SH, (P - 1 - OFFSET_H) // SH + 1):
+        i = m + k
+        g_row = g_plane + i * SGH
+        row_ok = c_ok & (i >= 0) & (i < HO)
+        lines = ()
         for q in tl.static_range(OFFSET // S, (OFFSET + D - 1) // S + 1):
-            if q * S + r - OFFSET >= 0:  # window position d = q*S + r - OFFSET of output u - q
-                if q * S + r - OFFSET < D:
-                    col_ok = (u - q >= 0) & (u - q < WO)
-                    w = tl.load(cw_ptr + (q * S + r - OFFSET) * WO + (u - q), mask=col_ok, other=0.0)
-                    part += w * tl.where(w != 0.0, lines[q - OFFSET // S], 0.0)
-        parts = parts + (part,)
-    gx = _interleave(parts, S, BC, BH, BW)
-    cols = ub * BW * S + tl.arange(0, BW * S)[None, None, :]
-    out = gx_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * SXC + p * SXH + cols
-    tl.store(out, gx.to(gx_ptr.dtype.element_ty), mask=c_ok & p_ok & (cols < W))
+            col = u - q
+            lines = lines + (tl.load(g_row + col * SGW, mask=row_ok & (col >= 0) & (col < WO), other=0.0).to(ACC),)
+        for r in tl.static_range(S):
+            part = tl.zeros((BC, 1, BW), ACC)
+            for q in tl.static_range(OFFSET // S, (OFFSET + D - 1) // S + 1):
+                if S * q + r - OFFSET >= 0:
+                    if S * q + r - OFFSET < D:
+                        w = cws[(q - OFFSET // S) * S + r]
+                        value = lines[q - OFFSET // S]
+                        if COL_SELECT:
+                            value = tl.where(w != 0.0, value, 0.0)
+                        part += w * value
+            parts = parts + (part,)
+        for t in tl.static_range(SH * k + OFFSET_H, SH * k + OFFSET_H + SH):
+            if t >= 0:
+                if t < P:  # gx row m*SH + t is complete: sum its gradient rows m + k2, k2 <= k
+                    acc = ()
+                    for _ in tl.static_range(S):
+                        acc = acc + (tl.zeros((BC, 1, BW), ACC),)
+                    for k2 in tl.static_range((1 - DH - OFFSET_H) // SH, k + 1):
+                        if t - SH * k2 - OFFSET_H < DH:
+                            i2 = m + k2
+                            rw = tl.load(rw_ptr + (t - SH * k2 - OFFSET_H) * HO + i2, mask=(i2 >= 0) & (i2 < HO),
+                                         other=0.0)  # fmt: skip
+                            summed = ()
+                            for r in tl.static_range(S):
+                                part = parts[(k2 - (1 - DH - OFFSET_H) // SH) * S + r]
+                                if ROW_SELECT:
+                                    part = tl.where(rw != 0.0, part, 0.0)
+                                summed = summed + (acc[r] + rw * part,)
+                            acc = summed
+                    p = SH * m + t
+                    p_ok = c_ok & (p < H)
+                    if PLANAR:
+                        cols = ub * BW * S + tl.arange(0, BW * S)[None, None, :]
+                        gx = _interleave(acc, S, BC, 1, BW)
+                        tl.store(gx_plane + p * SXH + cols, gx.to(gx_ptr.dtype.element_ty), mask=p_ok & (cols < W))
+                    else:
+                        for r in tl.static_range(S):
+                            cols = S * u + r
+                            tl.store(gx_plane + p * SXH + cols * SXW, acc[r].to(gx_ptr.dtype.element_ty),
+                                     mask=p_ok & (cols < W))  # fmt: skip
+
+
+@triton.jit
+def _scan_step(best, code, v, index, valid, FIRST: tl.constexpr, CHECK_VALID: tl.constexpr):
+    """One step of torch.max_pool2d's scan (``_argmax_step``): v at ``index`` replaces best if v > best or v is
+    NaN. FIRST: the scan's first element, taken if valid. CHECK_VALID: windows may hold padding (``valid``
+    False), which is never taken, and the first valid element is taken whatever its value."""
+    if FIRST:
+        if CHECK_VALID:
+            return tl.where(valid, v, float("-inf")), tl.where(valid, index, -1)
+        else:
+            return v, index + tl.zeros(v.shape, tl.int32)
+    else:
+        take = (v > best) | (v != v)
+        if CHECK_VALID:
+            take = valid & (take | (code < 0))
+        return tl.where(take, v, best), tl.where(take, index, code)
+
+
+@triton.jit
+def _map_code(row_max, row_arg, at: tl.constexpr, D: tl.constexpr, KMAX: tl.constexpr, CHECK_VALID: tl.constexpr):
+    """The max-map code a * KMAX + b at row_max[at]'s column from the row maxima (and their b) of the KMAX x rows
+    from that one: torch's row-major scan, row by row (each row's first maximum / last NaN, then across rows)."""
+    best, code = _scan_step(row_max[at], row_arg[at], row_max[at], row_arg[at], row_arg[at] >= 0, True, CHECK_VALID)
+    for a in tl.static_range(1, KMAX):
+        best, code = _scan_step(best, code, row_max[at + a * D], row_arg[at + a * D] + a * KMAX,
+                                row_arg[at + a * D] >= 0, False, CHECK_VALID)  # fmt: skip
+    return code
+
+
+@triton.jit
+def _window_values(row, row_ok, j, SXW: tl.constexpr, W: tl.constexpr, S: tl.constexpr, OFFSET: tl.constexpr,
+                   E: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """row[S*j + OFFSET + e] for e < E, -inf outside the row: a tuple of E tensors shaped like j, and whether each
+    is inside. (The max-blur takes no phase split: its codes, stored from the split layout, went through shared
+    memory with a barrier per store on sm_90.)"""
+    values = ()
+    inside = ()
+    for e in tl.static_range(E):
+        col = S * j + (OFFSET + e)
+        ok = row_ok & (col >= 0) & (col < W)
+        values = values + (tl.load(row + col * SXW, mask=ok, other=float("-inf")).to(ACC),)
+        inside = inside + (ok,)
+    return values, inside
+
+
+@triton.jit(do_not_specialize=["H", "HO", "HM"])
+def _rolling_max_blur_kernel(
+    x_ptr,
+    out_ptr,
+    codes_ptr,
+    rw_ptr,
+    cw_ptr,
+    C,
+    H,
+    HO,
+    HM,
+    sxn,
+    son,
+    skn,
+    SXC: tl.constexpr,
+    SXH: tl.constexpr,
+    SXW: tl.constexpr,
+    SOC: tl.constexpr,
+    SOH: tl.constexpr,
+    SOW: tl.constexpr,
+    SKC: tl.constexpr,
+    SKH: tl.constexpr,
+    SKW: tl.constexpr,
+    W: tl.constexpr,
+    WO: tl.constexpr,
+    WM: tl.constexpr,
+    SH: tl.constexpr,
+    OFFSET_H: tl.constexpr,
+    DH: tl.constexpr,
+    S: tl.constexpr,
+    OFFSET: tl.constexpr,
+    D: tl.constexpr,
+    PMAX: tl.constexpr,
+    KMAX: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    R: tl.constexpr,
+    BW: tl.constexpr,
+):
+    """out = R_h m R_w^T for the stride-1 KMAX x KMAX max map m of x (padding PMAX, out-of-range excluded), R
+    rows per program as in ``_rolling_blur_kernel``, and the argmax codes of the max-map positions it owns.
+
+    Both window tables cover the owned codes (geometry.window_table(cover_owned=True)). x row
+    SH*i0 + OFFSET_H - PMAX + u is loaded once (its window columns S*j + OFFSET - PMAX + e, e < D + KMAX - 1)
+    and reduced to row maxima; max-map row t is the max of KMAX row maxima, blurred along W once, and added into
+    the outputs whose windows hold it. Values take NaN-propagating maxima; codes follow torch's row-major scan
+    (first maximum, last NaN) and are formed only where the program owns the position, each once grid-wide.
+    """
+    n, c, j, wb, i0, col_weights = _output_tile(C, HO, WO, cw_ptr, D, BC, R, BW)
+    c_ok = c < C
+    j_ok = j < WO
+    plane = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * SXC
+    out_plane = out_ptr + n.to(tl.int64) * son + c.to(tl.int64) * SOC + j * SOW
+    k_plane = codes_ptr + n.to(tl.int64) * skn + c.to(tl.int64) * SKC
+    xs = ()  # xs[u * (D + KMAX - 1) + e]: x row u at window column e
+    ins = ()
+    row_max = ()  # row_max[u * D + d]: max over b of xs[u][d + b] (NaN-propagating)
+    row_arg = ()  # row_arg[u * D + d]: its b in torch's scan order (-1: no valid element); used where owned
+    lines = ()  # lines[t]: max-map row t blurred along W
+    last_block = wb == tl.cdiv(WO, BW) - 1  # holds output WO - 1, which also owns the max-map columns past S*WO
+    for u in tl.static_range(SH * (R - 1) + DH + KMAX - 1):
+        xr = SH * i0 + (OFFSET_H - PMAX + u)
+        row_ok = c_ok & (xr >= 0) & (xr < H)
+        values, inside = _window_values(plane + xr * SXH, row_ok, j, SXW, W, S, OFFSET - PMAX, D + KMAX - 1, ACC)
+        xs = xs + values
+        ins = ins + inside
+        for d in tl.static_range(D):
+            m = values[d]
+            best, arg = _scan_step(m, m, values[d], 0, inside[d], True, PMAX > 0)
+            for b in tl.static_range(1, KMAX):
+                m = tl.maximum(m, values[d + b], propagate_nan=tl.PropagateNan.ALL)
+                best, arg = _scan_step(best, arg, values[d + b], b, inside[d + b], False, PMAX > 0)
+            row_max = row_max + (m,)
+            row_arg = row_arg + (arg,)
+        if u >= KMAX - 1:  # max-map row t = u - (KMAX - 1) is complete
+            line = tl.zeros((BC, 1, BW), ACC)
+            for d in tl.static_range(D):
+                m = row_max[(u - (KMAX - 1)) * D + d]
+                for a in tl.static_range(1, KMAX):
+                    m = tl.maximum(m, row_max[(u - (KMAX - 1) + a) * D + d], propagate_nan=tl.PropagateNan.ALL)
+                line += col_weights[d] * tl.where(col_weights[d] != 0.0, m, 0.0)  # -inf outside the map
+            lines = lines + (line,)
+            # Output j owns max-map columns S*j + p, p < S (window position p - OFFSET): one strided store per p
+            # (code rows are not aligned, so an interleaved store would be bytes too). The last output also owns
+            # the columns past those (geometry.codes_per_owner): only the last column block forms their codes.
+            mr = SH * i0 + (OFFSET_H + u - (KMAX - 1))
+            owned = c_ok & (mr >= SH * i0) & ((mr < SH * (i0 + R)) | (i0 + R >= HO)) & (mr < HM)
+            k_row = k_plane + mr * SKH
+            for p in tl.static_range(S):
+                code = _map_code(row_max, row_arg, (u - (KMAX - 1)) * D + p - OFFSET, D, KMAX, PMAX > 0)
+                mc = S * j + p
+                tl.store(k_row + mc * SKW, code.to(tl.uint8), mask=owned & j_ok & (mc < WM))
+            if S - OFFSET < D:
+                if last_block:
+                    for d in tl.static_range(S - OFFSET, D):
+                        code = _map_code(row_max, row_arg, (u - (KMAX - 1)) * D + d, D, KMAX, PMAX > 0)
+                        mc = S * j + (OFFSET + d)
+                        tl.store(k_row + mc * SKW, code.to(tl.uint8), mask=owned & (j == WO - 1) & (mc < WM))
+        for r in tl.static_range(R):
+            if SH * r + DH - 1 + KMAX - 1 == u:  # output row i0 + r is complete (lines are -inf off the map)
+                _store_output_row(out_plane + (i0 + r) * SOH, c_ok & j_ok, lines, rw_ptr, i0 + r, HO, SH * r, DH,
+                                  True, ACC)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["H", "HO", "HM"])
+def _rolling_max_blur_backward_kernel(
+    g_ptr,
+    codes_ptr,
+    gx_ptr,
+    rw_ptr,
+    cw_ptr,
+    C,
+    H,
+    HO,
+    HM,
+    sgn,
+    skn,
+    sxn,
+    SGC: tl.constexpr,
+    SGH: tl.constexpr,
+    SGW: tl.constexpr,
+    SKC: tl.constexpr,
+    SKH: tl.constexpr,
+    SKW: tl.constexpr,
+    SXC: tl.constexpr,
+    SXH: tl.constexpr,
+    SXW: tl.constexpr,
+    W: tl.constexpr,
+    WO: tl.constexpr,
+    WM: tl.constexpr,
+    SH: tl.constexpr,
+    OFFSET_H: tl.constexpr,
+    DH: tl.constexpr,
+    S: tl.constexpr,
+    OFFSET: tl.constexpr,
+    D: tl.constexpr,
+    ROW_SELECT: tl.constexpr,
+    COL_SELECT: tl.constexpr,
+    PMAX: tl.constexpr,
+    KMAX: tl.constexpr,
+    K0: tl.constexpr,
+    K1: tl.constexpr,
+    JO0: tl.constexpr,
+    JO1: tl.constexpr,
+    KR0: tl.constexpr,
+    PLANAR: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    P: tl.constexpr,
+    BW: tl.constexpr,
+):
+    """The max-blur backward: gx[p, q] = sum_{a, b} [code(p - a + PMAX, q - b + PMAX) == a*KMAX + b] *
+    gm(p - a + PMAX, q - b + PMAX), with gm = R_h^T g R_w the max map's gradient, for P = SH * R rows p and
+    BW column groups u (x columns S*u + r) per program.
+
+    gm is formed as in ``_rolling_blur_adjoint_kernel``, each gradient row loaded and combined along W once,
+    at the max-map columns S*(u + k) + rho that hold the program's windows (k in [K0, K1], every phase rho: NC
+    = (K1 - K0 + 1) * S columns per group), and kept per max-map row tau (row SH*m + tau, tau from T0 =
+    PMAX - KMAX + 1) with its codes; x row tau - PMAX is formed once max-map row tau, the last of its windows,
+    is in. Max-map column S*v + rho takes taps d with (rho - OFFSET - d) % S == 0 from output
+    v + (rho - OFFSET - d) // S, so gradient columns u + jo, jo in [JO0, JO1]; gradient rows m + kr, kr from
+    KR0, reach the program's max-map rows (``_rolling_max_blur_backward``). Every gx element has one writer.
+    """
+    n, cb, hb, ub = _tile_blocks(C, H, tl.cdiv(W, S), BC, P, BW)
+    c = cb * BC + tl.arange(0, BC)[:, None, None]
+    u = ub * BW + tl.arange(0, BW)[None, None, :]
+    c_ok = c < C
+    m = hb * (P // SH)
+    cws = ()  # cws[(jo - JO0) * D + d]: tap d's weight at output u + jo (unused ones are dead code, never loaded)
+    for jo in tl.static_range(JO0, JO1 + 1):
+        for d in tl.static_range(D):
+            cws = cws + (tl.load(cw_ptr + d * WO + u + jo, mask=(u + jo >= 0) & (u + jo < WO), other=0.0),)
+    g_plane = g_ptr + n.to(tl.int64) * sgn + c.to(tl.int64) * SGC
+    k_plane = codes_ptr + n.to(tl.int64) * skn + c.to(tl.int64) * SKC
+    gx_plane = gx_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * SXC
+    hgs = ()  # hgs[(kr - KR0) * NC + (k - K0) * S + rho]: gradient row m + kr along W at max-map column S*(u+k)+rho
+    gms = ()  # gms[(tau - T0) * NC + (k - K0) * S + rho]: the max map's gradient there
+    kcs = ()  # kcs[...]: its codes (255 outside the map: no window slot matches)
+    for kr in tl.static_range(KR0, (P - 1 + PMAX - OFFSET_H) // SH + 1):  # until the last max-map row is in
+        i = m + kr
+        row_ok = c_ok & (i >= 0) & (i < HO)
+        g_row = g_plane + i * SGH
+        lines = ()
+        for jo in tl.static_range(JO0, JO1 + 1):
+            col = u + jo
+            lines = lines + (tl.load(g_row + col * SGW, mask=row_ok & (col >= 0) & (col < WO), other=0.0).to(ACC),)
+        for k in tl.static_range(K0, K1 + 1):
+            for rho in tl.static_range(S):
+                hg = tl.zeros((BC, 1, BW), ACC)
+                for d in tl.static_range(D):
+                    if (rho - OFFSET - d) % S == 0:
+                        w = cws[(k + (rho - OFFSET - d) // S - JO0) * D + d]
+                        value = lines[k + (rho - OFFSET - d) // S - JO0]
+                        if COL_SELECT:
+                            value = tl.where(w != 0.0, value, 0.0)
+                        hg += w * value
+                hgs = hgs + (hg,)
+        for tau in tl.static_range(SH * kr + OFFSET_H, SH * kr + OFFSET_H + SH):
+            if tau >= PMAX - KMAX + 1:
+                if tau <= P - 1 + PMAX:  # max-map row SH*m + tau is complete
+                    mr = SH * m + tau
+                    k_row = k_plane + mr * SKH
+                    for k in tl.static_range(K0, K1 + 1):
+                        for rho in tl.static_range(S):
+                            gm = tl.zeros((BC, 1, BW), ACC)
+                            for kr2 in tl.static_range(KR0, kr + 1):
+                                if tau - SH * kr2 - OFFSET_H < DH:
+                                    rw = tl.load(rw_ptr + (tau - SH * kr2 - OFFSET_H) * HO + m + kr2,
+                                                 mask=(m + kr2 >= 0) & (m + kr2 < HO), other=0.0)  # fmt: skip
+                                    hg = hgs[(kr2 - KR0) * (K1 - K0 + 1) * S + (k - K0) * S + rho]
+                                    if ROW_SELECT:
+                                        hg = tl.where(rw != 0.0, hg, 0.0)
+                                    gm += rw * hg
+                            gms = gms + (gm,)
+                            mc = S * (u + k) + rho
+                            inside = c_ok & (mr >= 0) & (mr < HM) & (mc >= 0) & (mc < WM)
+                            kcs = kcs + (tl.load(k_row + mc * SKW, mask=inside, other=255).to(tl.int32),)
+                    if tau - PMAX >= 0:  # x row SH*m + tau - PMAX has all its windows
+                        if tau - PMAX < P:
+                            parts = ()
+                            for r in tl.static_range(S):
+                                acc = tl.zeros((BC, 1, BW), ACC)
+                                for a in tl.static_range(KMAX):
+                                    for b in tl.static_range(KMAX):
+                                        # max-map row tau - a, column S*u + r + PMAX - b: the slot (a, b) of its window
+                                        code = kcs[
+                                            (tau - a - (PMAX - KMAX + 1)) * (K1 - K0 + 1) * S
+                                            + ((r + PMAX - b) // S - K0) * S
+                                            + (r + PMAX - b) % S
+                                        ]
+                                        gm = gms[
+                                            (tau - a - (PMAX - KMAX + 1)) * (K1 - K0 + 1) * S
+                                            + ((r + PMAX - b) // S - K0) * S
+                                            + (r + PMAX - b) % S
+                                        ]
+                                        acc += tl.where(code == a * KMAX + b, gm, 0.0)
+                                parts = parts + (acc,)
+                            p = SH * m + (tau - PMAX)
+                            p_ok = c_ok & (p < H)
+                            if PLANAR:
+                                cols = ub * BW * S + tl.arange(0, BW * S)[None, None, :]
+                                gx = _interleave(parts, S, BC, 1, BW)
+                                tl.store(
+                                    gx_plane + p * SXH + cols, gx.to(gx_ptr.dtype.element_ty), mask=p_ok & (cols < W)
+                                )
+                            else:
+                                for r in tl.static_range(S):
+                                    cols = S * u + r
+                                    tl.store(gx_plane + p * SXH + cols * SXW, parts[r].to(gx_ptr.dtype.element_ty),
+                                             mask=p_ok & (cols < W))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Fallbacks for windows wider than MAX_WINDOW (reflect pads far from the anchors'): the banded max-blur
+# forward and the routing backward, one output (input) row per program.
 
 
 @triton.jit
@@ -471,103 +893,6 @@ def _max_blur_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit(do_not_specialize=["H", "HO", "HM", "STRIDE_H"])
-def _planar_max_blur_kernel(
-    x_ptr,
-    out_ptr,
-    codes_ptr,
-    rbase_ptr,
-    rband_ptr,
-    cw_ptr,
-    C,
-    H,
-    HO,
-    HM,
-    sxn,
-    son,
-    skn,
-    STRIDE_H,
-    SXC: tl.constexpr,
-    SXH: tl.constexpr,
-    SOC: tl.constexpr,
-    SOH: tl.constexpr,
-    SKC: tl.constexpr,
-    SKH: tl.constexpr,
-    W: tl.constexpr,
-    WO: tl.constexpr,
-    WM: tl.constexpr,
-    S: tl.constexpr,
-    OFFSET: tl.constexpr,
-    PMAX: tl.constexpr,
-    DH: tl.constexpr,
-    DW: tl.constexpr,
-    KMAX: tl.constexpr,
-    ACC: tl.constexpr,
-    BC: tl.constexpr,
-    BW: tl.constexpr,
-):
-    """``_max_blur_kernel`` for planar rows (unit W stride): the columns come from the window table
-    (geometry.window_table with the owned codes covered), ``cw[d, j]`` at max-map column S*j + OFFSET + d.
-
-    The x columns of output j's window, S*j + OFFSET - PMAX + t, are phases of S-element groups, so each x row
-    is loaded as whole groups for BW consecutive outputs (contiguous vectors) and split in registers, instead of
-    DW + KMAX - 1 stride-S gathers. Rows, maxima, codes and the blur are those of ``_max_blur_kernel``.
-    """
-    n, cb, i, wb = _tile_blocks(C, HO, WO, BC, 1, BW)
-    c = cb * BC + tl.arange(0, BC)[:, None, None]
-    j = wb * BW + tl.arange(0, BW)[None, None, :]
-    lane = tl.arange(0, BW * S)[None, None, :]
-    c_ok = c < C
-    ok = c_ok & (j < WO)
-    x_base = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * SXC
-    k_base = codes_ptr + n.to(tl.int64) * skn + c.to(tl.int64) * SKC
-    rbase = tl.load(rbase_ptr + i)
-    cbase = S * j + OFFSET
-    col_weights = ()
-    for d in tl.static_range(DW):
-        col_weights = col_weights + (tl.load(cw_ptr + d * WO + j, mask=j < WO, other=0.0),)
-    acc = tl.zeros(ok.shape, ACC)
-    row_max = ()
-    row_arg = ()
-    for rho in tl.static_range(DH + KMAX - 1):
-        xr = rbase + (rho - PMAX)
-        row_in = (xr >= 0) & (xr < H)
-        x_row = x_base + xr * SXH
-        # phases[k] is x column S*j + S*((OFFSET - PMAX) // S) + k: the groups from the first one the window needs.
-        phases = ()
-        for q in tl.static_range((OFFSET - PMAX) // S, (OFFSET - PMAX + DW + KMAX - 2) // S + 1):
-            cols = (wb * BW + q) * S + lane
-            group = tl.load(x_row + cols, mask=c_ok & row_in & (cols >= 0) & (cols < W), other=float("-inf"))
-            phases = phases + _phases(group.to(ACC), S, BC, 1, BW)
-        values = ()
-        inside = ()
-        for t in tl.static_range(DW + KMAX - 1):
-            xc = cbase + (t - PMAX)
-            values = values + (phases[OFFSET - PMAX + t - (OFFSET - PMAX) // S * S],)
-            inside = inside + (ok & row_in & (xc >= 0) & (xc < W),)
-        row_max, row_arg = _append_row_maxes(row_max, row_arg, values, inside, DW, KMAX)
-        if rho >= KMAX - 1:
-            r = rbase + (rho - (KMAX - 1))
-            k_row = k_base + r * SKH
-            owned = c_ok & _owns(r, i, STRIDE_H, HO, HM)
-            line, codes = _band_row(row_max, row_arg, col_weights, rho - (KMAX - 1), DW, KMAX)
-            # Output j owns the codes of columns S*j + p, p < S (window position p - OFFSET): interleaved, they
-            # are one contiguous store. The last output also owns the columns past those (geometry.codes_per_owner).
-            own = ()
-            for p in tl.static_range(S):
-                own = own + (codes[p - OFFSET],)
-            cols = wb * BW * S + lane
-            own_ok = owned & (cols < S * WO) & (cols < WM)
-            tl.store(k_row + cols, _interleave(own, S, BC, 1, BW).to(tl.uint8), mask=own_ok)
-            for d in tl.static_range(S - OFFSET, DW):
-                q = cbase + d
-                tl.store(k_row + q, codes[d].to(tl.uint8), mask=owned & ok & (j == WO - 1) & (q < WM))
-            rw = tl.load(rband_ptr + i * DH + (rho - (KMAX - 1)))
-            acc += rw * tl.where(rw != 0.0, line, 0.0)
-    out = out_ptr + n.to(tl.int64) * son + c.to(tl.int64) * SOC + i * SOH + j
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
 @triton.jit(do_not_specialize=["H", "W", "HO", "WO", "HM", "WM", "PMAX"])
 def _max_blur_backward_kernel(
     g_ptr,
@@ -654,105 +979,6 @@ def _max_blur_backward_kernel(
     tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit(do_not_specialize=["H", "HO", "HM"])
-def _planar_max_blur_backward_kernel(
-    g_ptr,
-    codes_ptr,
-    gx_ptr,
-    rbase_ptr,
-    rweight_ptr,
-    cw_ptr,
-    C,
-    H,
-    HO,
-    HM,
-    sgn,
-    skn,
-    sxn,
-    SGC: tl.constexpr,
-    SGH: tl.constexpr,
-    SKC: tl.constexpr,
-    SKH: tl.constexpr,
-    SXC: tl.constexpr,
-    SXH: tl.constexpr,
-    W: tl.constexpr,
-    WO: tl.constexpr,
-    WM: tl.constexpr,
-    S: tl.constexpr,
-    OFFSET: tl.constexpr,
-    PMAX: tl.constexpr,
-    F_MIN: tl.constexpr,
-    F_MAX: tl.constexpr,
-    Q_MIN: tl.constexpr,
-    Q_MAX: tl.constexpr,
-    DH: tl.constexpr,
-    DW: tl.constexpr,
-    KMAX: tl.constexpr,
-    ACC: tl.constexpr,
-    BC: tl.constexpr,
-    BW: tl.constexpr,
-):
-    """``_max_blur_backward_kernel`` for planar rows: rows through the routing table, columns through the
-    forward's window table.
-
-    Input column S*u + rho sits in slot b of the max-map column m = S*u + rho - b + PMAX, whose blur gradient
-    is sum_f cw[d, u - f] g[u - f] with d = S*f + rho - b + PMAX - OFFSET (F_MIN <= f <= F_MAX). So the
-    program loads the gradient at u - f and the codes' column groups (Q_MIN..Q_MAX) contiguously for BW groups
-    of S input columns, forms each phase rho, and interleaves the phases into one contiguous store.
-    """
-    n, cb, p, ub = _tile_blocks(C, H, tl.cdiv(W, S), BC, 1, BW)
-    c = cb * BC + tl.arange(0, BC)[:, None, None]
-    u = ub * BW + tl.arange(0, BW)[None, None, :]
-    lane = tl.arange(0, BW * S)[None, None, :]
-    c_ok = c < C
-    g_base = g_ptr + n.to(tl.int64) * sgn + c.to(tl.int64) * SGC
-    k_base = codes_ptr + n.to(tl.int64) * skn + c.to(tl.int64) * SKC
-    rbase = tl.load(rbase_ptr + p)
-    row_weights = ()  # (a, e) at a * DH + e
-    for a in tl.static_range(KMAX):
-        for e in tl.static_range(DH):
-            row_weights = row_weights + (tl.load(rweight_ptr + (p * KMAX + a) * DH + e),)
-    grads = ()  # g[rbase + e, u - f] at e * (F_MAX - F_MIN + 1) + f - F_MIN
-    col_weights = ()  # cw[d, u - f] at (f - F_MIN) * DW + d; the pairs no phase uses are never loaded
-    for f in tl.static_range(F_MIN, F_MAX + 1):
-        for d in tl.static_range(DW):
-            col_weights = col_weights + (tl.load(cw_ptr + d * WO + (u - f), mask=(u >= f) & (u - f < WO), other=0.0),)
-    for e in tl.static_range(DH):
-        row_ok = c_ok & (rbase + e < HO)
-        for f in tl.static_range(F_MIN, F_MAX + 1):
-            live = row_ok & (u >= f) & (u - f < WO)
-            grads = grads + (tl.load(g_base + (rbase + e) * SGH + (u - f), mask=live, other=0.0).to(ACC),)
-    codes = ()  # code at max-map column S*u + k, row p - a + PMAX, at a * S * (Q_MAX - Q_MIN + 1) + k - S * Q_MIN
-    for a in tl.static_range(KMAX):
-        r = p - a + PMAX
-        r_ok = (r >= 0) & (r < HM)
-        for q in tl.static_range(Q_MIN, Q_MAX + 1):
-            cols = (ub * BW + q) * S + lane
-            group = tl.load(k_base + r * SKH + cols, mask=c_ok & r_ok & (cols >= 0) & (cols < WM), other=255)
-            codes = codes + _phases(group.to(tl.int32), S, BC, 1, BW)
-    parts = ()
-    for rho in tl.static_range(S):
-        acc = tl.zeros((BC, 1, BW), ACC)
-        for a in tl.static_range(KMAX):
-            for b in tl.static_range(KMAX):
-                code = codes[a * S * (Q_MAX - Q_MIN + 1) + rho - b + PMAX - S * Q_MIN]
-                gm = tl.zeros((BC, 1, BW), ACC)
-                for e in tl.static_range(DH):
-                    line = tl.zeros((BC, 1, BW), ACC)
-                    for f in tl.static_range(F_MIN, F_MAX + 1):
-                        if S * f + rho - b + PMAX - OFFSET >= 0:  # window position d of output u - f
-                            if S * f + rho - b + PMAX - OFFSET < DW:
-                                w = col_weights[(f - F_MIN) * DW + S * f + rho - b + PMAX - OFFSET]
-                                line += w * tl.where(w != 0.0, grads[e * (F_MAX - F_MIN + 1) + f - F_MIN], 0.0)
-                    wr = row_weights[a * DH + e]
-                    gm += wr * tl.where(wr != 0.0, line, 0.0)
-                acc += tl.where(code == a * KMAX + b, gm, 0.0)
-        parts = parts + (acc,)
-    cols = ub * BW * S + lane
-    gx = gx_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * SXC + p * SXH + cols
-    tl.store(gx, _interleave(parts, S, BC, 1, BW).to(gx_ptr.dtype.element_ty), mask=c_ok & (cols < W))
-
-
 def _channels_inner(t: torch.Tensor) -> bool:
     return t.size(1) > 1 and t.stride(1) == 1
 
@@ -766,109 +992,111 @@ def _grid(n: int, c: int, h: int, w: int, bc: int, bh: int, bw: int) -> tuple[in
     return (n * triton.cdiv(c, bc) * triton.cdiv(h, bh) * triton.cdiv(w, bw),)
 
 
-# Column strides the planar kernels take (the phase split needs a power of two); windows wider than this
-# (only pads far from the anchors' make them) go to the gather kernel.
+# Column strides the planar phase split takes (a power of two); windows wider than this (only pads far from the
+# anchors' make them) go to the gather kernel.
 PLANAR_STRIDES = (1, 2, 4)
-PLANAR_MAX_WINDOW = 2 * MAX_FILT_SIZE
+MAX_WINDOW = 2 * MAX_FILT_SIZE
+# Output rows per program of the rolling kernels: a program loads SH*(R-1) + DH rows for R outputs, so the
+# window overlap costs (DH - SH) / R extra rows per output; 8 keeps that small with enough programs to spread.
+ROWS_PER_PROGRAM = 8
 
 
 def _planar(x: torch.Tensor, out: torch.Tensor, axes: tuple[Axis, Axis]) -> bool:
-    """Whether the planar kernels take this call: unit W strides on both sides, a power-of-two W stride."""
+    """Whether rows are planar for the phase split: unit W strides on both sides, a power-of-two W stride."""
     return (
         not _channels_inner(x)
         and x.stride(3) == 1
         and out.stride(3) == 1
         and axes[1].stride in PLANAR_STRIDES
-        and all(window_table(axis)[1].shape[0] <= PLANAR_MAX_WINDOW for axis in axes)
+        and all(window_table(axis)[1].shape[0] <= MAX_WINDOW for axis in axes)
     )
 
 
 def blur(x: torch.Tensor, axes: tuple[Axis, Axis], adjoint: bool, out: torch.Tensor) -> None:
     """``out = R_h x R_w^T`` (forward) or ``R_h^T x R_w`` (``adjoint``) per (n, c) plane, for 4-D x and out.
 
-    ``axes`` are the (row, column) axes of the forward op. Planar inputs with unit W stride take the
-    planar kernels, everything else (channels_last, strided views, stride 3) the gather kernel.
+    ``axes`` are the (row, column) axes of the forward op. Every layout takes the rolling kernels; planar rows
+    (unit W stride, W stride 1, 2 or 4) load whole groups there. Only windows wider than ``MAX_WINDOW`` take
+    the gather kernel.
     """
     if out.numel() == 0:
         return
-    row_axis, col_axis = axes
-    table = "adjoint" if adjoint else "forward"
-    if not _planar(x, out, axes):
-        blur_gather(x, device_table(table, row_axis, x.device), device_table(table, col_axis, x.device), out)
-        return
-    cols = device_table("window", col_axis, x.device)
-    if adjoint:
-        _planar_adjoint(x, device_table("adjoint", row_axis, x.device), cols, col_axis.stride, out)
+    if any(window_table(axis)[1].shape[0] > MAX_WINDOW for axis in axes):
+        table = "adjoint" if adjoint else "forward"
+        blur_gather(x, *(device_table(table, axis, x.device) for axis in axes), out)
+    elif adjoint:
+        _rolling_adjoint(x, axes, out)
     else:
-        _planar_forward(x, device_table("window", row_axis, x.device), row_axis.stride, cols, col_axis.stride, out)
+        _rolling_forward(x, axes, out)
 
 
-def _planar_per_thread(t: torch.Tensor, stride: int) -> int:
-    """Groups of ``stride`` columns per thread: one 16-byte vector of a planar row, at most 4 groups.
+def _rows_per_program(rows: int, most: int = ROWS_PER_PROGRAM) -> int:
+    """At most ``most`` rows per program, balanced so the last block is nearly full (28 -> 7)."""
+    return triton.cdiv(rows, triton.cdiv(rows, most))
 
-    The cap matters at stride 1 in 16-bit dtypes: every group offset but one is misaligned there, so 8 groups
-    per thread compiled to scalar loads at 253 registers (python -m ktkernels.bench codegen).
+
+def _rolling_constexprs(src: torch.Tensor, dst: torch.Tensor, axes: tuple[Axis, Axis], adjoint: bool) -> dict:
+    """Launch options both rolling kernels share: window geometry, hole flags, planar flag and tile.
+
+    The tile is (BC, 1, BW) over channels and output columns (forward) or column groups (adjoint), one 16-byte
+    vector per thread along C (channels_last) or along W (planar: each thread loads one vector of a row).
     """
-    return max(1, min(4, 16 // (t.element_size() * stride)))
-
-
-def _planar_constexprs(src: torch.Tensor, w: int, wo: int, stride: int, cols: tuple, tile: tuple) -> dict:
-    """The launch options both planar kernels share: the column geometry, the window and the tile."""
-    offset, window = cols
-    bc, bh, bw, warps = tile
-    return dict(W=w, WO=wo, S=stride, OFFSET=offset, D=window.shape[0], ACC=_acc_dtype(src), BC=bc, BH=bh, BW=bw,
+    row_axis, col_axis = axes
+    (offset_h, rows), (offset, cols) = window_table(row_axis), window_table(col_axis)
+    planar = _planar(src, dst, axes)
+    x = dst if adjoint else src
+    n, c, h, w = x.shape
+    columns = triton.cdiv(w, col_axis.stride) if adjoint else col_axis.out_size
+    vector = max(1, 16 // x.element_size())
+    per_thread = max(1, vector // col_axis.stride) if planar else vector
+    bc, _, bw, warps = _tile(c, 1, columns, _channels_inner(x), per_thread)
+    return dict(W=w, WO=col_axis.out_size, SH=row_axis.stride, OFFSET_H=offset_h, DH=rows.shape[0],
+                S=col_axis.stride, OFFSET=offset, D=cols.shape[0], ROW_SELECT=window_holes(row_axis),
+                COL_SELECT=window_holes(col_axis), PLANAR=planar, ACC=_acc_dtype(x), BC=bc, BW=bw,
                 num_warps=warps)  # fmt: skip
 
 
-def _planar_forward(x: torch.Tensor, rows: tuple, row_stride: int, cols: tuple, stride: int, out) -> None:
+def _rolling_forward(x: torch.Tensor, axes: tuple[Axis, Axis], out: torch.Tensor) -> None:
     n, c, h, w = x.shape
     ho, wo = out.shape[2:]
-    row_offset, row_window = rows
-    tile = _tile(c, ho, wo, False, _planar_per_thread(x, stride))
-    _planar_blur_kernel[_grid(n, c, ho, wo, *tile[:3])](
+    rows = _rows_per_program(ho)
+    options = _rolling_constexprs(x, out, axes, adjoint=False)
+    _rolling_blur_kernel[_grid(n, c, ho, wo, options["BC"], rows, options["BW"])](
         x,
         out,
-        row_window,
-        cols[1],
+        device_table("window", axes[0], x.device)[1],
+        device_table("window", axes[1], x.device)[1],
         c,
         h,
         ho,
         x.stride(0),
         out.stride(0),
-        SXC=x.stride(1),
-        SXH=x.stride(2),
-        SOC=out.stride(1),
-        SOH=out.stride(2),
-        SH=row_stride,
-        OFFSET_H=row_offset,
-        DH=row_window.shape[0],
-        **_planar_constexprs(x, w, wo, stride, cols, tile),
+        *x.stride()[1:],
+        *out.stride()[1:],
+        R=rows,
+        **options,
     )
 
 
-def _planar_adjoint(grad: torch.Tensor, rows: tuple, cols: tuple, stride: int, gx) -> None:
+def _rolling_adjoint(grad: torch.Tensor, axes: tuple[Axis, Axis], gx: torch.Tensor) -> None:
     n, c, h, w = gx.shape
-    ho, wo = grad.shape[2:]
-    ai, aw = rows
-    groups = triton.cdiv(w, stride)
-    tile = _tile(c, h, groups, False, _planar_per_thread(gx, stride))
-    _planar_blur_adjoint_kernel[_grid(n, c, h, groups, *tile[:3])](
+    ho = grad.shape[2]
+    rows = axes[0].stride * _rows_per_program(triton.cdiv(h, axes[0].stride))
+    options = _rolling_constexprs(grad, gx, axes, adjoint=True)
+    _rolling_blur_adjoint_kernel[_grid(n, c, h, triton.cdiv(w, axes[1].stride), options["BC"], rows, options["BW"])](
         grad,
         gx,
-        ai,
-        aw,
-        cols[1],
+        device_table("window", axes[0], grad.device)[1],
+        device_table("window", axes[1], grad.device)[1],
         c,
         h,
         ho,
         grad.stride(0),
         gx.stride(0),
-        SGC=grad.stride(1),
-        SGH=grad.stride(2),
-        SXC=gx.stride(1),
-        SXH=gx.stride(2),
-        KA=ai.shape[1],
-        **_planar_constexprs(grad, w, wo, stride, cols, tile),
+        *grad.stride()[1:],
+        *gx.stride()[1:],
+        P=rows,
+        **options,
     )
 
 
@@ -907,55 +1135,20 @@ def max_blur_forward(
 ) -> None:
     """``out = R_rows maxmap(x) R_cols^T`` and the argmax ``codes`` of every max-map position.
 
-    ``axes`` are the blur's (row, column) axes over the max map. Rows come as bands (geometry.banded_table);
-    planar inputs take their columns as windows (``_planar_max_blur_kernel``), all others as bands.
+    ``axes`` are the blur's (row, column) axes over the max map. Every layout takes the rolling kernel; windows
+    wider than ``MAX_WINDOW`` take the banded one (geometry.banded_table).
     """
     n, c, h, w = x.shape
     ho, wo = out.shape[2:]
     if out.numel() == 0:
         return
     row_axis, col_axis = axes
+    if all(window_table(axis, True)[1].shape[0] <= MAX_WINDOW for axis in axes):
+        _rolling_max_blur(x, kmax, pmax, axes, out, codes)
+        return
     rbase, rband = device_table("banded", row_axis, x.device)
     bc, _, bw, warps = _tile(c, 1, wo, _channels_inner(x), MAX_BLUR_PER_THREAD)
     grid = _grid(n, c, ho, wo, bc, 1, bw)
-    if _planar(x, out, axes) and codes.stride(3) == 1:
-        offset, window = device_table("window", col_axis, x.device, True)
-        _planar_max_blur_kernel[grid](
-            x,
-            out,
-            codes,
-            rbase,
-            rband,
-            window,
-            c,
-            h,
-            ho,
-            codes.shape[2],
-            x.stride(0),
-            out.stride(0),
-            codes.stride(0),
-            row_axis.stride,
-            SXC=x.stride(1),
-            SXH=x.stride(2),
-            SOC=out.stride(1),
-            SOH=out.stride(2),
-            SKC=codes.stride(1),
-            SKH=codes.stride(2),
-            W=w,
-            WO=wo,
-            WM=codes.shape[3],
-            S=col_axis.stride,
-            OFFSET=offset,
-            PMAX=pmax,
-            DH=rband.shape[1],
-            DW=window.shape[0],
-            KMAX=kmax,
-            ACC=_acc_dtype(x),
-            BC=bc,
-            BW=bw,
-            num_warps=warps,
-        )
-        return
     cbase, cband = device_table("banded", col_axis, x.device)
     _max_blur_kernel[grid](
         x,
@@ -988,6 +1181,49 @@ def max_blur_forward(
     )
 
 
+def _rolling_max_blur(x: torch.Tensor, kmax: int, pmax: int, axes: tuple[Axis, Axis], out, codes) -> None:
+    n, c, h, w = x.shape
+    ho, wo = out.shape[2:]
+    row_axis, col_axis = axes
+    (offset_h, rows), (offset, cols) = (device_table("window", axis, x.device, True) for axis in axes)
+    bc, _, bw, warps = _tile(c, 1, wo, _channels_inner(x), MAX_BLUR_PER_THREAD)
+    # 3 x 3 pools (DenseNet) keep three x rows of the window live: 7 rows per program spilled in bf16 (codegen).
+    r = _rows_per_program(ho, ROWS_PER_PROGRAM if kmax <= 2 else ROWS_PER_PROGRAM // 2)
+    _rolling_max_blur_kernel[_grid(n, c, ho, wo, bc, r, bw)](
+        x,
+        out,
+        codes,
+        rows,
+        cols,
+        c,
+        h,
+        ho,
+        codes.shape[2],
+        x.stride(0),
+        out.stride(0),
+        codes.stride(0),
+        *x.stride()[1:],
+        *out.stride()[1:],
+        *codes.stride()[1:],
+        W=w,
+        WO=wo,
+        WM=codes.shape[3],
+        SH=row_axis.stride,
+        OFFSET_H=offset_h,
+        DH=rows.shape[0],
+        S=col_axis.stride,
+        OFFSET=offset,
+        D=cols.shape[0],
+        PMAX=pmax,
+        KMAX=kmax,
+        ACC=_acc_dtype(x),
+        BC=bc,
+        R=r,
+        BW=bw,
+        num_warps=warps,
+    )
+
+
 def max_blur_backward(
     grad: torch.Tensor,
     codes: torch.Tensor,
@@ -996,58 +1232,16 @@ def max_blur_backward(
     axes: tuple[Axis, Axis],
     grad_input: torch.Tensor,
 ) -> None:
-    """Gradient of max-blur w.r.t. its input. Rows through routing tables (geometry.routing_table); planar
-    tensors take their columns from the forward's window table, all others from routing tables too."""
+    """Gradient of max-blur w.r.t. its input. Every layout takes the rolling kernel; windows wider than
+    ``MAX_WINDOW`` take routing tables (geometry.routing_table)."""
     n, c, h, w = grad_input.shape
     if grad_input.numel() == 0:
         return
     row_axis, col_axis = axes
-    rbase, rweight = device_table("routing", row_axis, grad.device, kmax, pmax)
-    if _planar(grad, grad_input, axes) and codes.stride(3) == 1:
-        offset, window = device_table("window", col_axis, grad.device, True)
-        s, dw = col_axis.stride, window.shape[0]
-        groups = triton.cdiv(w, s)
-        bc, _, bw, warps = _tile(c, 1, groups, False, MAX_BLUR_PER_THREAD)
-        _planar_max_blur_backward_kernel[_grid(n, c, h, groups, bc, 1, bw)](
-            grad,
-            codes,
-            grad_input,
-            rbase,
-            rweight,
-            window,
-            c,
-            h,
-            grad.shape[2],
-            codes.shape[2],
-            grad.stride(0),
-            codes.stride(0),
-            grad_input.stride(0),
-            SGC=grad.stride(1),
-            SGH=grad.stride(2),
-            SKC=codes.stride(1),
-            SKH=codes.stride(2),
-            SXC=grad_input.stride(1),
-            SXH=grad_input.stride(2),
-            W=w,
-            WO=grad.shape[3],
-            WM=codes.shape[3],
-            S=s,
-            OFFSET=offset,
-            PMAX=pmax,
-            # Gradient columns u - f reach a window slot of input group u (see the kernel's docstring).
-            F_MIN=-((s - 1 + pmax - offset) // s),
-            F_MAX=(dw - 1 - (pmax - offset - kmax + 1)) // s,
-            Q_MIN=(pmax - kmax + 1) // s,
-            Q_MAX=(s - 1 + pmax) // s,
-            DH=rweight.shape[2],
-            DW=dw,
-            KMAX=kmax,
-            ACC=_acc_dtype(grad),
-            BC=bc,
-            BW=bw,
-            num_warps=warps,
-        )
+    if all(window_table(axis)[1].shape[0] <= MAX_WINDOW for axis in axes):
+        _rolling_max_blur_backward(grad, codes, kmax, pmax, axes, grad_input)
         return
+    rbase, rweight = device_table("routing", row_axis, grad.device, kmax, pmax)
     cbase, cweight = device_table("routing", col_axis, grad.device, kmax, pmax)
     # Its window (DH x DW gradient values) is smaller than the forward's: 4 elements per thread fit when
     # channels are inner (16-byte fp32 vectors at 56 registers); planar gathers keep 2.
@@ -1077,6 +1271,61 @@ def max_blur_backward(
         KMAX=kmax,
         ACC=_acc_dtype(grad),
         BC=bc,
+        BW=bw,
+        num_warps=warps,
+    )
+
+
+def _rolling_max_blur_backward(grad: torch.Tensor, codes: torch.Tensor, kmax: int, pmax: int, axes, gx) -> None:
+    n, c, h, w = gx.shape
+    row_axis, col_axis = axes
+    (offset_h, rows), (offset, cols) = (device_table("window", axis, grad.device) for axis in axes)
+    s, d = col_axis.stride, cols.shape[0]
+    planar = _planar(grad, gx, axes)
+    groups = triton.cdiv(w, s)
+    bc, _, bw, warps = _tile(c, 1, groups, _channels_inner(gx), MAX_BLUR_PER_THREAD)
+    p = row_axis.stride * _rows_per_program(triton.cdiv(h, row_axis.stride))
+    k0, k1 = (pmax - kmax + 1) // s, (s - 1 + pmax) // s  # groups u + k holding the windows of group u
+    _rolling_max_blur_backward_kernel[_grid(n, c, h, groups, bc, p, bw)](
+        grad,
+        codes,
+        gx,
+        rows,
+        cols,
+        c,
+        h,
+        grad.shape[2],
+        codes.shape[2],
+        grad.stride(0),
+        codes.stride(0),
+        gx.stride(0),
+        *grad.stride()[1:],
+        *codes.stride()[1:],
+        *gx.stride()[1:],
+        W=w,
+        WO=grad.shape[3],
+        WM=codes.shape[3],
+        SH=row_axis.stride,
+        OFFSET_H=offset_h,
+        DH=rows.shape[0],
+        S=s,
+        OFFSET=offset,
+        D=d,
+        ROW_SELECT=window_holes(row_axis),
+        COL_SELECT=window_holes(col_axis),
+        PMAX=pmax,
+        KMAX=kmax,
+        K0=k0,
+        K1=k1,
+        # gradient columns u + jo reaching max-map columns S*(u + k) + rho, k in [K0, K1]
+        JO0=k0 + (1 - offset - d) // s,
+        JO1=k1 + (s - 1 - offset) // s,
+        # the first gradient row reaching max-map row PMAX - KMAX + 1 of a program (relative to SH*m)
+        KR0=(pmax - kmax + 2 - rows.shape[0] - offset_h) // row_axis.stride,
+        PLANAR=planar,
+        ACC=_acc_dtype(grad),
+        BC=bc,
+        P=p,
         BW=bw,
         num_warps=warps,
     )
