@@ -1003,13 +1003,12 @@ ROWS_PER_PROGRAM = 8
 
 def _planar(x: torch.Tensor, out: torch.Tensor, axes: tuple[Axis, Axis]) -> bool:
     """Whether rows are planar for the phase split: unit W strides on both sides, a power-of-two W stride."""
-    return (
-        not _channels_inner(x)
-        and x.stride(3) == 1
-        and out.stride(3) == 1
-        and axes[1].stride in PLANAR_STRIDES
-        and all(window_table(axis)[1].shape[0] <= MAX_WINDOW for axis in axes)
-    )
+    return not _channels_inner(x) and x.stride(3) == 1 and out.stride(3) == 1 and axes[1].stride in PLANAR_STRIDES
+
+
+def _windows_fit(axes: tuple[Axis, Axis], cover_owned: bool = False) -> bool:
+    """Whether both axes' windows (``geometry.window_table``) are narrow enough for the rolling kernels."""
+    return all(window_table(axis, cover_owned)[1].shape[0] <= MAX_WINDOW for axis in axes)
 
 
 def blur(x: torch.Tensor, axes: tuple[Axis, Axis], adjoint: bool, out: torch.Tensor) -> None:
@@ -1021,7 +1020,7 @@ def blur(x: torch.Tensor, axes: tuple[Axis, Axis], adjoint: bool, out: torch.Ten
     """
     if out.numel() == 0:
         return
-    if any(window_table(axis)[1].shape[0] > MAX_WINDOW for axis in axes):
+    if not _windows_fit(axes):
         table = "adjoint" if adjoint else "forward"
         blur_gather(x, *(device_table(table, axis, x.device) for axis in axes), out)
     elif adjoint:
@@ -1143,7 +1142,7 @@ def max_blur_forward(
     if out.numel() == 0:
         return
     row_axis, col_axis = axes
-    if all(window_table(axis, True)[1].shape[0] <= MAX_WINDOW for axis in axes):
+    if _windows_fit(axes, cover_owned=True):
         _rolling_max_blur(x, kmax, pmax, axes, out, codes)
         return
     rbase, rband = device_table("banded", row_axis, x.device)
@@ -1238,7 +1237,7 @@ def max_blur_backward(
     if grad_input.numel() == 0:
         return
     row_axis, col_axis = axes
-    if all(window_table(axis)[1].shape[0] <= MAX_WINDOW for axis in axes):
+    if _windows_fit(axes):
         _rolling_max_blur_backward(grad, codes, kmax, pmax, axes, grad_input)
         return
     rbase, rweight = device_table("routing", row_axis, grad.device, kmax, pmax)
