@@ -276,6 +276,40 @@ def test_max_blur_pool2d_row_blocks_and_wide_windows(target, shape, pads, kmax, 
     assert_close(x.grad, x64.grad, dtype)
 
 
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("kmax,pmax,filt_size,stride,mode", MAX_CASES)
+@pytest.mark.parametrize("shape", [(2, 3, 13, 10), (1, 2, 9, 7)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_max_blur_pool2d_inf_stays_local(target, kmax, pmax, filt_size, stride, mode, shape, layout, monkeypatch):
+    """+inf in the input and in the gradient reaches exactly the outputs the reference's do: the max map holds
+    inf (or -inf) at window taps whose weight is zero for some output, on odd sizes, and those taps must select,
+    not multiply (geometry.window_zero_taps, window_holes). Border elements are always inf; outputs poisoned."""
+    name, device = target
+    dtype = torch.float64 if name != "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(sum(shape) * 10 + filt_size + kmax)
+    x = torch.randn(shape, dtype=torch.float64, generator=gen)
+    x.view(-1)[torch.randperm(x.numel(), generator=gen)[:4]] = float("inf")
+    x[0, 0, -1, -1] = x[-1, -1, 0, -1] = x[0, -1, -1, 0] = float("inf")
+    x = make_input(shape, dtype, device, layout).copy_(x.to(dtype)).requires_grad_()
+    pads = list(geometry.adobe_pads(filt_size)) * 2
+    poison_outputs(monkeypatch)
+    with ktkernels.use_backend(name):
+        y = op.max_blur_pool2d(x, kmax, pmax, filt_size, stride, pads, mode)[0]
+        grad = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+        grad[0, 0, 0, -1] = grad[-1, -1, -1, 0] = grad[0, 0, y.shape[2] // 2, y.shape[3] // 2] = float("inf")
+        y.backward(grad.to(device=device, dtype=dtype))
+    x64 = x.detach().double().cpu().requires_grad_()
+    expected = ref.blur_pool2d_reference(
+        torch.nn.functional.max_pool2d(x64, kmax, 1, pmax), filt_size, stride, tuple(pads), mode
+    )
+    expected.backward(grad)
+    for got, want in ((y, expected), (x.grad, x64.grad)):
+        got = got.detach().double().cpu()
+        assert not got.isnan().any() and not want.isnan().any()
+        assert torch.equal(got.isinf(), want.isinf()), "inf reached other outputs than the reference's"
+        assert_close(got.nan_to_num(posinf=0.0), want.detach().nan_to_num(posinf=0.0), dtype)
+
+
 BLUR_EDGE_CASES = [
     # (N, C, H, W), filt_size, stride, padding (F.pad order), mode
     ((2, 3, 9, 7), 4, 2, [1, 2, 1, 2], "reflect"),  # odd W: the reflect window is one wider than the filter

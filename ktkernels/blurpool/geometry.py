@@ -226,17 +226,34 @@ def window_table(axis: Axis, cover_owned: bool = False) -> tuple[int, np.ndarray
 
 
 @functools.lru_cache(maxsize=512)
-def window_holes(axis: Axis) -> bool:
-    """Whether ``window_table(axis)`` has a zero weight at a position inside ``[0, size)`` (odd sizes widen the
-    window past some outputs' taps). A kernel that multiplies loaded values by the window's weights must then
-    select, not multiply, or an inf there would give 0 * inf = NaN where the reference never reads it.
+def window_holes(axis: Axis) -> int:
+    """The taps of ``window_table(axis)`` with a zero weight at a position inside ``[0, size)`` for some output,
+    as a bit mask (bit d: tap d). Odd sizes widen the window past some outputs' taps. A kernel that multiplies
+    loaded values by the window's weights must select, not multiply, at those taps, or an inf there would give
+    0 * inf = NaN where the reference never reads it; the other taps multiply straight away.
 
     >>> window_holes(Axis(56, 4, 2, 1, 2, "reflect")), window_holes(Axis(7, 4, 2, 1, 2, "reflect"))
-    (False, True)
+    (0, 1)
     """
     offset, weight = window_table(axis)
     positions = axis.stride * np.arange(axis.out_size)[None, :] + offset + np.arange(weight.shape[0])[:, None]
-    return bool(((weight == 0) & (positions >= 0) & (positions < axis.size)).any())
+    return _tap_mask(((weight == 0) & (positions >= 0) & (positions < axis.size)).any(axis=1))
+
+
+@functools.lru_cache(maxsize=512)
+def window_zero_taps(axis: Axis, cover_owned: bool = False) -> int:
+    """The taps of ``window_table(axis, cover_owned)`` with a zero weight for some output, inside the axis or not,
+    as a bit mask. The fused max-blur needs this wider set: its max map holds -inf (or a neighbour's inf)
+    outside ``[0, size)`` too.
+
+    >>> window_zero_taps(Axis(56, 4, 2, 1, 2, "reflect"), True), window_zero_taps(Axis(7, 4, 2, 1, 2, "reflect"))
+    (9, 27)
+    """
+    return _tap_mask((window_table(axis, cover_owned)[1] == 0).any(axis=1))
+
+
+def _tap_mask(flags: np.ndarray) -> int:
+    return sum(1 << d for d, flag in enumerate(flags.tolist()) if flag)
 
 
 @functools.lru_cache(maxsize=512)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .geometry import MAX_FILT_SIZE, Axis, device_table, window_holes, window_table
+from .geometry import MAX_FILT_SIZE, Axis, device_table, window_holes, window_table, window_zero_taps
 
 
 def _next_pow2(n: int) -> int:
@@ -234,14 +234,14 @@ def _output_tile(C, HO, WO, cw_ptr, D: tl.constexpr, BC: tl.constexpr, R: tl.con
 
 @triton.jit
 def _store_output_row(out_row, ok, lines, rw_ptr, i, HO, FIRST: tl.constexpr, DH: tl.constexpr,
-                      SELECT: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """Output row i = sum_e rw[e, i] * lines[FIRST + e], stored at ``out_row``. SELECT: a zero weight must not
-    multiply the line (it may hold inf)."""
+                      HOLES: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Output row i = sum_e rw[e, i] * lines[FIRST + e], stored at ``out_row``. HOLES: the taps e (bit mask) whose
+    zero weights must not multiply the line (it may hold inf there)."""
     acc = tl.zeros(ok.shape, ACC)
     for e in tl.static_range(DH):
         rw = tl.load(rw_ptr + e * HO + i, mask=i < HO, other=0.0)
         line = lines[FIRST + e]
-        if SELECT:
+        if (HOLES >> e) & 1:
             line = tl.where(rw != 0.0, line, 0.0)
         acc += rw * line
     tl.store(out_row, acc.to(out_row.dtype.element_ty), mask=ok & (i < HO))
@@ -258,7 +258,7 @@ def _window_line(
     S: tl.constexpr,
     OFFSET: tl.constexpr,
     D: tl.constexpr,
-    COL_SELECT: tl.constexpr,
+    COL_HOLES: tl.constexpr,
     PLANAR: tl.constexpr,
     ACC: tl.constexpr,
     BC: tl.constexpr,
@@ -269,7 +269,8 @@ def _window_line(
     PLANAR rows (unit W stride, S in 1, 2, 4) are loaded as whole S-element groups, BW*S contiguous elements
     per group offset, and split into phases in registers; column S*j + OFFSET + d is phase (OFFSET + d) % S of
     group j + (OFFSET + d) // S. Other rows load each tap's column (a vector along C in channels_last).
-    COL_SELECT: some in-range window position has weight 0 (odd sizes), whose inf must not become 0 * inf.
+    COL_HOLES: the taps (bit mask, ``geometry.window_holes``) with a zero weight at some in-range position (odd
+    sizes), whose inf must not become 0 * inf.
     """
     line = tl.zeros((BC, 1, BW), ACC)
     if PLANAR:
@@ -281,7 +282,7 @@ def _window_line(
             phases = phases + _phases(group.to(ACC), S, BC, 1, BW)
         for d in tl.static_range(D):
             value = phases[OFFSET + d - OFFSET // S * S]
-            if COL_SELECT:
+            if (COL_HOLES >> d) & 1:
                 value = tl.where(col_weights[d] != 0.0, value, 0.0)
             line += col_weights[d] * value
     else:
@@ -289,7 +290,7 @@ def _window_line(
         for d in tl.static_range(D):
             col = S * j + (OFFSET + d)
             value = tl.load(row + col * SXW, mask=row_ok & (col >= 0) & (col < W), other=0.0).to(ACC)
-            if COL_SELECT:
+            if (COL_HOLES >> d) & 1:
                 value = tl.where(col_weights[d] != 0.0, value, 0.0)
             line += col_weights[d] * value
     return line
@@ -320,8 +321,8 @@ def _rolling_blur_kernel(
     S: tl.constexpr,
     OFFSET: tl.constexpr,
     D: tl.constexpr,
-    ROW_SELECT: tl.constexpr,
-    COL_SELECT: tl.constexpr,
+    ROW_HOLES: tl.constexpr,
+    COL_HOLES: tl.constexpr,
     PLANAR: tl.constexpr,
     ACC: tl.constexpr,
     BC: tl.constexpr,
@@ -343,7 +344,7 @@ def _rolling_blur_kernel(
         if t % SH < DH:  # some output's window holds this row (not so between windows when DH < SH)
             xr = SH * i0 + (OFFSET_H + t)
             row_ok = c_ok & (xr >= 0) & (xr < H)
-            line = _window_line(plane + xr * SXH, row_ok, wb, col_weights, SXW, W, S, OFFSET, D, COL_SELECT,
+            line = _window_line(plane + xr * SXH, row_ok, wb, col_weights, SXW, W, S, OFFSET, D, COL_HOLES,
                                 PLANAR, ACC, BC, BW)  # fmt: skip
             lines = lines + (line,)
         else:
@@ -351,7 +352,7 @@ def _rolling_blur_kernel(
         for r in tl.static_range(R):
             if SH * r + DH - 1 == t:  # output row i0 + r is complete
                 _store_output_row(out_plane + (i0 + r) * SOH, c_ok & j_ok, lines, rw_ptr, i0 + r, HO, SH * r, DH,
-                                  ROW_SELECT, ACC)  # fmt: skip
+                                  ROW_HOLES, ACC)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["H", "HO"])
@@ -379,8 +380,8 @@ def _rolling_blur_adjoint_kernel(
     S: tl.constexpr,
     OFFSET: tl.constexpr,
     D: tl.constexpr,
-    ROW_SELECT: tl.constexpr,
-    COL_SELECT: tl.constexpr,
+    ROW_HOLES: tl.constexpr,
+    COL_HOLES: tl.constexpr,
     PLANAR: tl.constexpr,
     ACC: tl.constexpr,
     BC: tl.constexpr,
@@ -427,7 +428,7 @@ def _rolling_blur_adjoint_kernel(
                     if S * q + r - OFFSET < D:
                         w = cws[(q - OFFSET // S) * S + r]
                         value = lines[q - OFFSET // S]
-                        if COL_SELECT:
+                        if (COL_HOLES >> (S * q + r - OFFSET)) & 1:
                             value = tl.where(w != 0.0, value, 0.0)
                         part += w * value
             parts = parts + (part,)
@@ -445,7 +446,7 @@ def _rolling_blur_adjoint_kernel(
                             summed = ()
                             for r in tl.static_range(S):
                                 part = parts[(k2 - (1 - DH - OFFSET_H) // SH) * S + r]
-                                if ROW_SELECT:
+                                if (ROW_HOLES >> (t - SH * k2 - OFFSET_H)) & 1:
                                     part = tl.where(rw != 0.0, part, 0.0)
                                 summed = summed + (acc[r] + rw * part,)
                             acc = summed
@@ -538,6 +539,8 @@ def _rolling_max_blur_kernel(
     S: tl.constexpr,
     OFFSET: tl.constexpr,
     D: tl.constexpr,
+    ROW_ZEROS: tl.constexpr,
+    COL_ZEROS: tl.constexpr,
     PMAX: tl.constexpr,
     KMAX: tl.constexpr,
     ACC: tl.constexpr,
@@ -586,7 +589,9 @@ def _rolling_max_blur_kernel(
                 m = row_max[(u - (KMAX - 1)) * D + d]
                 for a in tl.static_range(1, KMAX):
                     m = tl.maximum(m, row_max[(u - (KMAX - 1) + a) * D + d], propagate_nan=tl.PropagateNan.ALL)
-                line += col_weights[d] * tl.where(col_weights[d] != 0.0, m, 0.0)  # -inf outside the map
+                if (COL_ZEROS >> d) & 1:  # the map is -inf outside: zero weights select
+                    m = tl.where(col_weights[d] != 0.0, m, 0.0)
+                line += col_weights[d] * m
             lines = lines + (line,)
             # Output j owns max-map columns S*j + p, p < S (window position p - OFFSET): one strided store per p
             # (code rows are not aligned, so an interleaved store would be bytes too). The last output also owns
@@ -607,7 +612,7 @@ def _rolling_max_blur_kernel(
         for r in tl.static_range(R):
             if SH * r + DH - 1 + KMAX - 1 == u:  # output row i0 + r is complete (lines are -inf off the map)
                 _store_output_row(out_plane + (i0 + r) * SOH, c_ok & j_ok, lines, rw_ptr, i0 + r, HO, SH * r, DH,
-                                  True, ACC)  # fmt: skip
+                                  ROW_ZEROS, ACC)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["H", "HO", "HM"])
@@ -642,8 +647,8 @@ def _rolling_max_blur_backward_kernel(
     S: tl.constexpr,
     OFFSET: tl.constexpr,
     D: tl.constexpr,
-    ROW_SELECT: tl.constexpr,
-    COL_SELECT: tl.constexpr,
+    ROW_HOLES: tl.constexpr,
+    COL_HOLES: tl.constexpr,
     PMAX: tl.constexpr,
     KMAX: tl.constexpr,
     K0: tl.constexpr,
@@ -699,7 +704,7 @@ def _rolling_max_blur_backward_kernel(
                     if (rho - OFFSET - d) % S == 0:
                         w = cws[(k + (rho - OFFSET - d) // S - JO0) * D + d]
                         value = lines[k + (rho - OFFSET - d) // S - JO0]
-                        if COL_SELECT:
+                        if (COL_HOLES >> d) & 1:
                             value = tl.where(w != 0.0, value, 0.0)
                         hg += w * value
                 hgs = hgs + (hg,)
@@ -709,6 +714,11 @@ def _rolling_max_blur_backward_kernel(
                     mr = SH * m + tau
                     k_row = k_plane + mr * SKH
                     for k in tl.static_range(K0, K1 + 1):
+                        if PLANAR:  # the S codes of every group at once, split into phases in registers
+                            group_cols = (ub * BW + k) * S + tl.arange(0, BW * S)[None, None, :]
+                            group_ok = c_ok & (mr >= 0) & (mr < HM) & (group_cols >= 0) & (group_cols < WM)
+                            group = tl.load(k_row + group_cols, mask=group_ok, other=255).to(tl.int32)
+                            group_codes = _phases(group, S, BC, 1, BW)
                         for rho in tl.static_range(S):
                             gm = tl.zeros((BC, 1, BW), ACC)
                             for kr2 in tl.static_range(KR0, kr + 1):
@@ -716,13 +726,16 @@ def _rolling_max_blur_backward_kernel(
                                     rw = tl.load(rw_ptr + (tau - SH * kr2 - OFFSET_H) * HO + m + kr2,
                                                  mask=(m + kr2 >= 0) & (m + kr2 < HO), other=0.0)  # fmt: skip
                                     hg = hgs[(kr2 - KR0) * (K1 - K0 + 1) * S + (k - K0) * S + rho]
-                                    if ROW_SELECT:
+                                    if (ROW_HOLES >> (tau - SH * kr2 - OFFSET_H)) & 1:
                                         hg = tl.where(rw != 0.0, hg, 0.0)
                                     gm += rw * hg
                             gms = gms + (gm,)
-                            mc = S * (u + k) + rho
-                            inside = c_ok & (mr >= 0) & (mr < HM) & (mc >= 0) & (mc < WM)
-                            kcs = kcs + (tl.load(k_row + mc * SKW, mask=inside, other=255).to(tl.int32),)
+                            if PLANAR:
+                                kcs = kcs + (group_codes[rho],)
+                            else:
+                                mc = S * (u + k) + rho
+                                inside = c_ok & (mr >= 0) & (mr < HM) & (mc >= 0) & (mc < WM)
+                                kcs = kcs + (tl.load(k_row + mc * SKW, mask=inside, other=255).to(tl.int32),)
                     if tau - PMAX >= 0:  # x row SH*m + tau - PMAX has all its windows
                         if tau - PMAX < P:
                             parts = ()
@@ -1050,8 +1063,8 @@ def _rolling_constexprs(src: torch.Tensor, dst: torch.Tensor, axes: tuple[Axis, 
     per_thread = max(1, vector // col_axis.stride) if planar else vector
     bc, _, bw, warps = _tile(c, 1, columns, _channels_inner(x), per_thread)
     return dict(W=w, WO=col_axis.out_size, SH=row_axis.stride, OFFSET_H=offset_h, DH=rows.shape[0],
-                S=col_axis.stride, OFFSET=offset, D=cols.shape[0], ROW_SELECT=window_holes(row_axis),
-                COL_SELECT=window_holes(col_axis), PLANAR=planar, ACC=_acc_dtype(x), BC=bc, BW=bw,
+                S=col_axis.stride, OFFSET=offset, D=cols.shape[0], ROW_HOLES=window_holes(row_axis),
+                COL_HOLES=window_holes(col_axis), PLANAR=planar, ACC=_acc_dtype(x), BC=bc, BW=bw,
                 num_warps=warps)  # fmt: skip
 
 
@@ -1213,6 +1226,8 @@ def _rolling_max_blur(x: torch.Tensor, kmax: int, pmax: int, axes: tuple[Axis, A
         S=col_axis.stride,
         OFFSET=offset,
         D=cols.shape[0],
+        ROW_ZEROS=window_zero_taps(row_axis, True),
+        COL_ZEROS=window_zero_taps(col_axis, True),
         PMAX=pmax,
         KMAX=kmax,
         ACC=_acc_dtype(x),
@@ -1310,8 +1325,8 @@ def _rolling_max_blur_backward(grad: torch.Tensor, codes: torch.Tensor, kmax: in
         S=s,
         OFFSET=offset,
         D=d,
-        ROW_SELECT=window_holes(row_axis),
-        COL_SELECT=window_holes(col_axis),
+        ROW_HOLES=window_holes(row_axis),
+        COL_HOLES=window_holes(col_axis),
         PMAX=pmax,
         KMAX=kmax,
         K0=k0,
