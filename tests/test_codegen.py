@@ -107,12 +107,13 @@ STEM_X, STEM_OUT, STEM_CODES = 128 * 64 * 112 * 112, 128 * 64 * 56 * 56, 128 * 6
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-@pytest.mark.parametrize("dtype,size,bound", [("float32", 4, 1.1), ("bfloat16", 2, 2.0)])
+@pytest.mark.parametrize("dtype,size,bound", [("float32", 4, 0.8), ("bfloat16", 2, 1.5)])
 def test_max_blur_issue_time_against_its_byte_time(kernels, layout, dtype, size, bound):
     """The max-blur kernels take a max and, where they own it, an argmax per window element, so they are issue-
     bound even though each x row is loaded once. The banded/routing kernels the rolling ones replaced needed
-    2.2-2.9x their byte time in fp32 and 3.8-5.4x in bf16; the rolling kernels need 0.6-1.0x and 1.1-2.0x
-    (triton 3.6 and 3.8; NCHW is the worse layout: one load per element, no vectors along W), pinned here."""
+    2.2-2.9x their byte time in fp32 and 3.8-5.4x in bf16; the rolling kernels needed 0.6-1.0x and 1.1-2.0x, and
+    need 0.5-0.72x and 0.87-1.41x since a forward thread shares the columns of two outputs' windows (NCHW) and
+    the backward splits planar codes in registers (triton 3.6 and 3.8), pinned here."""
     byte_us = ((STEM_X + STEM_OUT) * size + STEM_CODES) / COPY_BYTES_PER_US
     for kernel in ("_rolling_max_blur_kernel", "_rolling_max_blur_backward_kernel"):
         record = _find(kernels, f"maxblur k4 stem, {dtype} {layout}", kernel)

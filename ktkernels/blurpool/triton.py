@@ -42,6 +42,11 @@ NUM_WARPS = 4
 # Elements per thread of the max-blur kernels: their window of x values, maxes and codes lives in registers,
 # and 2 per thread keeps them spill-free at 16 resident warps per SM (python -m ktkernels.bench codegen).
 MAX_BLUR_PER_THREAD = 2
+# (outputs of a row T, channels) per thread of the rolling max-blur forward, by channels_inner. Planar threads
+# share the columns of two outputs' windows: fewer instructions and registers than two outputs apart. channels_last
+# threads take two channels of one output (a vector per column). T = 4 cuts the issue time by another 15% but
+# needs ~160 registers, 12 warps per SM (benchmarks/NOTES.md, "columns").
+MAX_BLUR_SHAPE = {False: (2, 1), True: (1, 2)}
 
 
 def _tile(channels: int, rows: int, cols: int, channels_inner: bool, per_thread: int) -> tuple[int, int, int, int]:
@@ -491,22 +496,6 @@ def _map_code(row_max, row_arg, at: tl.constexpr, D: tl.constexpr, KMAX: tl.cons
     return code
 
 
-@triton.jit
-def _window_values(row, row_ok, j, SXW: tl.constexpr, W: tl.constexpr, S: tl.constexpr, OFFSET: tl.constexpr,
-                   E: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """row[S*j + OFFSET + e] for e < E, -inf outside the row: a tuple of E tensors shaped like j, and whether each
-    is inside. (The max-blur takes no phase split: its codes, stored from the split layout, went through shared
-    memory with a barrier per store on sm_90.)"""
-    values = ()
-    inside = ()
-    for e in tl.static_range(E):
-        col = S * j + (OFFSET + e)
-        ok = row_ok & (col >= 0) & (col < W)
-        values = values + (tl.load(row + col * SXW, mask=ok, other=float("-inf")).to(ACC),)
-        inside = inside + (ok,)
-    return values, inside
-
-
 @triton.jit(do_not_specialize=["H", "HO", "HM"])
 def _rolling_max_blur_kernel(
     x_ptr,
@@ -543,76 +532,112 @@ def _rolling_max_blur_kernel(
     COL_ZEROS: tl.constexpr,
     PMAX: tl.constexpr,
     KMAX: tl.constexpr,
+    T: tl.constexpr,
+    NM: tl.constexpr,
     ACC: tl.constexpr,
     BC: tl.constexpr,
     R: tl.constexpr,
-    BW: tl.constexpr,
+    BG: tl.constexpr,
 ):
     """out = R_h m R_w^T for the stride-1 KMAX x KMAX max map m of x (padding PMAX, out-of-range excluded), R
-    rows per program as in ``_rolling_blur_kernel``, and the argmax codes of the max-map positions it owns.
+    output rows per program as in ``_rolling_blur_kernel``, and the argmax codes of the max-map positions it owns.
 
-    Both window tables cover the owned codes (geometry.window_table(cover_owned=True)). x row
-    SH*i0 + OFFSET_H - PMAX + u is loaded once (its window columns S*j + OFFSET - PMAX + e, e < D + KMAX - 1)
-    and reduced to row maxima; max-map row t is the max of KMAX row maxima, blurred along W once, and added into
-    the outputs whose windows hold it. Values take NaN-propagating maxima; codes follow torch's row-major scan
-    (first maximum, last NaN) and are formed only where the program owns the position, each once grid-wide.
+    A thread owns T consecutive outputs j = T*g + t of a row (a column group g): every x column, row maximum and
+    max-map value its T windows share is a separate tensor of the (BC, 1, BG) tile, formed once and reused by
+    each window that holds it (a tensor per output would form the D/S-fold overlap of the windows again, D/S
+    times). Both window tables cover the owned codes (geometry.window_table(cover_owned=True)): the T windows
+    span NM = S*(T-1) + D max-map columns S*T*g + OFFSET + mm, which need NM + KMAX - 1 x columns. x row
+    SH*i0 + OFFSET_H - PMAX + u is loaded once and reduced to row maxima; max-map row t is the max of KMAX row
+    maxima, blurred along W once per output and added into the outputs whose windows hold it. Values take
+    NaN-propagating maxima; codes follow torch's row-major scan (first maximum, last NaN) and are formed only
+    where the program owns the position, each once grid-wide.
     """
-    n, c, j, wb, i0, col_weights = _output_tile(C, HO, WO, cw_ptr, D, BC, R, BW)
+    n, cb, hb, gb = _tile_blocks(C, HO, tl.cdiv(WO, T), BC, R, BG)
+    c = cb * BC + tl.arange(0, BC)[:, None, None]
+    g = gb * BG + tl.arange(0, BG)[None, None, :]
+    i0 = hb * R
     c_ok = c < C
-    j_ok = j < WO
+    cws = ()  # cws[t * D + d]: tap d's weight at output T*g + t
+    for t in tl.static_range(T):
+        for d in tl.static_range(D):
+            cws = cws + (tl.load(cw_ptr + d * WO + T * g + t, mask=T * g + t < WO, other=0.0),)
     plane = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * SXC
-    out_plane = out_ptr + n.to(tl.int64) * son + c.to(tl.int64) * SOC + j * SOW
+    out_plane = out_ptr + n.to(tl.int64) * son + c.to(tl.int64) * SOC
     k_plane = codes_ptr + n.to(tl.int64) * skn + c.to(tl.int64) * SKC
-    xs = ()  # xs[u * (D + KMAX - 1) + e]: x row u at window column e
-    ins = ()
-    row_max = ()  # row_max[u * D + d]: max over b of xs[u][d + b] (NaN-propagating)
-    row_arg = ()  # row_arg[u * D + d]: its b in torch's scan order (-1: no valid element); used where owned
-    lines = ()  # lines[t]: max-map row t blurred along W
-    last_block = wb == tl.cdiv(WO, BW) - 1  # holds output WO - 1, which also owns the max-map columns past S*WO
+    row_max = ()  # row_max[u * NM + mm]: max over b of x row u at column S*T*g + OFFSET + mm - PMAX + b
+    row_arg = ()  # row_arg[u * NM + mm]: its b in torch's scan order (-1: no valid element); used where owned
+    lines = ()  # lines[tr * T + t]: max-map row tr blurred along W for output T*g + t
+    last_block = gb == tl.cdiv(tl.cdiv(WO, T), BG) - 1  # holds output WO - 1, owner of the columns past S*WO
     for u in tl.static_range(SH * (R - 1) + DH + KMAX - 1):
         xr = SH * i0 + (OFFSET_H - PMAX + u)
         row_ok = c_ok & (xr >= 0) & (xr < H)
-        values, inside = _window_values(plane + xr * SXH, row_ok, j, SXW, W, S, OFFSET - PMAX, D + KMAX - 1, ACC)
-        xs = xs + values
-        ins = ins + inside
-        for d in tl.static_range(D):
-            m = values[d]
-            best, arg = _scan_step(m, m, values[d], 0, inside[d], True, PMAX > 0)
+        values = ()
+        inside = ()
+        for e in tl.static_range(NM + KMAX - 1):
+            col = S * T * g + (OFFSET - PMAX + e)
+            ok = row_ok & (col >= 0) & (col < W)
+            values = values + (tl.load(plane + xr * SXH + col * SXW, mask=ok, other=float("-inf")).to(ACC),)
+            inside = inside + (ok,)
+        for mm in tl.static_range(NM):
+            m = values[mm]
+            best, arg = _scan_step(m, m, values[mm], 0, inside[mm], True, PMAX > 0)
             for b in tl.static_range(1, KMAX):
-                m = tl.maximum(m, values[d + b], propagate_nan=tl.PropagateNan.ALL)
-                best, arg = _scan_step(best, arg, values[d + b], b, inside[d + b], False, PMAX > 0)
+                m = tl.maximum(m, values[mm + b], propagate_nan=tl.PropagateNan.ALL)
+                best, arg = _scan_step(best, arg, values[mm + b], b, inside[mm + b], False, PMAX > 0)
             row_max = row_max + (m,)
             row_arg = row_arg + (arg,)
-        if u >= KMAX - 1:  # max-map row t = u - (KMAX - 1) is complete
-            line = tl.zeros((BC, 1, BW), ACC)
-            for d in tl.static_range(D):
-                m = row_max[(u - (KMAX - 1)) * D + d]
+        if u >= KMAX - 1:  # max-map row tr = u - (KMAX - 1) is complete (tr inlined: a local is no constexpr)
+            maps = ()
+            for mm in tl.static_range(NM):
+                m = row_max[(u - (KMAX - 1)) * NM + mm]
                 for a in tl.static_range(1, KMAX):
-                    m = tl.maximum(m, row_max[(u - (KMAX - 1) + a) * D + d], propagate_nan=tl.PropagateNan.ALL)
-                if (COL_ZEROS >> d) & 1:  # the map is -inf outside: zero weights select
-                    m = tl.where(col_weights[d] != 0.0, m, 0.0)
-                line += col_weights[d] * m
-            lines = lines + (line,)
-            # Output j owns max-map columns S*j + p, p < S (window position p - OFFSET): one strided store per p
-            # (code rows are not aligned, so an interleaved store would be bytes too). The last output also owns
-            # the columns past those (geometry.codes_per_owner): only the last column block forms their codes.
+                    m = tl.maximum(m, row_max[(u - (KMAX - 1) + a) * NM + mm], propagate_nan=tl.PropagateNan.ALL)
+                maps = maps + (m,)
+            for t in tl.static_range(T):
+                line = tl.zeros((BC, 1, BG), ACC)
+                for d in tl.static_range(D):
+                    m = maps[S * t + d]
+                    if (COL_ZEROS >> d) & 1:  # the map is -inf outside: zero weights select
+                        m = tl.where(cws[t * D + d] != 0.0, m, 0.0)
+                    line += cws[t * D + d] * m
+                lines = lines + (line,)
+            # Output j owns max-map columns S*j + p, p < S; the last output also owns the columns past those
+            # (geometry.codes_per_owner): only the last column block forms their codes.
             mr = SH * i0 + (OFFSET_H + u - (KMAX - 1))
             owned = c_ok & (mr >= SH * i0) & ((mr < SH * (i0 + R)) | (i0 + R >= HO)) & (mr < HM)
             k_row = k_plane + mr * SKH
-            for p in tl.static_range(S):
-                code = _map_code(row_max, row_arg, (u - (KMAX - 1)) * D + p - OFFSET, D, KMAX, PMAX > 0)
-                mc = S * j + p
-                tl.store(k_row + mc * SKW, code.to(tl.uint8), mask=owned & j_ok & (mc < WM))
+            for t in tl.static_range(T):
+                for p in tl.static_range(S):
+                    code = _map_code(row_max, row_arg, (u - (KMAX - 1)) * NM + S * t + p - OFFSET, NM, KMAX, PMAX > 0)
+                    mc = S * (T * g + t) + p
+                    tl.store(k_row + mc * SKW, code.to(tl.uint8), mask=owned & (T * g + t < WO) & (mc < WM))
             if S - OFFSET < D:
                 if last_block:
-                    for d in tl.static_range(S - OFFSET, D):
-                        code = _map_code(row_max, row_arg, (u - (KMAX - 1)) * D + d, D, KMAX, PMAX > 0)
-                        mc = S * j + (OFFSET + d)
-                        tl.store(k_row + mc * SKW, code.to(tl.uint8), mask=owned & (j == WO - 1) & (mc < WM))
+                    for t in tl.static_range(T):
+                        for d in tl.static_range(S - OFFSET, D):
+                            code = _map_code(row_max, row_arg, (u - (KMAX - 1)) * NM + S * t + d, NM, KMAX, PMAX > 0)
+                            mc = S * (T * g + t) + OFFSET + d
+                            tl.store(k_row + mc * SKW, code.to(tl.uint8),
+                                     mask=owned & (T * g + t == WO - 1) & (mc < WM))  # fmt: skip
         for r in tl.static_range(R):
             if SH * r + DH - 1 + KMAX - 1 == u:  # output row i0 + r is complete (lines are -inf off the map)
-                _store_output_row(out_plane + (i0 + r) * SOH, c_ok & j_ok, lines, rw_ptr, i0 + r, HO, SH * r, DH,
-                                  ROW_ZEROS, ACC)  # fmt: skip
+                i = i0 + r
+                accs = ()
+                for _ in tl.static_range(T):
+                    accs = accs + (tl.zeros((BC, 1, BG), ACC),)
+                for e in tl.static_range(DH):
+                    rw = tl.load(rw_ptr + e * HO + i, mask=i < HO, other=0.0)
+                    summed = ()
+                    for t in tl.static_range(T):
+                        line = lines[(SH * r + e) * T + t]
+                        if (ROW_ZEROS >> e) & 1:
+                            line = tl.where(rw != 0.0, line, 0.0)
+                        summed = summed + (accs[t] + rw * line,)
+                    accs = summed
+                for t in tl.static_range(T):
+                    j = T * g + t
+                    tl.store(out_plane + i * SOH + j * SOW, accs[t].to(out_ptr.dtype.element_ty),
+                             mask=c_ok & (i < HO) & (j < WO))  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["H", "HO", "HM"])
@@ -1198,10 +1223,11 @@ def _rolling_max_blur(x: torch.Tensor, kmax: int, pmax: int, axes: tuple[Axis, A
     ho, wo = out.shape[2:]
     row_axis, col_axis = axes
     (offset_h, rows), (offset, cols) = (device_table("window", axis, x.device, True) for axis in axes)
-    bc, _, bw, warps = _tile(c, 1, wo, _channels_inner(x), MAX_BLUR_PER_THREAD)
+    t, per_thread = MAX_BLUR_SHAPE[_channels_inner(x)]
+    bc, _, bg, warps = _tile(c, 1, triton.cdiv(wo, t), _channels_inner(x), per_thread)
     # 3 x 3 pools (DenseNet) keep three x rows of the window live: 7 rows per program spilled in bf16 (codegen).
     r = _rows_per_program(ho, ROWS_PER_PROGRAM if kmax <= 2 else ROWS_PER_PROGRAM // 2)
-    _rolling_max_blur_kernel[_grid(n, c, ho, wo, bc, r, bw)](
+    _rolling_max_blur_kernel[_grid(n, c, ho, triton.cdiv(wo, t), bc, r, bg)](
         x,
         out,
         codes,
@@ -1230,10 +1256,12 @@ def _rolling_max_blur(x: torch.Tensor, kmax: int, pmax: int, axes: tuple[Axis, A
         COL_ZEROS=window_zero_taps(col_axis, True),
         PMAX=pmax,
         KMAX=kmax,
+        T=t,
+        NM=col_axis.stride * (t - 1) + cols.shape[0],  # max-map columns of a thread's T windows
         ACC=_acc_dtype(x),
         BC=bc,
         R=r,
-        BW=bw,
+        BG=bg,
         num_warps=warps,
     )
 
