@@ -2,13 +2,14 @@
 # A GPU lease: build, CUDA tests, benchmark tables, then the Triton GPU tests.
 # Usage on the GPU box (torch preinstalled, offline): OUT=/tmp/out STEPS="build test blurpool" bash benchmarks/run_gpu.sh
 # One device command may run 10 minutes, so a lease runs this in parts; every part rebuilds (about 60 s) because
-# the box keeps nothing between commands. Parts: build test blurpool model dct losses train ktft triton (default: all).
+# the box keeps nothing between commands. Parts: build test blurpool tune model dct losses train ktft triton (default:
+# all).
 # The `test` part runs every gpu test under pytest-xdist (the box has it); `triton` re-runs only the Triton ones
 # in shards, for a box without xdist. The device tool returns at most 8 files: PACK=1 tars $OUT into one archive.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
-STEPS=" ${STEPS:-build test blurpool model dct losses train ktft triton} "
+STEPS=" ${STEPS:-build test blurpool tune model dct losses train ktft triton} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 # limit NAME CMD...: run CMD under `timeout $LIMIT_<NAME>` (default 590 s) so one slow part cannot eat the lease.
 limit() { local v="LIMIT_$1"; shift; timeout "${!v:-590}" "$@"; }
@@ -28,6 +29,10 @@ fi
 if step blurpool; then
   limit blurpool python3 -m ktkernels.bench blurpool --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   grep -E "^\|" "$OUT/bench.log"
+fi
+if step tune; then  # the max-blur stem on Triton once per per-thread shape of its forward (blurpool.MAX_BLUR_TUNE)
+  limit tune python3 -m ktkernels.bench blurpool --tune-max-blur --no-compile --out "$OUT" > "$OUT/bench_tune.log" 2>&1
+  grep -E "^\|" "$OUT/bench_tune.log"
 fi
 if step model; then  # the ResNet-50 training step: six variants, two cold compiles (~4 minutes)
   limit model python3 -m ktkernels.bench model --out "$OUT" ${MODEL_BENCH_ARGS:-} > "$OUT/bench_model.log" 2>&1

@@ -435,6 +435,82 @@ def test_triton_max_blur_takes_the_rolling_kernels(monkeypatch):
     assert run(torch.randn(1, 2, 12, 12), 2, pads=(5, 5)) == banded  # 16-wide windows
 
 
+def _spy_kernel_options(monkeypatch, name: str) -> list[dict]:
+    """Record the keyword options (constexprs) of every launch of the Triton kernel ``name``; launches still run."""
+    from ktkernels.blurpool import triton as kernels
+
+    launches, kernel = [], getattr(kernels, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                launches.append(options)
+                return kernel[grid](*args, **options)
+
+            return launch
+
+    monkeypatch.setattr(kernels, name, Spy())
+    return launches
+
+
+# (max_kernel, max_padding, filt_size, stride, mode, adobe pads or none)
+THREAD_SHAPE_CASES = [
+    (2, 0, 4, 2, "reflect", True),
+    (3, 1, 4, 2, "reflect", True),
+    (2, 0, 5, 3, "replicate", False),
+    (3, 0, 2, 1, "zero", False),
+]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the per-thread shapes of the Triton forward, under the interpreter")
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("kmax,pmax,filt_size,stride,mode,padded", THREAD_SHAPE_CASES)
+def test_max_blur_forward_thread_shapes(layout, kmax, pmax, filt_size, stride, mode, padded, monkeypatch):
+    """Every per-thread shape that ``bench blurpool --tune-max-blur`` may pick for the Triton forward (T outputs
+    of a row, channels) gives the reference's values and codes, with ties, NaN and poisoned outputs: the output
+    counts (7 and 13 columns) leave the last thread's group partly empty, and without pads the last output
+    owns a remainder of codes."""
+    from ktkernels.bench.blurpool import MAX_BLUR_TUNE, with_max_blur_shape
+
+    pads = list(geometry.adobe_pads(filt_size)) * 2 if padded else [0, 0, 0, 0]
+
+    def call(x):
+        return op.max_blur_pool2d(x, kmax, pmax, filt_size, stride, pads, mode)
+
+    call.backend = "triton"
+    launches = _spy_kernel_options(monkeypatch, "_rolling_max_blur_kernel")
+    poison_outputs(monkeypatch)
+    for shape in ((2, 3, 15, 14), (1, 5, 9, 27)):
+        x = torch.randint(-2, 3, shape, generator=torch.Generator().manual_seed(sum(shape) + kmax)).double()
+        x[0, 1, 4, 5] = x[0, 0, 8, 3] = float("nan")
+        x = x.contiguous(memory_format=torch.channels_last if layout == "NHWC" else torch.contiguous_format)
+        exp_y, exp_codes = ref.max_blur_pool2d_reference(x, kmax, pmax, filt_size, stride, tuple(pads), mode)
+        for t, c in MAX_BLUR_TUNE[layout]:
+            with ktkernels.use_backend("triton"):
+                y, codes = with_max_blur_shape(call, layout, (t, c))(x)
+            assert launches[-1]["T"] == t, (launches[-1], t)
+            assert torch.equal(codes, exp_codes), f"argmax codes differ at T={t}, C={c}"
+            assert torch.equal(y.isnan(), exp_y.isnan()), f"NaN pattern differs at T={t}, C={c}"
+            assert_close(y.nan_to_num(0.0), exp_y.nan_to_num(0.0), torch.float64)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="times the Triton kernels under the interpreter")
+def test_bench_tune_max_blur_times_every_thread_shape(monkeypatch):
+    """``python -m ktkernels.bench blurpool --tune-max-blur``: one row per per-thread shape and the recipe, per
+    layout and mode, each timed, and each shape's launches carry its T (a tiny case: the interpreter is slow)."""
+    from ktkernels.bench.blurpool import MAX_BLUR_TUNE, tune_max_blur
+
+    launches = _spy_kernel_options(monkeypatch, "_rolling_max_blur_kernel")
+    case = ("tiny stem", 2, 12, "maxblur", 4, (1, 2, 1, 2))
+    rows = tune_max_blur(torch.device("cpu"), 1, [torch.float32], ["NCHW", "NHWC"], case=case, reps=1, graphs=False)
+    for layout in ("NCHW", "NHWC"):
+        impls = {f"ktk-triton T{t}xC{c}" for t, c in MAX_BLUR_TUNE[layout]} | {"pytorch"}
+        for mode in ("fwd", "f+b"):
+            timed = {r.impl for r in rows if r.layout == layout and r.mode == mode and r.ms and not r.error}
+            assert timed == impls, (layout, mode, timed)
+    assert {o["T"] for o in launches} == {t for shapes in MAX_BLUR_TUNE.values() for t, _ in shapes}
+
+
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_max_blur_pool2d_low_precision(target, dtype):

@@ -67,6 +67,11 @@ def blurpool_main(argv: list[str]) -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the recipe")
     parser.add_argument("--eager", action="store_true", help="time eager calls (host overhead included), not graphs")
     parser.add_argument("--quick", action="store_true", help="one case per kind, fewer repetitions")
+    parser.add_argument(
+        "--tune-max-blur",
+        action="store_true",
+        help="only the max-blur stem on Triton, once per per-thread shape of its forward (blurpool.MAX_BLUR_TUNE)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
 
@@ -89,11 +94,15 @@ def blurpool_main(argv: list[str]) -> None:
     if not gpu:
         env["timing"] = "wall clock (perf_counter), median"
     copy_gbps = harness.copy_bandwidth_gbps(device)
-    rows = blurpool.run(
-        device, batch, dtypes, args.layouts.split(","), compile_cases, cases, reps=5 if args.quick else 20
-    )
+    reps, graphs, layouts = 5 if args.quick else 20, not args.eager, args.layouts.split(",")
+    if args.tune_max_blur:
+        rows = blurpool.tune_max_blur(device, batch, dtypes, layouts, reps=reps, graphs=graphs)
+    else:
+        rows = blurpool.run(device, batch, dtypes, layouts, compile_cases, cases, reps=reps, graphs=graphs)
     harness.finish(rows, copy_gbps)
     tag = re.sub(r"[^a-z0-9]+", "_", env["device"].lower()).strip("_") if gpu else "cpu"
+    if args.tune_max_blur:
+        tag = f"tune_max_blur_{tag}"
     print(
         harness.write(
             rows,

@@ -78,8 +78,11 @@ def implementations(device: torch.device, compile_recipe: bool, kind: str, filt_
     return impls
 
 
-def _time_case(device, batch, case, channels, size, kind, filt_size, pads, dtype, layout, compiled, reps, graphs):
-    """All implementations of one (case, dtype, layout), forward and forward+backward, on shared inputs."""
+def _time_case(
+    device, batch, case, channels, size, kind, filt_size, pads, dtype, layout, compiled, reps, graphs, impls=None
+):
+    """All implementations of one (case, dtype, layout), forward and forward+backward, on shared inputs
+    (``impls``: these instead of ``implementations``)."""
     shape = (batch, channels, size, size)
     fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
     es = torch.tensor([], dtype=dtype).element_size()
@@ -96,7 +99,8 @@ def _time_case(device, batch, case, channels, size, kind, filt_size, pads, dtype
     )
     rows = []
     for mode in ("fwd", "f+b"):
-        for impl, fn in implementations(device, compiled, kind, filt_size, pads).items():
+        chosen = impls if impls is not None else implementations(device, compiled, kind, filt_size, pads)
+        for impl, fn in chosen.items():
             step = step_for(mode, fn, inputs, grads)
             dtype_name = str(dtype).replace("torch.", "")
             row = Row("blurpool", case, shape, dtype_name, layout, mode, impl, None, bytes_by_mode[mode])
@@ -121,4 +125,46 @@ def run(device, batch, dtypes, layouts, compile_cases, cases=RESNET50_CASES, rep
                 rows += _time_case(
                     device, batch, case, channels, size, kind, filt_size, pads, dtype, layout, compiled, reps, graphs
                 )
+    return rows
+
+
+# Per-thread shapes (outputs of a row, channels) of the Triton max-blur forward that --tune-max-blur times against
+# each other, per layout (the entry of triton.MAX_BLUR_SHAPE it replaces). More outputs per thread issue fewer
+# instructions (they share their windows' columns) but hold more registers, so fewer warps hide the latency:
+# the codegen view cannot say which wins (benchmarks/NOTES.md, "columns").
+MAX_BLUR_TUNE = {"NCHW": [(1, 2), (2, 1), (4, 1)], "NHWC": [(1, 2), (2, 2), (2, 1)]}
+
+
+def with_max_blur_shape(fn, layout: str, shape: tuple[int, int]):
+    """``fn`` (an ``ours`` step) with the Triton max-blur forward's per-thread shape for ``layout`` set to
+    ``shape`` while it runs (and while a CUDA graph captures it)."""
+    from ..blurpool import triton as kernels
+
+    def run(x):
+        saved = dict(kernels.MAX_BLUR_SHAPE)
+        kernels.MAX_BLUR_SHAPE[layout == "NHWC"] = shape
+        try:
+            return fn(x)
+        finally:
+            kernels.MAX_BLUR_SHAPE.update(saved)
+
+    run.backend = fn.backend
+    return run
+
+
+def tune_max_blur(device, batch, dtypes, layouts, case=RESNET50_CASES[0], reps=20, graphs=True) -> list[Row]:
+    """The max-blur ``case`` (default: the ResNet-50 stem) on the Triton backend once per ``MAX_BLUR_TUNE`` shape
+    of its layout, and the PyTorch recipe, forward and forward+backward, from one run."""
+    name, channels, size, kind, filt_size, pads = case
+    rows: list[Row] = []
+    for dtype in dtypes:
+        for layout in layouts:
+            impls = {
+                f"ktk-triton T{t}xC{c}": with_max_blur_shape(ours(kind, filt_size, pads, "triton"), layout, (t, c))
+                for t, c in MAX_BLUR_TUNE[layout]
+            }
+            impls["pytorch"] = recipe(kind, filt_size, pads)
+            rows += _time_case(
+                device, batch, name, channels, size, kind, filt_size, pads, dtype, layout, False, reps, graphs, impls
+            )
     return rows
