@@ -14,9 +14,10 @@ BC, planar: a wide BW), so the innermost memory axis is the fastest tile axis.
   the 2-D op with one row). Planar rows (unit W stride, W stride of the op 1, 2 or 4) are loaded as contiguous
   groups of S columns and split into their S phases in registers;
 - ``_rolling_max_blur_kernel``: the fused max pool + blur: x rows reduced to row maxima once, max-map rows
-  formed from KMAX of them, blurred like the blur's rows; the argmax codes formed where the program owns them;
+  formed from KMAX of them, blurred like the blur's rows; the argmax codes formed where the program owns them.
+  A thread owns T consecutive outputs of a row and forms the columns their windows share once;
 - ``_rolling_max_blur_backward_kernel``: the max map's gradient formed as in the blur adjoint, routed to the
-  window slots that the codes select;
+  window slots that the codes select (planar codes loaded as whole groups, split into phases in registers);
 - fallbacks for windows wider than ``MAX_WINDOW`` (pads far from the anchors'): ``_gather_kernel`` ((index,
   weight) tables), ``_max_blur_kernel`` (banded tables, one output row per program) and
   ``_max_blur_backward_kernel`` (routing tables, one input row per program).
@@ -1225,7 +1226,8 @@ def _rolling_max_blur(x: torch.Tensor, kmax: int, pmax: int, axes: tuple[Axis, A
     (offset_h, rows), (offset, cols) = (device_table("window", axis, x.device, True) for axis in axes)
     t, per_thread = MAX_BLUR_SHAPE[_channels_inner(x)]
     bc, _, bg, warps = _tile(c, 1, triton.cdiv(wo, t), _channels_inner(x), per_thread)
-    # 3 x 3 pools (DenseNet) keep three x rows of the window live: 7 rows per program spilled in bf16 (codegen).
+    # 3 x 3 pools (DenseNet) keep three x rows of the window live: with 7-8 rows per program, triton 3.8's ptxas
+    # spills a register in a small bf16 channels_last case (test_codegen), though the stem would issue 17% less.
     r = _rows_per_program(ho, ROWS_PER_PROGRAM if kmax <= 2 else ROWS_PER_PROGRAM // 2)
     _rolling_max_blur_kernel[_grid(n, c, ho, triton.cdiv(wo, t), bc, r, bg)](
         x,
