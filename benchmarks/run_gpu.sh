@@ -5,7 +5,8 @@
 # the box keeps nothing between commands. Parts: build test blurpool tune model dct losses train ktft triton (default:
 # all).
 # The `test` part runs every gpu test under pytest-xdist (the box has it); `triton` re-runs only the Triton ones
-# in shards, for a box without xdist. The device tool returns at most 8 files: PACK=1 tars $OUT into one archive.
+# in shards, for a box without xdist. The tables compile their Triton kernels first in JIT_WORKERS processes (one
+# max-blur kernel can take a minute of ptxas; serially, the compiles took most of a 300 s part). The device tool returns at most 8 files: PACK=1 tars $OUT into one archive.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -27,11 +28,11 @@ if step test; then  # every gpu test (CUDA and Triton) in parallel workers: the 
   tail -1 "$OUT/test_gpu.log"
 fi
 if step blurpool; then
-  limit blurpool python3 -m ktkernels.bench blurpool --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  limit blurpool python3 -m ktkernels.bench blurpool --jit-workers "${JIT_WORKERS:-14}" --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   grep -E "^\|" "$OUT/bench.log"
 fi
 if step tune; then  # the max-blur stem on Triton once per per-thread shape of its forward (blurpool.MAX_BLUR_TUNE)
-  limit tune python3 -m ktkernels.bench blurpool --tune-max-blur --no-compile --out "$OUT" > "$OUT/bench_tune.log" 2>&1
+  limit tune python3 -m ktkernels.bench blurpool --tune-max-blur --no-compile --jit-workers "${JIT_WORKERS:-14}" --out "$OUT" > "$OUT/bench_tune.log" 2>&1
   grep -E "^\|" "$OUT/bench_tune.log"
 fi
 if step model; then  # the ResNet-50 training step: six variants, two cold compiles (~4 minutes)

@@ -511,6 +511,24 @@ def test_bench_tune_max_blur_times_every_thread_shape(monkeypatch):
     assert {o["T"] for o in launches} == {t for shapes in MAX_BLUR_TUNE.values() for t, _ in shapes}
 
 
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernels under the interpreter")
+def test_bench_warm_jobs_launch_every_tuned_shape(monkeypatch):
+    """``--jit-workers``: the warm-up jobs cover every (case, dtype, layout) of a table, and for the tune table
+    every per-thread shape, each launched with its own T (run in-process: workers=1)."""
+    from ktkernels.bench.blurpool import MAX_BLUR_TUNE, triton_warm_jobs, warm_triton_cache
+
+    stem, blur = ("tiny stem", 2, 12, "maxblur", 4, (1, 2, 1, 2)), ("tiny blur", 2, 9, "blur", 3, (1, 1, 1, 1))
+    jobs = triton_warm_jobs([torch.float32, torch.bfloat16], ["NCHW", "NHWC"], [stem, blur])
+    assert sorted((j[0][0], j[1], j[2]) for j in jobs) == sorted(
+        (c[0], d, lay) for c in (stem, blur) for d in ("float32", "bfloat16") for lay in ("NCHW", "NHWC")
+    )
+    tune_jobs = triton_warm_jobs([torch.float32], ["NCHW", "NHWC"], [stem, blur], tune=True)
+    assert [(j[2], j[3]) for j in tune_jobs] == [(lay, s) for lay in ("NCHW", "NHWC") for s in MAX_BLUR_TUNE[lay]]
+    launches = _spy_kernel_options(monkeypatch, "_rolling_max_blur_kernel")
+    warm_triton_cache(torch.device("cpu"), 1, tune_jobs, workers=1)
+    assert {o["T"] for o in launches} == {t for shapes in MAX_BLUR_TUNE.values() for t, _ in shapes}
+
+
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_max_blur_pool2d_low_precision(target, dtype):

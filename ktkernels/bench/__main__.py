@@ -72,6 +72,12 @@ def blurpool_main(argv: list[str]) -> None:
         action="store_true",
         help="only the max-blur stem on Triton, once per per-thread shape of its forward (blurpool.MAX_BLUR_TUNE)",
     )
+    parser.add_argument(
+        "--jit-workers",
+        type=int,
+        default=0,
+        help="compile the Triton kernels in this many processes before timing (blurpool.warm_triton_cache)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
 
@@ -95,6 +101,9 @@ def blurpool_main(argv: list[str]) -> None:
         env["timing"] = "wall clock (perf_counter), median"
     copy_gbps = harness.copy_bandwidth_gbps(device)
     reps, graphs, layouts = 5 if args.quick else 20, not args.eager, args.layouts.split(",")
+    if args.jit_workers and gpu:
+        jobs = blurpool.triton_warm_jobs(dtypes, layouts, cases, tune=args.tune_max_blur)
+        blurpool.warm_triton_cache(device, batch, jobs, args.jit_workers)
     if args.tune_max_blur:
         rows = blurpool.tune_max_blur(device, batch, dtypes, layouts, reps=reps, graphs=graphs)
     else:

@@ -7,12 +7,15 @@ Each case has a geometry (adobe k=4, or timm k=3) and is timed against that anch
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
 import torch
 import torch.nn.functional as F
 
 from .. import backend
 from ..blurpool import geometry, op
-from .harness import Row, graph_median_ms, median_ms, on_backend, rotating, step_for
+from .harness import Row, fixed_step, graph_median_ms, median_ms, on_backend, rotating, step_for
 
 # (case, channels, size, kind, filt_size, pads (l, r, t, b))
 RESNET50_CASES = [
@@ -168,3 +171,44 @@ def tune_max_blur(device, batch, dtypes, layouts, case=RESNET50_CASES[0], reps=2
                 device, batch, name, channels, size, kind, filt_size, pads, dtype, layout, False, reps, graphs, impls
             )
     return rows
+
+
+def triton_warm_jobs(dtypes, layouts, cases=RESNET50_CASES, tune=False) -> list[tuple]:
+    """Every Triton step a table times, as ``(case, dtype name, layout, max-blur shape or None)``: all ``cases``,
+    or (``tune``) the first case once per ``MAX_BLUR_TUNE`` shape of each layout."""
+    jobs = []
+    for case in cases[:1] if tune else cases:
+        for dtype in dtypes:
+            for layout in layouts:
+                shapes = MAX_BLUR_TUNE[layout] if tune else [None]
+                jobs += [(case, str(dtype).replace("torch.", ""), layout, shape) for shape in shapes]
+    return jobs
+
+
+def _warm_job(device: str, batch: int, case: tuple, dtype_name: str, layout: str, shape) -> None:
+    """One Triton step forward and backward, once, at the table's shape: Triton compiles its kernels into the
+    on-disk cache (``~/.triton/cache``), where the timing process finds them."""
+    _, channels, size, kind, filt_size, pads = case
+    fn = ours(kind, filt_size, pads, "triton")
+    if shape is not None:
+        fn = with_max_blur_shape(fn, layout, shape)
+    fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+    x = torch.randn(batch, channels, size, size, dtype=getattr(torch, dtype_name), device=device)
+    fixed_step("f+b", fn, x.to(memory_format=fmt))()
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
+def warm_triton_cache(device: torch.device, batch: int, jobs: list[tuple], workers: int) -> None:
+    """Run ``jobs`` (:func:`triton_warm_jobs`) in ``workers`` processes before timing.
+
+    Triton compiles one kernel at a time per process, and a max-blur kernel takes up to a minute of ptxas; the
+    timing loop would pay every compile serially (most of a lease). ``workers`` <= 1 runs them here.
+    """
+    if workers <= 1:
+        for job in jobs:
+            _warm_job(str(device), batch, *job)
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for done in [pool.submit(_warm_job, str(device), batch, *job) for job in jobs]:
+            done.result()
