@@ -511,6 +511,37 @@ def test_bench_tune_max_blur_times_every_thread_shape(monkeypatch):
     assert {o["T"] for o in launches} == {t for shapes in MAX_BLUR_TUNE.values() for t, _ in shapes}
 
 
+def test_bench_table_from_cut_off_log(tmp_path):
+    """``bench blurpool --from-log``: a cut-off run's printed rows become a table, with the bytes each case must
+    move (checked by hand: the bf16 stem reads 128*64*112^2 and writes 128*64*56^2 elements, plus 128*64*111^2
+    one-byte codes; f+b doubles it); error lines and unknown cases are skipped; the environment is required."""
+    import json
+
+    from ktkernels.bench.__main__ import main
+
+    log = tmp_path / "bench.log"
+    log.write_text(
+        "maxblur k4 stem (128, 64, 112, 112) bfloat16 NCHW fwd ktk-triton: 0.345\n"
+        "maxblur k4 stem (128, 64, 112, 112) bfloat16 NCHW f+b ktk-cuda: 4.0\n"
+        "adobe k4 L2 down (128, 256, 56, 56) float32 NHWC fwd pytorch: RuntimeError: out of memory\n"
+        "adobe k4 L2 down (128, 256, 56, 56) float32 NHWC fwd pytorch+compile: 1.9\n"
+        "some other case (1, 2, 3, 4) float32 NHWC fwd pytorch: 1.0\n"
+    )
+    env = ["device=Test GPU", "torch=2.11", "triton=3.6", "commit=abc", "date=today", "timing=graphs"]
+    with pytest.raises(SystemExit):
+        main(["blurpool", "--from-log", str(log), "--copy-gbps", "1000", *[f"--env={e}" for e in env[:-1]]])
+    main(["blurpool", "--from-log", str(log), "--copy-gbps", "1000", "--out", str(tmp_path)]
+         + [f"--env={e}" for e in env])  # fmt: skip
+    rows = json.loads((tmp_path / "blurpool_test_gpu.json").read_text())["rows"]
+    stem = (128 * 64 * 112 * 112 + 128 * 64 * 56 * 56) * 2 + 128 * 64 * 111 * 111
+    assert [(r["impl"], r["bytes"]) for r in rows] == [
+        ("ktk-triton", stem),
+        ("ktk-cuda", 2 * stem),
+        ("pytorch+compile", (128 * 256 * 56 * 56 + 128 * 256 * 28 * 28) * 4),
+    ]
+    assert rows[0]["pct_copy"] == pytest.approx(100 * stem / 0.345 / 1e6 / 1000)
+
+
 @pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernels under the interpreter")
 def test_bench_warm_jobs_launch_every_tuned_shape(monkeypatch):
     """``--jit-workers``: the warm-up jobs cover every (case, dtype, layout) of a table, and for the tune table

@@ -53,7 +53,7 @@ def _find(kernels: dict, case: str, kernel: str, *constexprs: str) -> dict:
     return found[0]
 
 
-# What an H100 moves per microsecond in a copy (benchmarks/results/blurpool_h100.md: 2960-2972 GB/s), and the
+# What an H100 moves per microsecond in a copy (benchmarks/results/blurpool_h100_7a723e5.md: 2960-2972 GB/s), and the
 # elements each blur direction moves at the benchmark's L2 shape: x and y (forward), or g and gx (backward).
 COPY_BYTES_PER_US = 2960e3
 L2_BLUR_ELEMENTS = 128 * 256 * (56 * 56 + 28 * 28)

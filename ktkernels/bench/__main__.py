@@ -58,6 +58,27 @@ def main(argv: list[str] | None = None) -> None:
     return blurpool_main(argv)
 
 
+LOG_ENV_KEYS = ("device", "torch", "triton", "commit", "date", "timing")
+
+
+def _device_tag(device_name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
+
+
+def blurpool_table_from_log(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--from-log``: JSON, markdown and plot of the rows a cut-off GPU run printed (its environment and copy
+    bandwidth given on the command line, since the log does not hold them)."""
+    env = dict(item.split("=", 1) for item in args.env if "=" in item)
+    missing = [key for key in LOG_ENV_KEYS if key not in env]
+    if missing or args.copy_gbps is None:
+        parser.error(f"--from-log needs --copy-gbps and --env for {', '.join(missing) or 'nothing else'}")
+    rows = blurpool.rows_from_log(args.from_log.read_text())
+    if not rows:
+        parser.error(f"no benchmark rows in {args.from_log}")
+    harness.finish(rows, args.copy_gbps)
+    print(harness.write(rows, env, args.copy_gbps, args.out, f"blurpool_{_device_tag(env['device'])}", "pytorch"))
+
+
 def blurpool_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m ktkernels.bench [blurpool]", description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -78,8 +99,24 @@ def blurpool_main(argv: list[str]) -> None:
         default=0,
         help="compile the Triton kernels in this many processes before timing (blurpool.warm_triton_cache)",
     )
+    parser.add_argument(
+        "--from-log",
+        type=Path,
+        default=None,
+        help="no timing: the table of a run cut off before it wrote one, from the rows its log printed",
+    )
+    parser.add_argument("--copy-gbps", type=float, default=None, help="with --from-log: the copy bandwidth to use")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"with --from-log: the run's {', '.join(LOG_ENV_KEYS)} (repeat the flag)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    if args.from_log is not None:
+        return blurpool_table_from_log(parser, args)
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -109,7 +146,7 @@ def blurpool_main(argv: list[str]) -> None:
     else:
         rows = blurpool.run(device, batch, dtypes, layouts, compile_cases, cases, reps=reps, graphs=graphs)
     harness.finish(rows, copy_gbps)
-    tag = re.sub(r"[^a-z0-9]+", "_", env["device"].lower()).strip("_") if gpu else "cpu"
+    tag = _device_tag(env["device"]) if gpu else "cpu"
     if args.tune_max_blur:
         tag = f"tune_max_blur_{tag}"
     print(

@@ -8,6 +8,7 @@ Each case has a geometry (adobe k=4, or timm k=3) and is timed against that anch
 from __future__ import annotations
 
 import multiprocessing
+import re
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
@@ -81,6 +82,21 @@ def implementations(device: torch.device, compile_recipe: bool, kind: str, filt_
     return impls
 
 
+def _out_size(kind: str, size: int) -> int:
+    m = size - 1 if kind == "maxblur" else size  # the blur runs on the (H-1) max map for maxblur
+    return (m + 1) // 2
+
+
+def case_bytes(shape: tuple, kind: str, element_size: int, mode: str) -> int:
+    """The bytes one call must move at least: input read and output written (forward), plus the output gradient
+    read and the input gradient written (f+b); max-blur adds its uint8 argmax codes, written once, read once."""
+    batch, channels, size, _ = shape
+    m = size - 1 if kind == "maxblur" else size
+    tensors = (batch * channels * size * size + batch * channels * _out_size(kind, size) ** 2) * element_size
+    codes = batch * channels * m * m if kind == "maxblur" else 0
+    return (tensors + codes) * (2 if mode == "f+b" else 1)
+
+
 def _time_case(
     device, batch, case, channels, size, kind, filt_size, pads, dtype, layout, compiled, reps, graphs, impls=None
 ):
@@ -89,12 +105,9 @@ def _time_case(
     shape = (batch, channels, size, size)
     fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
     es = torch.tensor([], dtype=dtype).element_size()
-    m = size - 1 if kind == "maxblur" else size  # the blur runs on the (H-1) max map for maxblur
-    out_size = (m + 1) // 2
+    out_size = _out_size(kind, size)
     n_in, n_out = batch * channels * size * size, batch * channels * out_size**2
-    codes = batch * channels * m * m if kind == "maxblur" else 0  # uint8, written once, read once
-    fwd_bytes = (n_in + n_out) * es + codes
-    bytes_by_mode = {"fwd": fwd_bytes, "f+b": fwd_bytes + (n_in + n_out) * es + codes}
+    bytes_by_mode = {mode: case_bytes(shape, kind, es, mode) for mode in ("fwd", "f+b")}
     inputs = rotating(lambda: torch.randn(shape, dtype=dtype, device=device).to(memory_format=fmt), n_in * es, device)
     out_shape = (batch, channels, out_size, out_size)
     grads = rotating(
@@ -212,3 +225,37 @@ def warm_triton_cache(device: torch.device, batch: int, jobs: list[tuple], worke
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for done in [pool.submit(_warm_job, str(device), batch, *job) for job in jobs]:
             done.result()
+
+
+_LOG_LINE = re.compile(
+    r"^(?P<case>.+?) \((?P<shape>[\d, ]+)\) (?P<dtype>\w+) (?P<layout>NCHW|NHWC) (?P<mode>fwd|f\+b) "
+    r"(?P<impl>\S+): (?P<ms>[\d.eE+-]+)$"
+)
+
+
+def rows_from_log(text: str) -> list[Row]:
+    """The rows a ``python -m ktkernels.bench blurpool`` log printed as it went (``case (shape) dtype layout mode
+    impl: ms``), for a run cut off before it wrote its table; error lines are skipped."""
+    kinds = {case[0]: case[3] for case in RESNET50_CASES}
+    rows = []
+    for line in text.splitlines():
+        match = _LOG_LINE.match(line.strip())
+        if match is None or match["case"] not in kinds:
+            continue
+        shape = tuple(int(v) for v in match["shape"].split(","))
+        es = torch.tensor([], dtype=getattr(torch, match["dtype"])).element_size()
+        nbytes = case_bytes(shape, kinds[match["case"]], es, match["mode"])
+        rows.append(
+            Row(
+                "blurpool",
+                match["case"],
+                shape,
+                match["dtype"],
+                match["layout"],
+                match["mode"],
+                match["impl"],
+                float(match["ms"]),
+                nbytes,
+            )
+        )
+    return rows
