@@ -467,9 +467,9 @@ THREAD_SHAPE_CASES = [
 @pytest.mark.parametrize("kmax,pmax,filt_size,stride,mode,padded", THREAD_SHAPE_CASES)
 def test_max_blur_forward_thread_shapes(layout, kmax, pmax, filt_size, stride, mode, padded, monkeypatch):
     """Every per-thread shape that ``bench blurpool --tune-max-blur`` may pick for the Triton forward (T outputs
-    of a row, channels) gives the reference's values and codes, with ties, NaN and poisoned outputs: the output
-    counts (7 and 13 columns) leave the last thread's group partly empty, and without pads the last output
-    owns a remainder of codes."""
+    of a row, channels, rows loaded ahead) gives the reference's values and codes, with ties, NaN and poisoned
+    outputs: the output counts (7 and 13 columns) leave the last thread's group partly empty, without pads the
+    last output owns a remainder of codes, and 37 rows take several row blocks (a first x row inside the image)."""
     from ktkernels.bench.blurpool import MAX_BLUR_TUNE, with_max_blur_shape
 
     pads = list(geometry.adobe_pads(filt_size)) * 2 if padded else [0, 0, 0, 0]
@@ -480,17 +480,17 @@ def test_max_blur_forward_thread_shapes(layout, kmax, pmax, filt_size, stride, m
     call.backend = "triton"
     launches = _spy_kernel_options(monkeypatch, "_rolling_max_blur_kernel")
     poison_outputs(monkeypatch)
-    for shape in ((2, 3, 15, 14), (1, 5, 9, 27)):
+    for shape in ((2, 3, 15, 14), (1, 5, 9, 27), (1, 2, 37, 10)):
         x = torch.randint(-2, 3, shape, generator=torch.Generator().manual_seed(sum(shape) + kmax)).double()
         x[0, 1, 4, 5] = x[0, 0, 8, 3] = float("nan")
         x = x.contiguous(memory_format=torch.channels_last if layout == "NHWC" else torch.contiguous_format)
         exp_y, exp_codes = ref.max_blur_pool2d_reference(x, kmax, pmax, filt_size, stride, tuple(pads), mode)
-        for t, c in MAX_BLUR_TUNE[layout]:
+        for shape in MAX_BLUR_TUNE[layout]:
             with ktkernels.use_backend("triton"):
-                y, codes = with_max_blur_shape(call, layout, (t, c))(x)
-            assert launches[-1]["T"] == t, (launches[-1], t)
-            assert torch.equal(codes, exp_codes), f"argmax codes differ at T={t}, C={c}"
-            assert torch.equal(y.isnan(), exp_y.isnan()), f"NaN pattern differs at T={t}, C={c}"
+                y, codes = with_max_blur_shape(call, layout, shape)(x)
+            assert (launches[-1]["T"], launches[-1]["PREFETCH"]) == (shape[0], shape[2]), (launches[-1], shape)
+            assert torch.equal(codes, exp_codes), f"argmax codes differ at {shape}"
+            assert torch.equal(y.isnan(), exp_y.isnan()), f"NaN pattern differs at {shape}"
             assert_close(y.nan_to_num(0.0), exp_y.nan_to_num(0.0), torch.float64)
 
 
@@ -498,17 +498,19 @@ def test_max_blur_forward_thread_shapes(layout, kmax, pmax, filt_size, stride, m
 def test_bench_tune_max_blur_times_every_thread_shape(monkeypatch):
     """``python -m ktkernels.bench blurpool --tune-max-blur``: one row per per-thread shape and the recipe, per
     layout and mode, each timed, and each shape's launches carry its T (a tiny case: the interpreter is slow)."""
-    from ktkernels.bench.blurpool import MAX_BLUR_TUNE, tune_max_blur
+    from ktkernels.bench.blurpool import MAX_BLUR_TUNE, tune_max_blur, tune_name
 
     launches = _spy_kernel_options(monkeypatch, "_rolling_max_blur_kernel")
     case = ("tiny stem", 2, 12, "maxblur", 4, (1, 2, 1, 2))
     rows = tune_max_blur(torch.device("cpu"), 1, [torch.float32], ["NCHW", "NHWC"], case=case, reps=1, graphs=False)
     for layout in ("NCHW", "NHWC"):
-        impls = {f"ktk-triton T{t}xC{c}" for t, c in MAX_BLUR_TUNE[layout]} | {"pytorch"}
+        impls = {tune_name(shape) for shape in MAX_BLUR_TUNE[layout]} | {"pytorch"}
+        assert len(impls) == len(MAX_BLUR_TUNE[layout]) + 1, impls
         for mode in ("fwd", "f+b"):
             timed = {r.impl for r in rows if r.layout == layout and r.mode == mode and r.ms and not r.error}
             assert timed == impls, (layout, mode, timed)
-    assert {o["T"] for o in launches} == {t for shapes in MAX_BLUR_TUNE.values() for t, _ in shapes}
+    launched = {(o["T"], o["PREFETCH"]) for o in launches}
+    assert launched == {(t, p) for shapes in MAX_BLUR_TUNE.values() for t, _, p in shapes}
 
 
 def test_bench_table_from_cut_off_log(tmp_path):
@@ -557,7 +559,8 @@ def test_bench_warm_jobs_launch_every_tuned_shape(monkeypatch):
     assert [(j[2], j[3]) for j in tune_jobs] == [(lay, s) for lay in ("NCHW", "NHWC") for s in MAX_BLUR_TUNE[lay]]
     launches = _spy_kernel_options(monkeypatch, "_rolling_max_blur_kernel")
     warm_triton_cache(torch.device("cpu"), 1, tune_jobs, workers=1)
-    assert {o["T"] for o in launches} == {t for shapes in MAX_BLUR_TUNE.values() for t, _ in shapes}
+    launched = {(o["T"], o["PREFETCH"]) for o in launches}
+    assert launched == {(t, p) for shapes in MAX_BLUR_TUNE.values() for t, _, p in shapes}
 
 
 @pytest.mark.parametrize("target", TARGETS)

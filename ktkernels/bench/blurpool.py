@@ -144,14 +144,24 @@ def run(device, batch, dtypes, layouts, compile_cases, cases=RESNET50_CASES, rep
     return rows
 
 
-# Per-thread shapes (outputs of a row, channels) of the Triton max-blur forward that --tune-max-blur times against
-# each other, per layout (the entry of triton.MAX_BLUR_SHAPE it replaces). More outputs per thread issue fewer
-# instructions (they share their windows' columns) but hold more registers, so fewer warps hide the latency:
-# the codegen view cannot say which wins (benchmarks/NOTES.md, "columns").
-MAX_BLUR_TUNE = {"NCHW": [(1, 2), (2, 1), (4, 1)], "NHWC": [(1, 2), (2, 2), (2, 1)]}
+# Per-thread shapes (outputs of a row T, channels, rows loaded ahead) of the Triton max-blur forward that
+# --tune-max-blur times against each other, per layout (the entry of triton.MAX_BLUR_SHAPE it replaces). More
+# outputs per thread issue fewer instructions (they share their windows' columns) and loading rows ahead hides
+# more latency, but both hold more registers, so fewer warps are resident: the codegen view cannot say which wins
+# (benchmarks/NOTES.md, "columns" and "third H100 run").
+MAX_BLUR_TUNE = {
+    "NCHW": [(1, 2, 0), (2, 1, 0), (4, 1, 0), (2, 1, 1), (1, 2, 1)],
+    "NHWC": [(1, 2, 0), (2, 2, 0), (2, 1, 0), (1, 2, 1), (2, 1, 1)],
+}
 
 
-def with_max_blur_shape(fn, layout: str, shape: tuple[int, int]):
+def tune_name(shape: tuple[int, int, int]) -> str:
+    """The table's name for a ``MAX_BLUR_TUNE`` shape: ``ktk-triton T2xC1`` (+ ``P1`` when rows are loaded ahead)."""
+    t, c, prefetch = shape
+    return f"ktk-triton T{t}xC{c}" + (f"P{prefetch}" if prefetch else "")
+
+
+def with_max_blur_shape(fn, layout: str, shape: tuple[int, int, int]):
     """``fn`` (an ``ours`` step) with the Triton max-blur forward's per-thread shape for ``layout`` set to
     ``shape`` while it runs (and while a CUDA graph captures it)."""
     from ..blurpool import triton as kernels
@@ -176,8 +186,8 @@ def tune_max_blur(device, batch, dtypes, layouts, case=RESNET50_CASES[0], reps=2
     for dtype in dtypes:
         for layout in layouts:
             impls = {
-                f"ktk-triton T{t}xC{c}": with_max_blur_shape(ours(kind, filt_size, pads, "triton"), layout, (t, c))
-                for t, c in MAX_BLUR_TUNE[layout]
+                tune_name(shape): with_max_blur_shape(ours(kind, filt_size, pads, "triton"), layout, shape)
+                for shape in MAX_BLUR_TUNE[layout]
             }
             impls["pytorch"] = recipe(kind, filt_size, pads)
             rows += _time_case(

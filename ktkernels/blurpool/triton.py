@@ -46,8 +46,9 @@ MAX_BLUR_PER_THREAD = 2
 # (outputs of a row T, channels) per thread of the rolling max-blur forward, by channels_inner. Planar threads
 # share the columns of two outputs' windows: fewer instructions and registers than two outputs apart. channels_last
 # threads take two channels of one output (a vector per column). T = 4 cuts the issue time by another 15% but
-# needs ~160 registers, 12 warps per SM (benchmarks/NOTES.md, "columns").
-MAX_BLUR_SHAPE = {False: (2, 1), True: (1, 2)}
+# needs ~160 registers, 12 warps per SM (benchmarks/NOTES.md, "columns"). The third entry is the kernel's PREFETCH
+# (x rows loaded ahead): the H100 ran it at 2.3x its issue time, as if load latency were exposed ("third H100 run").
+MAX_BLUR_SHAPE = {False: (2, 1, 0), True: (1, 2, 0)}
 
 
 def _tile(channels: int, rows: int, cols: int, channels_inner: bool, per_thread: int) -> tuple[int, int, int, int]:
@@ -497,6 +498,18 @@ def _map_code(row_max, row_arg, at: tl.constexpr, D: tl.constexpr, KMAX: tl.cons
     return code
 
 
+@triton.jit
+def _load_x_row(plane, xr, c_ok, col_ok, g, H, SXH: tl.constexpr, SXW: tl.constexpr, S: tl.constexpr,
+                T: tl.constexpr, FIRST: tl.constexpr, NE: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """x row xr at the NE columns S*T*g + FIRST + e of a max-blur forward thread, -inf outside (a flat tuple)."""
+    row_ok = c_ok & (xr >= 0) & (xr < H)
+    values = ()
+    for e in tl.static_range(NE):
+        col = S * T * g + (FIRST + e)
+        values = values + (tl.load(plane + xr * SXH + col * SXW, mask=row_ok & col_ok[e], other=float("-inf")).to(ACC),)
+    return values
+
+
 @triton.jit(do_not_specialize=["H", "HO", "HM"])
 def _rolling_max_blur_kernel(
     x_ptr,
@@ -535,6 +548,7 @@ def _rolling_max_blur_kernel(
     KMAX: tl.constexpr,
     T: tl.constexpr,
     NM: tl.constexpr,
+    PREFETCH: tl.constexpr,
     ACC: tl.constexpr,
     BC: tl.constexpr,
     R: tl.constexpr,
@@ -551,7 +565,8 @@ def _rolling_max_blur_kernel(
     SH*i0 + OFFSET_H - PMAX + u is loaded once and reduced to row maxima; max-map row t is the max of KMAX row
     maxima, blurred along W once per output and added into the outputs whose windows hold it. Values take
     NaN-propagating maxima; codes follow torch's row-major scan (first maximum, last NaN) and are formed only
-    where the program owns the position, each once grid-wide.
+    where the program owns the position, each once grid-wide. PREFETCH: x rows are loaded that many rows ahead
+    of the one being reduced, so that their latency overlaps a row's arithmetic (more registers, fewer warps).
     """
     n, cb, hb, gb = _tile_blocks(C, HO, tl.cdiv(WO, T), BC, R, BG)
     c = cb * BC + tl.arange(0, BC)[:, None, None]
@@ -569,22 +584,28 @@ def _rolling_max_blur_kernel(
     row_arg = ()  # row_arg[u * NM + mm]: its b in torch's scan order (-1: no valid element); used where owned
     lines = ()  # lines[tr * T + t]: max-map row tr blurred along W for output T*g + t
     last_block = gb == tl.cdiv(tl.cdiv(WO, T), BG) - 1  # holds output WO - 1, owner of the columns past S*WO
+    col_ok = ()  # col_ok[e]: x column S*T*g + OFFSET - PMAX + e is inside the row
+    for e in tl.static_range(NM + KMAX - 1):
+        col_ok = col_ok + ((S * T * g + (OFFSET - PMAX + e) >= 0) & (S * T * g + (OFFSET - PMAX + e) < W),)
+    loaded = ()  # loaded[u * (NM + KMAX - 1) + e]: x row u of the program at column e of the thread's span
     for u in tl.static_range(SH * (R - 1) + DH + KMAX - 1):
+        # x rows up to u + PREFETCH (those that exist) are loaded before row u is reduced
+        if u == 0:
+            for v in tl.static_range(PREFETCH):
+                loaded = loaded + _load_x_row(plane, SH * i0 + (OFFSET_H - PMAX + v), c_ok, col_ok, g, H, SXH, SXW,
+                                              S, T, OFFSET - PMAX, NM + KMAX - 1, ACC)  # fmt: skip
+        if u + PREFETCH < SH * (R - 1) + DH + KMAX - 1:
+            loaded = loaded + _load_x_row(plane, SH * i0 + (OFFSET_H - PMAX + u + PREFETCH), c_ok, col_ok, g, H, SXH,
+                                          SXW, S, T, OFFSET - PMAX, NM + KMAX - 1, ACC)  # fmt: skip
         xr = SH * i0 + (OFFSET_H - PMAX + u)
         row_ok = c_ok & (xr >= 0) & (xr < H)
-        values = ()
-        inside = ()
-        for e in tl.static_range(NM + KMAX - 1):
-            col = S * T * g + (OFFSET - PMAX + e)
-            ok = row_ok & (col >= 0) & (col < W)
-            values = values + (tl.load(plane + xr * SXH + col * SXW, mask=ok, other=float("-inf")).to(ACC),)
-            inside = inside + (ok,)
         for mm in tl.static_range(NM):
-            m = values[mm]
-            best, arg = _scan_step(m, m, values[mm], 0, inside[mm], True, PMAX > 0)
+            m = loaded[u * (NM + KMAX - 1) + mm]
+            best, arg = _scan_step(m, m, m, 0, row_ok & col_ok[mm], True, PMAX > 0)
             for b in tl.static_range(1, KMAX):
-                m = tl.maximum(m, values[mm + b], propagate_nan=tl.PropagateNan.ALL)
-                best, arg = _scan_step(best, arg, values[mm + b], b, inside[mm + b], False, PMAX > 0)
+                value = loaded[u * (NM + KMAX - 1) + mm + b]
+                m = tl.maximum(m, value, propagate_nan=tl.PropagateNan.ALL)
+                best, arg = _scan_step(best, arg, value, b, row_ok & col_ok[mm + b], False, PMAX > 0)
             row_max = row_max + (m,)
             row_arg = row_arg + (arg,)
         if u >= KMAX - 1:  # max-map row tr = u - (KMAX - 1) is complete (tr inlined: a local is no constexpr)
@@ -1224,7 +1245,7 @@ def _rolling_max_blur(x: torch.Tensor, kmax: int, pmax: int, axes: tuple[Axis, A
     ho, wo = out.shape[2:]
     row_axis, col_axis = axes
     (offset_h, rows), (offset, cols) = (device_table("window", axis, x.device, True) for axis in axes)
-    t, per_thread = MAX_BLUR_SHAPE[_channels_inner(x)]
+    t, per_thread, prefetch = MAX_BLUR_SHAPE[_channels_inner(x)]
     bc, _, bg, warps = _tile(c, 1, triton.cdiv(wo, t), _channels_inner(x), per_thread)
     # 3 x 3 pools (DenseNet) keep three x rows of the window live: with 7-8 rows per program, triton 3.8's ptxas
     # spills a register in a small bf16 channels_last case (test_codegen), though the stem would issue 17% less.
@@ -1260,6 +1281,7 @@ def _rolling_max_blur(x: torch.Tensor, kmax: int, pmax: int, axes: tuple[Axis, A
         KMAX=kmax,
         T=t,
         NM=col_axis.stride * (t - 1) + cols.shape[0],  # max-map columns of a thread's T windows
+        PREFETCH=prefetch,
         ACC=_acc_dtype(x),
         BC=bc,
         R=r,
