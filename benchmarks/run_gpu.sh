@@ -2,15 +2,15 @@
 # A GPU lease: build, CUDA tests, benchmark tables, then the Triton GPU tests.
 # Usage on the GPU box (torch preinstalled, offline): OUT=/tmp/out STEPS="build test blurpool" bash benchmarks/run_gpu.sh
 # One device command may run 10 minutes, so a lease runs this in parts; every part rebuilds (about 60 s) because
-# the box keeps nothing between commands. Parts: build test blurpool tune model dct losses train ktft triton (default:
-# all).
+# the box keeps nothing between commands. Parts: build test blurpool tune profile model dct losses train ktft triton
+# (default: all).
 # The `test` part runs every gpu test under pytest-xdist (the box has it); `triton` re-runs only the Triton ones
 # in shards, for a box without xdist. The tables compile their Triton kernels first in JIT_WORKERS processes (one
 # max-blur kernel can take a minute of ptxas; serially, the compiles took most of a 300 s part). The device tool returns at most 8 files: PACK=1 tars $OUT into one archive.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
-STEPS=" ${STEPS:-build test blurpool tune model dct losses train ktft triton} "
+STEPS=" ${STEPS:-build test blurpool tune profile model dct losses train ktft triton} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 # limit NAME CMD...: run CMD under `timeout $LIMIT_<NAME>` (default 590 s) so one slow part cannot eat the lease.
 limit() { local v="LIMIT_$1"; shift; timeout "${!v:-590}" "$@"; }
@@ -34,6 +34,19 @@ fi
 if step tune; then  # the max-blur stem on Triton once per per-thread shape of its forward (blurpool.MAX_BLUR_TUNE)
   limit tune python3 -m ktkernels.bench blurpool --tune-max-blur --no-compile --jit-workers "${JIT_WORKERS:-14}" --out "$OUT" > "$OUT/bench_tune.log" 2>&1
   grep -E "^\|" "$OUT/bench_tune.log"
+fi
+if step profile; then  # hardware counters (ncu) of the Triton max-blur stem per tuned shape and of the NCHW blur
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  profile_run() {  # NAME ARGS...: each Triton kernel of the table once under ncu, compiled beforehand outside it
+    local name=$1; shift
+    python3 -m ktkernels.bench blurpool --launch-once --jit-workers "${JIT_WORKERS:-14}" "$@" > /dev/null 2>&1
+    limit profile "$ncu" --target-processes all -k regex:_rolling --section SpeedOfLight --section Occupancy \
+      --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --csv --page details \
+      python3 -m ktkernels.bench blurpool --launch-once "$@" > "$OUT/ncu_$name.csv" 2> "$OUT/ncu_$name.log"
+    echo "ncu $name: $(grep -c '_rolling' "$OUT/ncu_$name.csv") metric rows"
+  }
+  profile_run maxblur --tune-max-blur
+  profile_run blur_nchw --cases "adobe k4 L2 down,adobe k4 L4 down" --layouts NCHW
 fi
 if step model; then  # the ResNet-50 training step: six variants, two cold compiles (~4 minutes)
   limit model python3 -m ktkernels.bench model --out "$OUT" ${MODEL_BENCH_ARGS:-} > "$OUT/bench_model.log" 2>&1

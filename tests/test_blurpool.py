@@ -513,6 +513,24 @@ def test_bench_tune_max_blur_times_every_thread_shape(monkeypatch):
     assert launched == {(t, p) for shapes in MAX_BLUR_TUNE.values() for t, _, p in shapes}
 
 
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernels under the interpreter")
+def test_bench_launch_once_runs_each_kernel_of_the_chosen_cases(monkeypatch, capsys):
+    """``bench blurpool --launch-once --cases``: the profiler's workload launches the forward and the backward of
+    each chosen case once (nothing else), and ``--tune-max-blur`` refuses cases without a max-blur one."""
+    from ktkernels.bench.__main__ import main
+
+    forward = _spy_kernel_options(monkeypatch, "_rolling_blur_kernel")
+    adjoint = _spy_kernel_options(monkeypatch, "_rolling_blur_adjoint_kernel")
+    max_blur = _spy_kernel_options(monkeypatch, "_rolling_max_blur_kernel")
+    main(["blurpool", "--launch-once", "--cases", "timm k3 L4 down", "--batch", "1", "--dtypes", "float32",
+          "--layouts", "NHWC"])  # fmt: skip
+    assert (len(forward), len(adjoint), len(max_blur)) == (1, 1, 0)
+    assert (forward[0]["D"], forward[0]["W"]) == (3, 14)  # timm k3 on 14x14 maps
+    with pytest.raises(SystemExit):
+        main(["blurpool", "--launch-once", "--tune-max-blur", "--cases", "timm k3 L4 down"])
+    assert "needs a max-blur case" in capsys.readouterr().err
+
+
 def test_bench_table_from_cut_off_log(tmp_path):
     """``bench blurpool --from-log``: a cut-off run's printed rows become a table, with the bytes each case must
     move (checked by hand: the bf16 stem reads 128*64*112^2 and writes 128*64*56^2 elements, plus 128*64*111^2

@@ -100,6 +100,15 @@ def blurpool_main(argv: list[str]) -> None:
         help="compile the Triton kernels in this many processes before timing (blurpool.warm_triton_cache)",
     )
     parser.add_argument(
+        "--cases", default=None, help="comma list of case names (blurpool.RESNET50_CASES) to run; default: all"
+    )
+    parser.add_argument(
+        "--launch-once",
+        action="store_true",
+        help="no timing: launch each Triton step of the table once, forward and backward (a profiler's workload; "
+        "with --jit-workers, in that many processes)",
+    )
+    parser.add_argument(
         "--from-log",
         type=Path,
         default=None,
@@ -127,6 +136,20 @@ def blurpool_main(argv: list[str]) -> None:
         cases = [c for c in cases if c[0] in ("maxblur k4 stem", "adobe k4 L2 down")]
     if args.quick:
         cases = [c for c in cases if c[0] in ("maxblur k4 stem", "adobe k4 L2 down")]
+    if args.cases:
+        names = args.cases.split(",")
+        unknown = sorted(set(names) - {c[0] for c in blurpool.RESNET50_CASES})
+        if unknown:
+            parser.error(f"unknown --cases {unknown}; expected names from {[c[0] for c in blurpool.RESNET50_CASES]}")
+        cases = [c for c in blurpool.RESNET50_CASES if c[0] in names]
+    if args.tune_max_blur:  # the per-thread shapes are the max-blur forward's
+        cases = [c for c in cases if c[3] == "maxblur"][:1]
+        if not cases:
+            parser.error("--tune-max-blur needs a max-blur case in --cases")
+    if args.launch_once:
+        jobs = blurpool.triton_warm_jobs(dtypes, args.layouts.split(","), cases, tune=args.tune_max_blur)
+        blurpool.warm_triton_cache(device, batch, jobs, args.jit_workers if gpu else 1)
+        return print(f"launched {len(jobs)} Triton steps once each")
     compile_cases = set() if args.no_compile else blurpool.COMPILE_CASES
     env = harness.environment(device)
     env["timing"] = (
@@ -137,12 +160,13 @@ def blurpool_main(argv: list[str]) -> None:
     if not gpu:
         env["timing"] = "wall clock (perf_counter), median"
     copy_gbps = harness.copy_bandwidth_gbps(device)
+    print(f"copy bandwidth: {copy_gbps:.0f} GB/s (read + write)", flush=True)  # for --from-log if the run is cut
     reps, graphs, layouts = 5 if args.quick else 20, not args.eager, args.layouts.split(",")
     if args.jit_workers and gpu:
         jobs = blurpool.triton_warm_jobs(dtypes, layouts, cases, tune=args.tune_max_blur)
         blurpool.warm_triton_cache(device, batch, jobs, args.jit_workers)
     if args.tune_max_blur:
-        rows = blurpool.tune_max_blur(device, batch, dtypes, layouts, reps=reps, graphs=graphs)
+        rows = blurpool.tune_max_blur(device, batch, dtypes, layouts, cases[0], reps=reps, graphs=graphs)
     else:
         rows = blurpool.run(device, batch, dtypes, layouts, compile_cases, cases, reps=reps, graphs=graphs)
     harness.finish(rows, copy_gbps)

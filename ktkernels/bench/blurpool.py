@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import backend
 from ..blurpool import geometry, op
-from .harness import Row, fixed_step, graph_median_ms, median_ms, on_backend, rotating, step_for
+from .harness import Row, graph_median_ms, median_ms, on_backend, rotating, step_for
 
 # (case, channels, size, kind, filt_size, pads (l, r, t, b))
 RESNET50_CASES = [
@@ -209,15 +209,18 @@ def triton_warm_jobs(dtypes, layouts, cases=RESNET50_CASES, tune=False) -> list[
 
 
 def _warm_job(device: str, batch: int, case: tuple, dtype_name: str, layout: str, shape) -> None:
-    """One Triton step forward and backward, once, at the table's shape: Triton compiles its kernels into the
-    on-disk cache (``~/.triton/cache``), where the timing process finds them."""
+    """One Triton step at the table's shape, its forward and its backward launched once each: Triton compiles
+    their kernels into the on-disk cache (``~/.triton/cache``), where the timing process finds them."""
     _, channels, size, kind, filt_size, pads = case
     fn = ours(kind, filt_size, pads, "triton")
     if shape is not None:
         fn = with_max_blur_shape(fn, layout, shape)
     fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
     x = torch.randn(batch, channels, size, size, dtype=getattr(torch, dtype_name), device=device)
-    fixed_step("f+b", fn, x.to(memory_format=fmt))()
+    x = x.to(memory_format=fmt).requires_grad_()
+    with backend.use_backend("triton"):  # the backward too, which autograd runs after ``fn`` returns
+        y = fn(x)
+        y.backward(torch.randn_like(y))
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
 
