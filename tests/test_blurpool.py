@@ -466,32 +466,44 @@ THREAD_SHAPE_CASES = [
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("kmax,pmax,filt_size,stride,mode,padded", THREAD_SHAPE_CASES)
 def test_max_blur_forward_thread_shapes(layout, kmax, pmax, filt_size, stride, mode, padded, monkeypatch):
-    """Every per-thread shape that ``bench blurpool --tune-max-blur`` may pick for the Triton forward (T outputs
-    of a row, channels, rows loaded ahead) gives the reference's values and codes, with ties, NaN and poisoned
-    outputs: the output counts (7 and 13 columns) leave the last thread's group partly empty, without pads the
-    last output owns a remainder of codes, and 37 rows take several row blocks (a first x row inside the image)."""
-    from ktkernels.bench.blurpool import MAX_BLUR_TUNE, with_max_blur_shape
+    """Every per-thread shape that ``bench blurpool --tune-max-blur`` may pick for the Triton kernels (T outputs
+    of a row, channels, rows loaded ahead: forward and backward) gives the reference's values, codes and
+    gradient, with ties, NaN and poisoned outputs: 13 output columns leave the last thread's group partly empty
+    for every T, without pads the last output owns a remainder of codes, and 37 rows take several row blocks (a
+    first x row inside the image)."""
+    from ktkernels.bench.blurpool import MAX_BLUR_TUNE, max_blur_shape
 
     pads = list(geometry.adobe_pads(filt_size)) * 2 if padded else [0, 0, 0, 0]
-
-    def call(x):
-        return op.max_blur_pool2d(x, kmax, pmax, filt_size, stride, pads, mode)
-
-    call.backend = "triton"
-    launches = _spy_kernel_options(monkeypatch, "_rolling_max_blur_kernel")
+    forward = _spy_kernel_options(monkeypatch, "_rolling_max_blur_kernel")
+    backward = _spy_kernel_options(monkeypatch, "_rolling_max_blur_backward_kernel")
     poison_outputs(monkeypatch)
-    for shape in ((2, 3, 15, 14), (1, 5, 9, 27), (1, 2, 37, 10)):
-        x = torch.randint(-2, 3, shape, generator=torch.Generator().manual_seed(sum(shape) + kmax)).double()
+    for size in ((1, 3, 37, 27),):
+        rng = torch.Generator().manual_seed(sum(size) + kmax)
+        x = torch.randint(-2, 3, size, generator=rng).double()
         x[0, 1, 4, 5] = x[0, 0, 8, 3] = float("nan")
         x = x.contiguous(memory_format=torch.channels_last if layout == "NHWC" else torch.contiguous_format)
         exp_y, exp_codes = ref.max_blur_pool2d_reference(x, kmax, pmax, filt_size, stride, tuple(pads), mode)
-        for shape in MAX_BLUR_TUNE[layout]:
-            with ktkernels.use_backend("triton"):
-                y, codes = with_max_blur_shape(call, layout, shape)(x)
-            assert (launches[-1]["T"], launches[-1]["PREFETCH"]) == (shape[0], shape[2]), (launches[-1], shape)
-            assert torch.equal(codes, exp_codes), f"argmax codes differ at {shape}"
-            assert torch.equal(y.isnan(), exp_y.isnan()), f"NaN pattern differs at {shape}"
+        grad = torch.randn(exp_y.shape, dtype=torch.float64, generator=rng)
+        x64 = x.clone().requires_grad_()
+        pooled = torch.nn.functional.max_pool2d(x64, kmax, 1, pmax)
+        ref.blur_pool2d_reference(pooled, filt_size, stride, tuple(pads), mode).backward(grad)
+        backward_checked = set()  # the backward takes only the PREFETCH of a shape: once per value (interpreter time)
+        for thread_shape in MAX_BLUR_TUNE[layout]:
+            t, _, prefetch = thread_shape
+            xg = x.clone().requires_grad_(prefetch not in backward_checked)
+            with ktkernels.use_backend("triton"), max_blur_shape(layout, thread_shape):
+                y, codes = op.max_blur_pool2d(xg, kmax, pmax, filt_size, stride, pads, mode)
+                if xg.requires_grad:
+                    y.backward(grad)
+            assert (forward[-1]["T"], forward[-1]["PREFETCH"]) == (t, prefetch)
+            assert torch.equal(codes, exp_codes), f"argmax codes differ at {thread_shape}"
+            assert torch.equal(y.isnan(), exp_y.isnan()), f"NaN pattern differs at {thread_shape}"
             assert_close(y.nan_to_num(0.0), exp_y.nan_to_num(0.0), torch.float64)
+            if xg.requires_grad:
+                assert backward[-1]["PREFETCH"] == prefetch
+                assert_close(xg.grad, x64.grad, torch.float64)
+                backward_checked.add(prefetch)
+        assert backward_checked == {p for _, _, p in MAX_BLUR_TUNE[layout]}
 
 
 @pytest.mark.skipif(not INTERPRET, reason="times the Triton kernels under the interpreter")

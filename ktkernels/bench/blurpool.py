@@ -7,6 +7,7 @@ Each case has a geometry (adobe k=4, or timm k=3) and is timed against that anch
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import re
 from concurrent.futures import ProcessPoolExecutor
@@ -151,7 +152,7 @@ def run(device, batch, dtypes, layouts, compile_cases, cases=RESNET50_CASES, rep
 # (benchmarks/NOTES.md, "columns" and "third H100 run").
 MAX_BLUR_TUNE = {
     "NCHW": [(1, 2, 0), (2, 1, 0), (4, 1, 0), (2, 1, 1), (1, 2, 1)],
-    "NHWC": [(1, 2, 0), (2, 2, 0), (2, 1, 0), (1, 2, 1), (2, 1, 1)],
+    "NHWC": [(1, 2, 0), (2, 2, 0), (2, 1, 0), (1, 2, 1), (2, 1, 1), (1, 2, 2)],
 }
 
 
@@ -161,20 +162,29 @@ def tune_name(shape: tuple[int, int, int]) -> str:
     return f"ktk-triton T{t}xC{c}" + (f"P{prefetch}" if prefetch else "")
 
 
-def with_max_blur_shape(fn, layout: str, shape: tuple[int, int, int]):
-    """``fn`` (an ``ours`` step) with the Triton max-blur forward's per-thread shape for ``layout`` set to
-    ``shape`` while it runs (and while a CUDA graph captures it)."""
+@contextlib.contextmanager
+def max_blur_shape(layout: str, shape: tuple[int, int, int]):
+    """Within it, the Triton max-blur kernels take ``shape`` for ``layout`` (an entry of triton.MAX_BLUR_SHAPE)."""
     from ..blurpool import triton as kernels
 
+    saved = dict(kernels.MAX_BLUR_SHAPE)
+    kernels.MAX_BLUR_SHAPE[layout == "NHWC"] = shape
+    try:
+        yield
+    finally:
+        kernels.MAX_BLUR_SHAPE.update(saved)
+
+
+def with_max_blur_shape(fn, layout: str, shape: tuple[int, int, int]):
+    """``fn`` (an ``ours`` step) under :func:`max_blur_shape`; its ``setting`` makes ``harness.step_for`` hold the
+    shape over the backward too (and while a CUDA graph captures the step)."""
+
     def run(x):
-        saved = dict(kernels.MAX_BLUR_SHAPE)
-        kernels.MAX_BLUR_SHAPE[layout == "NHWC"] = shape
-        try:
+        with max_blur_shape(layout, shape):
             return fn(x)
-        finally:
-            kernels.MAX_BLUR_SHAPE.update(saved)
 
     run.backend = fn.backend
+    run.setting = lambda: max_blur_shape(layout, shape)
     return run
 
 
@@ -215,12 +225,14 @@ def _warm_job(device: str, batch: int, case: tuple, dtype_name: str, layout: str
     fn = ours(kind, filt_size, pads, "triton")
     if shape is not None:
         fn = with_max_blur_shape(fn, layout, shape)
-    fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
-    x = torch.randn(batch, channels, size, size, dtype=getattr(torch, dtype_name), device=device)
-    x = x.to(memory_format=fmt).requires_grad_()
-    with backend.use_backend("triton"):  # the backward too, which autograd runs after ``fn`` returns
-        y = fn(x)
-        y.backward(torch.randn_like(y))
+    fmt, dtype, out = (
+        torch.channels_last if layout == "NHWC" else torch.contiguous_format,
+        getattr(torch, dtype_name),
+        _out_size(kind, size),
+    )
+    x = torch.randn(batch, channels, size, size, dtype=dtype, device=device).to(memory_format=fmt)
+    grad = torch.randn(batch, channels, out, out, dtype=dtype, device=device).to(memory_format=fmt)
+    step_for("f+b", fn, lambda: x, lambda: grad)()  # forward and backward on Triton, with fn's setting
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
 

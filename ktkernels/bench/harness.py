@@ -7,6 +7,7 @@ in L2; achieved bandwidth is reported against a device-to-device copy measured i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -108,9 +109,10 @@ def step_for(
     """The timed call: ``fn`` on the next input ("fwd"), or ``fn`` then its vjp w.r.t. that input ("f+b").
 
     A ``fn`` with a ``backend`` attribute (see :func:`on_backend`) runs its forward *and* backward on that
-    ktkernels backend: the backward ops pick their backend when autograd calls them, outside ``fn``.
+    ktkernels backend: the backward ops pick their backend when autograd calls them, outside ``fn``. Likewise
+    a ``setting`` attribute (a context manager factory) holds over the whole step.
     """
-    name = getattr(fn, "backend", None)
+    name, setting = getattr(fn, "backend", None), getattr(fn, "setting", None)
     if mode == "fwd":
         step = lambda: fn(inputs())  # noqa: E731
     else:
@@ -119,14 +121,17 @@ def step_for(
             x = inputs().detach().requires_grad_()
             return torch.autograd.grad(fn(x), x, grads())
 
-    if name is None:
+    if name is None and setting is None:
         return step
 
-    def on_named_backend() -> object:
-        with backend.use_backend(name):
+    def within() -> object:
+        with (
+            backend.use_backend(name) if name else contextlib.nullcontext(),
+            setting() if setting else contextlib.nullcontext(),
+        ):
             return step()
 
-    return on_named_backend
+    return within
 
 
 def on_backend(name: str, fn: Callable) -> Callable:

@@ -662,6 +662,34 @@ def _rolling_max_blur_kernel(
                              mask=c_ok & (i < HO) & (j < WO))  # fmt: skip
 
 
+@triton.jit
+def _load_code_row(k_plane, mr, c_ok, u, ub, HM, SKH: tl.constexpr, SKW: tl.constexpr, WM: tl.constexpr,
+                   S: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, PLANAR: tl.constexpr, BC: tl.constexpr,
+                   BW: tl.constexpr):  # fmt: skip
+    """The codes of max-map row mr at columns S*(u + k) + rho, k in [K0, K1], rho < S, as int32 in that order
+    (a flat tuple; 255 outside the map, which no window slot matches). Planar rows load the S codes of every
+    group at once and split them into phases in registers."""
+    k_row = k_plane + mr * SKH
+    codes = ()
+    for k in tl.static_range(K0, K1 + 1):
+        if PLANAR:
+            group_cols = (ub * BW + k) * S + tl.arange(0, BW * S)[None, None, :]
+            group_ok = c_ok & (mr >= 0) & (mr < HM) & (group_cols >= 0) & (group_cols < WM)
+            group = tl.load(k_row + group_cols, mask=group_ok, other=255).to(tl.int32)
+            codes = codes + _phases(group, S, BC, 1, BW)
+        else:
+            for rho in tl.static_range(S):
+                codes = codes + (_load_code(k_row, mr, S * (u + k) + rho, c_ok, HM, SKW, WM),)
+    return codes
+
+
+@triton.jit
+def _load_code(k_row, mr, mc, c_ok, HM, SKW: tl.constexpr, WM: tl.constexpr):
+    """The code at max-map row mr (row pointer ``k_row``), columns mc, as int32; 255 outside the map."""
+    inside = c_ok & (mr >= 0) & (mr < HM) & (mc >= 0) & (mc < WM)
+    return tl.load(k_row + mc * SKW, mask=inside, other=255).to(tl.int32)
+
+
 @triton.jit(do_not_specialize=["H", "HO", "HM"])
 def _rolling_max_blur_backward_kernel(
     g_ptr,
@@ -703,6 +731,7 @@ def _rolling_max_blur_backward_kernel(
     JO0: tl.constexpr,
     JO1: tl.constexpr,
     KR0: tl.constexpr,
+    PREFETCH: tl.constexpr,
     PLANAR: tl.constexpr,
     ACC: tl.constexpr,
     BC: tl.constexpr,
@@ -720,6 +749,7 @@ def _rolling_max_blur_backward_kernel(
     is in. Max-map column S*v + rho takes taps d with (rho - OFFSET - d) % S == 0 from output
     v + (rho - OFFSET - d) // S, so gradient columns u + jo, jo in [JO0, JO1]; gradient rows m + kr, kr from
     KR0, reach the program's max-map rows (``_rolling_max_blur_backward``). Every gx element has one writer.
+    PREFETCH: gradient and code rows are loaded that many steps ahead of the arithmetic that uses them.
     """
     n, cb, hb, ub = _tile_blocks(C, H, tl.cdiv(W, S), BC, P, BW)
     c = cb * BC + tl.arange(0, BC)[:, None, None]
@@ -736,86 +766,95 @@ def _rolling_max_blur_backward_kernel(
     hgs = ()  # hgs[(kr - KR0) * NC + (k - K0) * S + rho]: gradient row m + kr along W at max-map column S*(u+k)+rho
     gms = ()  # gms[(tau - T0) * NC + (k - K0) * S + rho]: the max map's gradient there
     kcs = ()  # kcs[...]: its codes (255 outside the map: no window slot matches)
-    for kr in tl.static_range(KR0, (P - 1 + PMAX - OFFSET_H) // SH + 1):  # until the last max-map row is in
-        i = m + kr
-        row_ok = c_ok & (i >= 0) & (i < HO)
-        g_row = g_plane + i * SGH
-        lines = ()
-        for jo in tl.static_range(JO0, JO1 + 1):
-            col = u + jo
-            lines = lines + (tl.load(g_row + col * SGW, mask=row_ok & (col >= 0) & (col < WO), other=0.0).to(ACC),)
-        for k in tl.static_range(K0, K1 + 1):
-            for rho in tl.static_range(S):
-                hg = tl.zeros((BC, 1, BW), ACC)
-                for d in tl.static_range(D):
-                    if (rho - OFFSET - d) % S == 0:
-                        w = cws[(k + (rho - OFFSET - d) // S - JO0) * D + d]
-                        value = lines[k + (rho - OFFSET - d) // S - JO0]
-                        if (COL_HOLES >> d) & 1:
-                            value = tl.where(w != 0.0, value, 0.0)
-                        hg += w * value
-                hgs = hgs + (hg,)
-        for tau in tl.static_range(SH * kr + OFFSET_H, SH * kr + OFFSET_H + SH):
-            if tau >= PMAX - KMAX + 1:
-                if tau <= P - 1 + PMAX:  # max-map row SH*m + tau is complete
-                    mr = SH * m + tau
-                    k_row = k_plane + mr * SKH
-                    for k in tl.static_range(K0, K1 + 1):
-                        if PLANAR:  # the S codes of every group at once, split into phases in registers
-                            group_cols = (ub * BW + k) * S + tl.arange(0, BW * S)[None, None, :]
-                            group_ok = c_ok & (mr >= 0) & (mr < HM) & (group_cols >= 0) & (group_cols < WM)
-                            group = tl.load(k_row + group_cols, mask=group_ok, other=255).to(tl.int32)
-                            group_codes = _phases(group, S, BC, 1, BW)
-                        for rho in tl.static_range(S):
-                            gm = tl.zeros((BC, 1, BW), ACC)
-                            for kr2 in tl.static_range(KR0, kr + 1):
-                                if tau - SH * kr2 - OFFSET_H < DH:
-                                    rw = tl.load(rw_ptr + (tau - SH * kr2 - OFFSET_H) * HO + m + kr2,
-                                                 mask=(m + kr2 >= 0) & (m + kr2 < HO), other=0.0)  # fmt: skip
-                                    hg = hgs[(kr2 - KR0) * (K1 - K0 + 1) * S + (k - K0) * S + rho]
-                                    if (ROW_HOLES >> (tau - SH * kr2 - OFFSET_H)) & 1:
-                                        hg = tl.where(rw != 0.0, hg, 0.0)
-                                    gm += rw * hg
-                            gms = gms + (gm,)
-                            if PLANAR:
-                                kcs = kcs + (group_codes[rho],)
-                            else:
-                                mc = S * (u + k) + rho
-                                inside = c_ok & (mr >= 0) & (mr < HM) & (mc >= 0) & (mc < WM)
-                                kcs = kcs + (tl.load(k_row + mc * SKW, mask=inside, other=255).to(tl.int32),)
-                    if tau - PMAX >= 0:  # x row SH*m + tau - PMAX has all its windows
-                        if tau - PMAX < P:
-                            parts = ()
-                            for r in tl.static_range(S):
-                                acc = tl.zeros((BC, 1, BW), ACC)
-                                for a in tl.static_range(KMAX):
-                                    for b in tl.static_range(KMAX):
-                                        # max-map row tau - a, column S*u + r + PMAX - b: the slot (a, b) of its window
-                                        code = kcs[
-                                            (tau - a - (PMAX - KMAX + 1)) * (K1 - K0 + 1) * S
-                                            + ((r + PMAX - b) // S - K0) * S
-                                            + (r + PMAX - b) % S
-                                        ]
-                                        gm = gms[
-                                            (tau - a - (PMAX - KMAX + 1)) * (K1 - K0 + 1) * S
-                                            + ((r + PMAX - b) // S - K0) * S
-                                            + (r + PMAX - b) % S
-                                        ]
-                                        acc += tl.where(code == a * KMAX + b, gm, 0.0)
-                                parts = parts + (acc,)
-                            p = SH * m + (tau - PMAX)
-                            p_ok = c_ok & (p < H)
-                            if PLANAR:
-                                cols = ub * BW * S + tl.arange(0, BW * S)[None, None, :]
-                                gx = _interleave(parts, S, BC, 1, BW)
-                                tl.store(
-                                    gx_plane + p * SXH + cols, gx.to(gx_ptr.dtype.element_ty), mask=p_ok & (cols < W)
-                                )
-                            else:
+    glines = ()  # glines[(kr - KR0) * (JO1 - JO0 + 1) + jo - JO0]: gradient row m + kr at columns u + jo
+    # Step kr loads gradient row m + kr + PREFETCH (with PREFETCH, also the codes of the max-map rows that row
+    # completes), then combines row m + kr: loads run PREFETCH rows ahead of the arithmetic that uses them.
+    for kr in tl.static_range(KR0 - PREFETCH, (P - 1 + PMAX - OFFSET_H) // SH + 1):
+        if kr + PREFETCH <= (P - 1 + PMAX - OFFSET_H) // SH:
+            i = m + (kr + PREFETCH)
+            row_ok = c_ok & (i >= 0) & (i < HO)
+            for jo in tl.static_range(JO0, JO1 + 1):
+                col = u + jo
+                ok = row_ok & (col >= 0) & (col < WO)
+                glines = glines + (tl.load(g_plane + i * SGH + col * SGW, mask=ok, other=0.0).to(ACC),)
+            if PREFETCH > 0:
+                for tau in tl.static_range(SH * (kr + PREFETCH) + OFFSET_H, SH * (kr + PREFETCH) + OFFSET_H + SH):
+                    if tau >= PMAX - KMAX + 1:
+                        if tau <= P - 1 + PMAX:
+                            kcs = kcs + _load_code_row(k_plane, SH * m + tau, c_ok, u, ub, HM, SKH, SKW, WM, S, K0, K1,
+                                                       PLANAR, BC, BW)  # fmt: skip
+        if kr >= KR0:
+            for k in tl.static_range(K0, K1 + 1):
+                for rho in tl.static_range(S):
+                    hg = tl.zeros((BC, 1, BW), ACC)
+                    for d in tl.static_range(D):
+                        if (rho - OFFSET - d) % S == 0:
+                            w = cws[(k + (rho - OFFSET - d) // S - JO0) * D + d]
+                            value = glines[(kr - KR0) * (JO1 - JO0 + 1) + k + (rho - OFFSET - d) // S - JO0]
+                            if (COL_HOLES >> d) & 1:
+                                value = tl.where(w != 0.0, value, 0.0)
+                            hg += w * value
+                    hgs = hgs + (hg,)
+            for tau in tl.static_range(SH * kr + OFFSET_H, SH * kr + OFFSET_H + SH):
+                if tau >= PMAX - KMAX + 1:
+                    if tau <= P - 1 + PMAX:  # max-map row SH*m + tau is complete
+                        mr = SH * m + tau
+                        k_row = k_plane + mr * SKH
+                        for k in tl.static_range(K0, K1 + 1):
+                            if PREFETCH == 0:  # group k's codes next to their use (planar: the group at once)
+                                if PLANAR:
+                                    kcs = kcs + _load_code_row(k_plane, mr, c_ok, u, ub, HM, SKH, SKW, WM, S, k, k,
+                                                               PLANAR, BC, BW)  # fmt: skip
+                            for rho in tl.static_range(S):
+                                gm = tl.zeros((BC, 1, BW), ACC)
+                                for kr2 in tl.static_range(KR0, kr + 1):
+                                    if tau - SH * kr2 - OFFSET_H < DH:
+                                        rw = tl.load(rw_ptr + (tau - SH * kr2 - OFFSET_H) * HO + m + kr2,
+                                                     mask=(m + kr2 >= 0) & (m + kr2 < HO), other=0.0)  # fmt: skip
+                                        hg = hgs[(kr2 - KR0) * (K1 - K0 + 1) * S + (k - K0) * S + rho]
+                                        if (ROW_HOLES >> (tau - SH * kr2 - OFFSET_H)) & 1:
+                                            hg = tl.where(rw != 0.0, hg, 0.0)
+                                        gm += rw * hg
+                                gms = gms + (gm,)
+                                if PREFETCH == 0:
+                                    if not PLANAR:
+                                        code = _load_code(k_row, mr, S * (u + k) + rho, c_ok, HM, SKW, WM)
+                                        kcs = kcs + (code,)
+                        if tau - PMAX >= 0:  # x row SH*m + tau - PMAX has all its windows
+                            if tau - PMAX < P:
+                                parts = ()
                                 for r in tl.static_range(S):
-                                    cols = S * u + r
-                                    tl.store(gx_plane + p * SXH + cols * SXW, parts[r].to(gx_ptr.dtype.element_ty),
-                                             mask=p_ok & (cols < W))  # fmt: skip
+                                    acc = tl.zeros((BC, 1, BW), ACC)
+                                    for a in tl.static_range(KMAX):
+                                        for b in tl.static_range(KMAX):
+                                            # max-map row tau - a, column S*u + r + PMAX - b: slot (a, b) of its window
+                                            code = kcs[
+                                                (tau - a - (PMAX - KMAX + 1)) * (K1 - K0 + 1) * S
+                                                + ((r + PMAX - b) // S - K0) * S
+                                                + (r + PMAX - b) % S
+                                            ]
+                                            gm = gms[
+                                                (tau - a - (PMAX - KMAX + 1)) * (K1 - K0 + 1) * S
+                                                + ((r + PMAX - b) // S - K0) * S
+                                                + (r + PMAX - b) % S
+                                            ]
+                                            acc += tl.where(code == a * KMAX + b, gm, 0.0)
+                                    parts = parts + (acc,)
+                                p = SH * m + (tau - PMAX)
+                                p_ok = c_ok & (p < H)
+                                if PLANAR:
+                                    cols = ub * BW * S + tl.arange(0, BW * S)[None, None, :]
+                                    gx = _interleave(parts, S, BC, 1, BW)
+                                    tl.store(
+                                        gx_plane + p * SXH + cols,
+                                        gx.to(gx_ptr.dtype.element_ty),
+                                        mask=p_ok & (cols < W),
+                                    )
+                                else:
+                                    for r in tl.static_range(S):
+                                        cols = S * u + r
+                                        tl.store(gx_plane + p * SXH + cols * SXW, parts[r].to(gx_ptr.dtype.element_ty),
+                                                 mask=p_ok & (cols < W))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1389,6 +1428,7 @@ def _rolling_max_blur_backward(grad: torch.Tensor, codes: torch.Tensor, kmax: in
         # the first gradient row reaching max-map row PMAX - KMAX + 1 of a program (relative to SH*m)
         KR0=(pmax - kmax + 2 - rows.shape[0] - offset_h) // row_axis.stride,
         PLANAR=planar,
+        PREFETCH=MAX_BLUR_SHAPE[_channels_inner(gx)][2],
         ACC=_acc_dtype(grad),
         BC=bc,
         P=p,
