@@ -43,11 +43,12 @@ NUM_WARPS = 4
 # Elements per thread of the max-blur kernels: their window of x values, maxes and codes lives in registers,
 # and 2 per thread keeps them spill-free at 16 resident warps per SM (python -m ktkernels.bench codegen).
 MAX_BLUR_PER_THREAD = 2
-# (outputs of a row T, channels) per thread of the rolling max-blur forward, by channels_inner. Planar threads
-# share the columns of two outputs' windows: fewer instructions and registers than two outputs apart. channels_last
-# threads take two channels of one output (a vector per column). T = 4 cuts the issue time by another 15% but
-# needs ~160 registers, 12 warps per SM (benchmarks/NOTES.md, "columns"). The third entry is the kernel's PREFETCH
-# (x rows loaded ahead): the H100 ran it at 2.3x its issue time, as if load latency were exposed ("third H100 run").
+# (outputs of a row T, channels, PREFETCH) of the rolling max-blur kernels, by channels_inner. T and channels are
+# per forward thread: planar threads share the columns of two outputs' windows, fewer instructions and registers
+# than two outputs apart; channels_last threads take two channels of one output (a vector per column). T = 4 cuts
+# the issue time by another 15% but needs ~160 registers, 12 warps per SM (benchmarks/NOTES.md, "columns").
+# PREFETCH: rows both kernels load ahead of their arithmetic. The H100 ran them at 2.3-3x their issue time, as if
+# load latency were exposed ("third H100 run"); 0 is what it measured, `bench blurpool --tune-max-blur` times more.
 MAX_BLUR_SHAPE = {False: (2, 1, 0), True: (1, 2, 0)}
 
 
