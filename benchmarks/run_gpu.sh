@@ -31,9 +31,11 @@ if step blurpool; then
   limit blurpool python3 -m ktkernels.bench blurpool --jit-workers "${JIT_WORKERS:-14}" --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   grep -E "^\|" "$OUT/bench.log"
 fi
-if step tune; then  # the max-blur stem on Triton once per per-thread shape of its forward (blurpool.MAX_BLUR_TUNE)
+if step tune; then  # Triton settings: the max-blur stem per shape (blurpool.MAX_BLUR_TUNE), the blur per prefetch (BLUR_TUNE)
   limit tune python3 -m ktkernels.bench blurpool --tune-max-blur --no-compile --jit-workers "${JIT_WORKERS:-14}" --out "$OUT" > "$OUT/bench_tune.log" 2>&1
   grep -E "^\|" "$OUT/bench_tune.log"
+  limit tune python3 -m ktkernels.bench blurpool --tune-blur --no-compile --jit-workers "${JIT_WORKERS:-14}" --out "$OUT" > "$OUT/bench_tune_blur.log" 2>&1
+  grep -E "^\|" "$OUT/bench_tune_blur.log"
 fi
 if step profile; then  # hardware counters (ncu) of the Triton max-blur stem per tuned shape and of the NCHW blur
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

@@ -506,23 +506,80 @@ def test_max_blur_forward_thread_shapes(layout, kmax, pmax, filt_size, stride, m
         assert backward_checked == {p for _, _, p in MAX_BLUR_TUNE[layout]}
 
 
+# (filt_size, stride, mode, adobe pads or none): DH < SH (filt 1-2 at stride 2-3) leaves x rows no window holds
+BLUR_PREFETCH_CASES = [(4, 2, "reflect", True), (3, 2, "zero", True), (1, 2, "replicate", False), (2, 3, "zero", False)]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the Triton blur kernels' prefetch, under the interpreter")
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("filt_size,stride,mode,padded", BLUR_PREFETCH_CASES)
+def test_blur_prefetch_matches_reference(layout, filt_size, stride, mode, padded, monkeypatch):
+    """Every rows-ahead value ``bench blurpool --tune-blur`` may pick for the Triton blur kernels gives the
+    reference's values and gradient (outputs poisoned), on a 37 x 27 image: several row blocks, so that the
+    prefetched rows include a first one inside the image."""
+    from ktkernels.bench.blurpool import BLUR_TUNE, blur_prefetch
+
+    pads = list(geometry.adobe_pads(filt_size)) * 2 if padded else [0, 0, 0, 0]
+    forward = _spy_kernel_options(monkeypatch, "_rolling_blur_kernel")
+    adjoint = _spy_kernel_options(monkeypatch, "_rolling_blur_adjoint_kernel")
+    poison_outputs(monkeypatch)
+    rng = torch.Generator().manual_seed(filt_size * 10 + stride)
+    x = torch.randn(1, 3, 37, 27, dtype=torch.float64, generator=rng)
+    x = x.contiguous(memory_format=torch.channels_last if layout == "NHWC" else torch.contiguous_format)
+    x64 = x.clone().requires_grad_()
+    expected = ref.blur_pool2d_reference(x64, filt_size, stride, tuple(pads), mode)
+    grad = torch.randn(expected.shape, dtype=torch.float64, generator=rng)
+    expected.backward(grad)
+    for prefetch in BLUR_TUNE:
+        xg = x.clone().requires_grad_()
+        with ktkernels.use_backend("triton"), blur_prefetch(layout, prefetch):
+            y = op.blur_pool2d(xg, filt_size, stride, pads, mode)
+            y.backward(grad)
+        assert (forward[-1]["PREFETCH"], adjoint[-1]["PREFETCH"]) == (prefetch, prefetch)
+        assert_close(y, expected, torch.float64)
+        assert_close(xg.grad, x64.grad, torch.float64)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="times the Triton kernels under the interpreter")
+def test_bench_tune_blur_times_every_prefetch(monkeypatch):
+    """``python -m ktkernels.bench blurpool --tune-blur``: one row per rows-ahead value and the recipe, per layout
+    and mode, each timed, with each value's launches carrying its PREFETCH (forward and adjoint)."""
+    from ktkernels.bench.blurpool import BLUR_TUNE, tune_blur
+
+    forward = _spy_kernel_options(monkeypatch, "_rolling_blur_kernel")
+    adjoint = _spy_kernel_options(monkeypatch, "_rolling_blur_adjoint_kernel")
+    case = ("tiny blur", 2, 12, "blur", 4, (1, 2, 1, 2))
+    rows = tune_blur(torch.device("cpu"), 1, [torch.float32], ["NCHW", "NHWC"], [case], reps=1, graphs=False)
+    for layout in ("NCHW", "NHWC"):
+        for mode in ("fwd", "f+b"):
+            timed = {r.impl for r in rows if r.layout == layout and r.mode == mode and r.ms and not r.error}
+            assert timed == {f"ktk-triton P{p}" for p in BLUR_TUNE} | {"pytorch"}, (layout, mode, timed)
+    assert {o["PREFETCH"] for o in forward} == {o["PREFETCH"] for o in adjoint} == set(BLUR_TUNE)
+
+
 @pytest.mark.skipif(not INTERPRET, reason="times the Triton kernels under the interpreter")
 def test_bench_tune_max_blur_times_every_thread_shape(monkeypatch):
     """``python -m ktkernels.bench blurpool --tune-max-blur``: one row per per-thread shape and the recipe, per
-    layout and mode, each timed, and each shape's launches carry its T (a tiny case: the interpreter is slow)."""
-    from ktkernels.bench.blurpool import MAX_BLUR_TUNE, tune_max_blur, tune_name
+    layout and mode, each timed, and each shape's launches carry its T and PREFETCH. Three shapes stand in for
+    MAX_BLUR_TUNE (the interpreter is slow; test_max_blur_forward_thread_shapes checks every shape's results)."""
+    from ktkernels.bench import blurpool
+    from ktkernels.bench.blurpool import tune_max_blur, tune_name
 
+    shapes = {"NCHW": [(2, 1, 0), (1, 2, 1)], "NHWC": [(1, 2, 2)]}
+    monkeypatch.setattr(blurpool, "MAX_BLUR_TUNE", shapes)
     launches = _spy_kernel_options(monkeypatch, "_rolling_max_blur_kernel")
+    backward = _spy_kernel_options(monkeypatch, "_rolling_max_blur_backward_kernel")
     case = ("tiny stem", 2, 12, "maxblur", 4, (1, 2, 1, 2))
     rows = tune_max_blur(torch.device("cpu"), 1, [torch.float32], ["NCHW", "NHWC"], case=case, reps=1, graphs=False)
     for layout in ("NCHW", "NHWC"):
-        impls = {tune_name(shape) for shape in MAX_BLUR_TUNE[layout]} | {"pytorch"}
-        assert len(impls) == len(MAX_BLUR_TUNE[layout]) + 1, impls
+        impls = {tune_name(shape) for shape in shapes[layout]} | {"pytorch"}
+        assert len(impls) == len(shapes[layout]) + 1, impls
         for mode in ("fwd", "f+b"):
             timed = {r.impl for r in rows if r.layout == layout and r.mode == mode and r.ms and not r.error}
             assert timed == impls, (layout, mode, timed)
     launched = {(o["T"], o["PREFETCH"]) for o in launches}
-    assert launched == {(t, p) for shapes in MAX_BLUR_TUNE.values() for t, _, p in shapes}
+    assert launched == {(t, p) for layout_shapes in shapes.values() for t, _, p in layout_shapes}
+    assert {o["PREFETCH"] for o in backward} == {0, 1, 2}  # the f+b rows time each shape's backward too
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernels under the interpreter")
@@ -578,15 +635,18 @@ def test_bench_table_from_cut_off_log(tmp_path):
 def test_bench_warm_jobs_launch_every_tuned_shape(monkeypatch):
     """``--jit-workers``: the warm-up jobs cover every (case, dtype, layout) of a table, and for the tune table
     every per-thread shape, each launched with its own T (run in-process: workers=1)."""
-    from ktkernels.bench.blurpool import MAX_BLUR_TUNE, triton_warm_jobs, warm_triton_cache
+    from ktkernels.bench.blurpool import BLUR_TUNE, MAX_BLUR_TUNE, triton_warm_jobs, warm_triton_cache
 
     stem, blur = ("tiny stem", 2, 12, "maxblur", 4, (1, 2, 1, 2)), ("tiny blur", 2, 9, "blur", 3, (1, 1, 1, 1))
     jobs = triton_warm_jobs([torch.float32, torch.bfloat16], ["NCHW", "NHWC"], [stem, blur])
     assert sorted((j[0][0], j[1], j[2]) for j in jobs) == sorted(
         (c[0], d, lay) for c in (stem, blur) for d in ("float32", "bfloat16") for lay in ("NCHW", "NHWC")
     )
-    tune_jobs = triton_warm_jobs([torch.float32], ["NCHW", "NHWC"], [stem, blur], tune=True)
-    assert [(j[2], j[3]) for j in tune_jobs] == [(lay, s) for lay in ("NCHW", "NHWC") for s in MAX_BLUR_TUNE[lay]]
+    tune_jobs = triton_warm_jobs([torch.float32], ["NCHW", "NHWC"], [stem, blur], tune="max-blur")
+    expected = [(lay, ("maxblur", s)) for lay in ("NCHW", "NHWC") for s in MAX_BLUR_TUNE[lay]]
+    assert [(j[2], j[3]) for j in tune_jobs] == expected
+    blur_jobs = triton_warm_jobs([torch.float32], ["NHWC"], [blur], tune="blur")
+    assert [j[3] for j in blur_jobs] == [("blur", p) for p in BLUR_TUNE]
     launches = _spy_kernel_options(monkeypatch, "_rolling_max_blur_kernel")
     warm_triton_cache(torch.device("cpu"), 1, tune_jobs, workers=1)
     launched = {(o["T"], o["PREFETCH"]) for o in launches}

@@ -94,6 +94,11 @@ def blurpool_main(argv: list[str]) -> None:
         help="only the max-blur stem on Triton, once per per-thread shape of its forward (blurpool.MAX_BLUR_TUNE)",
     )
     parser.add_argument(
+        "--tune-blur",
+        action="store_true",
+        help="only the blur cases on Triton, once per rows-ahead value of its kernels (blurpool.BLUR_TUNE)",
+    )
+    parser.add_argument(
         "--jit-workers",
         type=int,
         default=0,
@@ -142,12 +147,16 @@ def blurpool_main(argv: list[str]) -> None:
         if unknown:
             parser.error(f"unknown --cases {unknown}; expected names from {[c[0] for c in blurpool.RESNET50_CASES]}")
         cases = [c for c in blurpool.RESNET50_CASES if c[0] in names]
-    if args.tune_max_blur:  # the per-thread shapes are the max-blur forward's
-        cases = [c for c in cases if c[3] == "maxblur"][:1]
+    if args.tune_max_blur and args.tune_blur:
+        parser.error("--tune-max-blur and --tune-blur are separate tables: pick one")
+    tune = "max-blur" if args.tune_max_blur else "blur" if args.tune_blur else None
+    if tune:  # each tune table's settings are one kernel family's
+        cases = [c for c in cases if c[3] == ("maxblur" if args.tune_max_blur else "blur")]
+        cases = cases[:1] if args.tune_max_blur else cases
         if not cases:
-            parser.error("--tune-max-blur needs a max-blur case in --cases")
+            parser.error(f"--tune-{tune} needs a {tune} case in --cases")
     if args.launch_once:
-        jobs = blurpool.triton_warm_jobs(dtypes, args.layouts.split(","), cases, tune=args.tune_max_blur)
+        jobs = blurpool.triton_warm_jobs(dtypes, args.layouts.split(","), cases, tune=tune)
         blurpool.warm_triton_cache(device, batch, jobs, args.jit_workers if gpu else 1)
         return print(f"launched {len(jobs)} Triton steps once each")
     compile_cases = set() if args.no_compile else blurpool.COMPILE_CASES
@@ -163,16 +172,18 @@ def blurpool_main(argv: list[str]) -> None:
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s (read + write)", flush=True)  # for --from-log if the run is cut
     reps, graphs, layouts = 5 if args.quick else 20, not args.eager, args.layouts.split(",")
     if args.jit_workers and gpu:
-        jobs = blurpool.triton_warm_jobs(dtypes, layouts, cases, tune=args.tune_max_blur)
+        jobs = blurpool.triton_warm_jobs(dtypes, layouts, cases, tune=tune)
         blurpool.warm_triton_cache(device, batch, jobs, args.jit_workers)
     if args.tune_max_blur:
         rows = blurpool.tune_max_blur(device, batch, dtypes, layouts, cases[0], reps=reps, graphs=graphs)
+    elif args.tune_blur:
+        rows = blurpool.tune_blur(device, batch, dtypes, layouts, cases, reps=reps, graphs=graphs)
     else:
         rows = blurpool.run(device, batch, dtypes, layouts, compile_cases, cases, reps=reps, graphs=graphs)
     harness.finish(rows, copy_gbps)
     tag = _device_tag(env["device"]) if gpu else "cpu"
-    if args.tune_max_blur:
-        tag = f"tune_max_blur_{tag}"
+    if tune:
+        tag = f"tune_{tune.replace('-', '_')}_{tag}"
     print(
         harness.write(
             rows,

@@ -151,9 +151,13 @@ def run(device, batch, dtypes, layouts, compile_cases, cases=RESNET50_CASES, rep
 # more latency, but both hold more registers, so fewer warps are resident: the codegen view cannot say which wins
 # (benchmarks/NOTES.md, "columns" and "third H100 run").
 MAX_BLUR_TUNE = {
-    "NCHW": [(1, 2, 0), (2, 1, 0), (4, 1, 0), (2, 1, 1), (1, 2, 1)],
+    "NCHW": [(1, 2, 0), (2, 1, 0), (4, 1, 0), (2, 1, 1), (1, 2, 1), (2, 1, 2)],
     "NHWC": [(1, 2, 0), (2, 2, 0), (2, 1, 0), (1, 2, 1), (2, 1, 1), (1, 2, 2)],
 }
+
+
+# PREFETCH values of the Triton blur kernels (triton.BLUR_PREFETCH) that --tune-blur times against each other.
+BLUR_TUNE = (0, 1, 2)
 
 
 def tune_name(shape: tuple[int, int, int]) -> str:
@@ -163,41 +167,59 @@ def tune_name(shape: tuple[int, int, int]) -> str:
 
 
 @contextlib.contextmanager
-def max_blur_shape(layout: str, shape: tuple[int, int, int]):
-    """Within it, the Triton max-blur kernels take ``shape`` for ``layout`` (an entry of triton.MAX_BLUR_SHAPE)."""
-    from ..blurpool import triton as kernels
-
-    saved = dict(kernels.MAX_BLUR_SHAPE)
-    kernels.MAX_BLUR_SHAPE[layout == "NHWC"] = shape
+def _entry(table: dict, layout: str, value):
+    saved = dict(table)
+    table[layout == "NHWC"] = value
     try:
         yield
     finally:
-        kernels.MAX_BLUR_SHAPE.update(saved)
+        table.update(saved)
 
 
-def with_max_blur_shape(fn, layout: str, shape: tuple[int, int, int]):
-    """``fn`` (an ``ours`` step) under :func:`max_blur_shape`; its ``setting`` makes ``harness.step_for`` hold the
-    shape over the backward too (and while a CUDA graph captures the step)."""
+def max_blur_shape(layout: str, shape: tuple[int, int, int]):
+    """A context in which the Triton max-blur kernels take ``shape`` for ``layout`` (triton.MAX_BLUR_SHAPE)."""
+    from ..blurpool import triton as kernels
+
+    return _entry(kernels.MAX_BLUR_SHAPE, layout, shape)
+
+
+def blur_prefetch(layout: str, prefetch: int):
+    """A context in which the Triton blur kernels load ``prefetch`` rows ahead for ``layout`` (triton.BLUR_PREFETCH)."""
+    from ..blurpool import triton as kernels
+
+    return _entry(kernels.BLUR_PREFETCH, layout, prefetch)
+
+
+# A tuned setting, (kind, value), as the context that applies it for a layout.
+SETTINGS = {"maxblur": max_blur_shape, "blur": blur_prefetch}
+
+
+def with_setting(fn, layout: str, setting: tuple):
+    """``fn`` (an ``ours`` step) under the ``SETTINGS`` context of ``setting``; its ``setting`` attribute makes
+    ``harness.step_for`` hold it over the backward too (and while a CUDA graph captures the step)."""
+    kind, value = setting
+
+    def context():
+        return SETTINGS[kind](layout, value)
 
     def run(x):
-        with max_blur_shape(layout, shape):
+        with context():
             return fn(x)
 
     run.backend = fn.backend
-    run.setting = lambda: max_blur_shape(layout, shape)
+    run.setting = context
     return run
 
 
-def tune_max_blur(device, batch, dtypes, layouts, case=RESNET50_CASES[0], reps=20, graphs=True) -> list[Row]:
-    """The max-blur ``case`` (default: the ResNet-50 stem) on the Triton backend once per ``MAX_BLUR_TUNE`` shape
-    of its layout, and the PyTorch recipe, forward and forward+backward, from one run."""
+def _tune_case(device, batch, dtypes, layouts, case, named_settings, reps, graphs) -> list[Row]:
+    """``case`` on the Triton backend once per (name, setting) of ``named_settings(layout)``, and the recipe."""
     name, channels, size, kind, filt_size, pads = case
     rows: list[Row] = []
     for dtype in dtypes:
         for layout in layouts:
             impls = {
-                tune_name(shape): with_max_blur_shape(ours(kind, filt_size, pads, "triton"), layout, shape)
-                for shape in MAX_BLUR_TUNE[layout]
+                impl: with_setting(ours(kind, filt_size, pads, "triton"), layout, setting)
+                for impl, setting in named_settings(layout)
             }
             impls["pytorch"] = recipe(kind, filt_size, pads)
             rows += _time_case(
@@ -206,25 +228,48 @@ def tune_max_blur(device, batch, dtypes, layouts, case=RESNET50_CASES[0], reps=2
     return rows
 
 
-def triton_warm_jobs(dtypes, layouts, cases=RESNET50_CASES, tune=False) -> list[tuple]:
-    """Every Triton step a table times, as ``(case, dtype name, layout, max-blur shape or None)``: all ``cases``,
-    or (``tune``) the first case once per ``MAX_BLUR_TUNE`` shape of each layout."""
+def tune_max_blur(device, batch, dtypes, layouts, case=RESNET50_CASES[0], reps=20, graphs=True) -> list[Row]:
+    """The max-blur ``case`` (default: the ResNet-50 stem) on the Triton backend once per ``MAX_BLUR_TUNE`` shape
+    of its layout, and the PyTorch recipe, forward and forward+backward, from one run."""
+    return _tune_case(device, batch, dtypes, layouts, case, _max_blur_settings, reps, graphs)
+
+
+def tune_blur(device, batch, dtypes, layouts, cases, reps=20, graphs=True) -> list[Row]:
+    """Each blur case on the Triton backend once per ``BLUR_TUNE`` prefetch, and its recipe, forward and
+    forward+backward, from one run."""
+    return [
+        row for case in cases for row in _tune_case(device, batch, dtypes, layouts, case, _blur_settings, reps, graphs)
+    ]
+
+
+def _max_blur_settings(layout: str) -> list[tuple[str, tuple]]:
+    return [(tune_name(shape), ("maxblur", shape)) for shape in MAX_BLUR_TUNE[layout]]
+
+
+def _blur_settings(layout: str) -> list[tuple[str, tuple]]:
+    return [(f"ktk-triton P{p}", ("blur", p)) for p in BLUR_TUNE]
+
+
+def triton_warm_jobs(dtypes, layouts, cases=RESNET50_CASES, tune=None) -> list[tuple]:
+    """Every Triton step a table times, as ``(case, dtype name, layout, setting or None)``: all ``cases``; with
+    ``tune="max-blur"``, the first case once per ``MAX_BLUR_TUNE`` shape; with ``tune="blur"``, every case once
+    per ``BLUR_TUNE`` prefetch."""
+    settings = {None: lambda layout: [(None, None)], "max-blur": _max_blur_settings, "blur": _blur_settings}[tune]
     jobs = []
-    for case in cases[:1] if tune else cases:
+    for case in cases[:1] if tune == "max-blur" else cases:
         for dtype in dtypes:
             for layout in layouts:
-                shapes = MAX_BLUR_TUNE[layout] if tune else [None]
-                jobs += [(case, str(dtype).replace("torch.", ""), layout, shape) for shape in shapes]
+                jobs += [(case, str(dtype).replace("torch.", ""), layout, s) for _, s in settings(layout)]
     return jobs
 
 
-def _warm_job(device: str, batch: int, case: tuple, dtype_name: str, layout: str, shape) -> None:
+def _warm_job(device: str, batch: int, case: tuple, dtype_name: str, layout: str, setting) -> None:
     """One Triton step at the table's shape, its forward and its backward launched once each: Triton compiles
     their kernels into the on-disk cache (``~/.triton/cache``), where the timing process finds them."""
     _, channels, size, kind, filt_size, pads = case
     fn = ours(kind, filt_size, pads, "triton")
-    if shape is not None:
-        fn = with_max_blur_shape(fn, layout, shape)
+    if setting is not None:
+        fn = with_setting(fn, layout, setting)
     fmt, dtype, out = (
         torch.channels_last if layout == "NHWC" else torch.contiguous_format,
         getattr(torch, dtype_name),

@@ -256,13 +256,43 @@ def _store_output_row(out_row, ok, lines, rw_ptr, i, HO, FIRST: tl.constexpr, DH
 
 
 @triton.jit
-def _window_line(
+def _load_window_row(
     row,
     row_ok,
     wb,
-    col_weights,
     SXW: tl.constexpr,
     W: tl.constexpr,
+    S: tl.constexpr,
+    OFFSET: tl.constexpr,
+    D: tl.constexpr,
+    PLANAR: tl.constexpr,
+    BW: tl.constexpr,
+):
+    """The loads ``_window_line`` combines for the BW outputs of column block wb, a flat tuple of NL tensors.
+
+    PLANAR rows (unit W stride, S in 1, 2, 4) are loaded as whole S-element groups, BW*S contiguous elements
+    per group offset q in [OFFSET // S, (OFFSET + D - 1) // S], to be split into phases in registers. Other rows
+    load each tap's column (a vector along C in channels_last), D of them.
+    """
+    loads = ()
+    if PLANAR:
+        lane = tl.arange(0, BW * S)[None, None, :]
+        for q in tl.static_range(OFFSET // S, (OFFSET + D - 1) // S + 1):
+            cols = (wb * BW + q) * S + lane
+            loads = loads + (tl.load(row + cols, mask=row_ok & (cols >= 0) & (cols < W), other=0.0),)
+    else:
+        j = wb * BW + tl.arange(0, BW)[None, None, :]
+        for d in tl.static_range(D):
+            col = S * j + (OFFSET + d)
+            loads = loads + (tl.load(row + col * SXW, mask=row_ok & (col >= 0) & (col < W), other=0.0),)
+    return loads
+
+
+@triton.jit
+def _window_line(
+    loaded,
+    FIRST: tl.constexpr,
+    col_weights,
     S: tl.constexpr,
     OFFSET: tl.constexpr,
     D: tl.constexpr,
@@ -272,32 +302,26 @@ def _window_line(
     BC: tl.constexpr,
     BW: tl.constexpr,
 ):
-    """sum_d cw[d, j] * row[S*j + OFFSET + d] for the BW outputs j of column block wb: shape (BC, 1, BW).
+    """sum_d cw[d, j] * row[S*j + OFFSET + d] for the BW outputs j of a column block: shape (BC, 1, BW), from the
+    row's ``_load_window_row`` tensors at loaded[FIRST:].
 
-    PLANAR rows (unit W stride, S in 1, 2, 4) are loaded as whole S-element groups, BW*S contiguous elements
-    per group offset, and split into phases in registers; column S*j + OFFSET + d is phase (OFFSET + d) % S of
-    group j + (OFFSET + d) // S. Other rows load each tap's column (a vector along C in channels_last).
-    COL_HOLES: the taps (bit mask, ``geometry.window_holes``) with a zero weight at some in-range position (odd
-    sizes), whose inf must not become 0 * inf.
+    Planar: column S*j + OFFSET + d is phase (OFFSET + d) % S of group j + (OFFSET + d) // S. COL_HOLES: the taps
+    (bit mask, ``geometry.window_holes``) with a zero weight at some in-range position (odd sizes), whose inf
+    must not become 0 * inf.
     """
     line = tl.zeros((BC, 1, BW), ACC)
     if PLANAR:
-        lane = tl.arange(0, BW * S)[None, None, :]
         phases = ()
-        for q in tl.static_range(OFFSET // S, (OFFSET + D - 1) // S + 1):
-            cols = (wb * BW + q) * S + lane
-            group = tl.load(row + cols, mask=row_ok & (cols >= 0) & (cols < W), other=0.0)
-            phases = phases + _phases(group.to(ACC), S, BC, 1, BW)
+        for q in tl.static_range((OFFSET + D - 1) // S - OFFSET // S + 1):
+            phases = phases + _phases(loaded[FIRST + q].to(ACC), S, BC, 1, BW)
         for d in tl.static_range(D):
             value = phases[OFFSET + d - OFFSET // S * S]
             if (COL_HOLES >> d) & 1:
                 value = tl.where(col_weights[d] != 0.0, value, 0.0)
             line += col_weights[d] * value
     else:
-        j = wb * BW + tl.arange(0, BW)[None, None, :]
         for d in tl.static_range(D):
-            col = S * j + (OFFSET + d)
-            value = tl.load(row + col * SXW, mask=row_ok & (col >= 0) & (col < W), other=0.0).to(ACC)
+            value = loaded[FIRST + d].to(ACC)
             if (COL_HOLES >> d) & 1:
                 value = tl.where(col_weights[d] != 0.0, value, 0.0)
             line += col_weights[d] * value
@@ -332,6 +356,8 @@ def _rolling_blur_kernel(
     ROW_HOLES: tl.constexpr,
     COL_HOLES: tl.constexpr,
     PLANAR: tl.constexpr,
+    NL: tl.constexpr,
+    PREFETCH: tl.constexpr,
     ACC: tl.constexpr,
     BC: tl.constexpr,
     R: tl.constexpr,
@@ -340,7 +366,8 @@ def _rolling_blur_kernel(
     """out[i, j] = sum_e rw[e, i] sum_d cw[d, j] x[SH*i + OFFSET_H + e, S*j + OFFSET + d] for R rows i per program.
 
     x row SH*i0 + OFFSET_H + t (t = 0 .. SH*(R-1) + DH - 1) is filtered along W once (``_window_line``); output
-    row i0 + r adds lines SH*r .. SH*r + DH - 1 and is stored as soon as its last line is in.
+    row i0 + r adds lines SH*r .. SH*r + DH - 1 and is stored as soon as its last line is in. Row t's NL loads
+    (``_load_window_row``) are issued PREFETCH rows before it is filtered, so that they are in flight together.
     """
     n, c, j, wb, i0, col_weights = _output_tile(C, HO, WO, cw_ptr, D, BC, R, BW)
     c_ok = c < C
@@ -348,15 +375,23 @@ def _rolling_blur_kernel(
     plane = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * SXC
     out_plane = out_ptr + n.to(tl.int64) * son + c.to(tl.int64) * SOC + j * SOW
     lines = ()
-    for t in tl.static_range(SH * (R - 1) + DH):
-        if t % SH < DH:  # some output's window holds this row (not so between windows when DH < SH)
-            xr = SH * i0 + (OFFSET_H + t)
-            row_ok = c_ok & (xr >= 0) & (xr < H)
-            line = _window_line(plane + xr * SXH, row_ok, wb, col_weights, SXW, W, S, OFFSET, D, COL_HOLES,
-                                PLANAR, ACC, BC, BW)  # fmt: skip
-            lines = lines + (line,)
-        else:
-            lines = lines + (tl.zeros((BC, 1, BW), ACC),)
+    loaded = ()  # loaded[t * NL + l]: load l of x row t (placeholders for rows no window holds)
+    for t in tl.static_range(-PREFETCH, SH * (R - 1) + DH):
+        if t + PREFETCH < SH * (R - 1) + DH:
+            if (t + PREFETCH) % SH < DH:  # some output's window holds this row (not so between windows if DH < SH)
+                xr = SH * i0 + (OFFSET_H + t + PREFETCH)
+                row_ok = c_ok & (xr >= 0) & (xr < H)
+                loaded = loaded + _load_window_row(plane + xr * SXH, row_ok, wb, SXW, W, S, OFFSET, D, PLANAR, BW)
+            else:
+                for _ in tl.static_range(NL):
+                    loaded = loaded + (0,)
+        if t >= 0:
+            if t % SH < DH:
+                lines = lines + (
+                    _window_line(loaded, t * NL, col_weights, S, OFFSET, D, COL_HOLES, PLANAR, ACC, BC, BW),
+                )
+            else:
+                lines = lines + (tl.zeros((BC, 1, BW), ACC),)
         for r in tl.static_range(R):
             if SH * r + DH - 1 == t:  # output row i0 + r is complete
                 _store_output_row(out_plane + (i0 + r) * SOH, c_ok & j_ok, lines, rw_ptr, i0 + r, HO, SH * r, DH,
@@ -391,6 +426,7 @@ def _rolling_blur_adjoint_kernel(
     ROW_HOLES: tl.constexpr,
     COL_HOLES: tl.constexpr,
     PLANAR: tl.constexpr,
+    PREFETCH: tl.constexpr,
     ACC: tl.constexpr,
     BC: tl.constexpr,
     P: tl.constexpr,
@@ -403,7 +439,7 @@ def _rolling_blur_adjoint_kernel(
     program; each is loaded once per column offset q, combined along W into the S phases of gx row p, and
     added into every row it reaches; row t is stored after the last gradient row that reaches it,
     k = (t - OFFSET_H) // SH. Planar rows interleave the phases into one contiguous store. Every gx element
-    has one writer: deterministic.
+    has one writer: deterministic. Gradient row m + k is loaded PREFETCH rows before it is combined.
     """
     n, cb, hb, ub = _tile_blocks(C, H, tl.cdiv(W, S), BC, P, BW)
     c = cb * BC + tl.arange(0, BC)[:, None, None]
@@ -421,54 +457,60 @@ def _rolling_blur_adjoint_kernel(
     # parts[(k - K0) * S + r]: gradient row m + k along W, phase r, from K0 = (1 - DH - OFFSET_H) // SH (the
     # first row reaching row 0, or the one row 0 is stored after when DH < SH leaves it unreached).
     parts = ()
-    for k in tl.static_range((1 - DH - OFFSET_H) // SH, (P - 1 - OFFSET_H) // SH + 1):
-        i = m + k
-        g_row = g_plane + i * SGH
-        row_ok = c_ok & (i >= 0) & (i < HO)
-        lines = ()
-        for q in tl.static_range(OFFSET // S, (OFFSET + D - 1) // S + 1):
-            col = u - q
-            lines = lines + (tl.load(g_row + col * SGW, mask=row_ok & (col >= 0) & (col < WO), other=0.0).to(ACC),)
-        for r in tl.static_range(S):
-            part = tl.zeros((BC, 1, BW), ACC)
+    glines = ()  # glines[(k - K0) * NQ + q - OFFSET // S]: gradient row m + k at columns u - q (NQ offsets q)
+    for k in tl.static_range((1 - DH - OFFSET_H) // SH - PREFETCH, (P - 1 - OFFSET_H) // SH + 1):
+        if k + PREFETCH <= (P - 1 - OFFSET_H) // SH:
+            i = m + (k + PREFETCH)
+            row_ok = c_ok & (i >= 0) & (i < HO)
             for q in tl.static_range(OFFSET // S, (OFFSET + D - 1) // S + 1):
-                if S * q + r - OFFSET >= 0:
-                    if S * q + r - OFFSET < D:
-                        w = cws[(q - OFFSET // S) * S + r]
-                        value = lines[q - OFFSET // S]
-                        if (COL_HOLES >> (S * q + r - OFFSET)) & 1:
-                            value = tl.where(w != 0.0, value, 0.0)
-                        part += w * value
-            parts = parts + (part,)
-        for t in tl.static_range(SH * k + OFFSET_H, SH * k + OFFSET_H + SH):
-            if t >= 0:
-                if t < P:  # gx row m*SH + t is complete: sum its gradient rows m + k2, k2 <= k
-                    acc = ()
-                    for _ in tl.static_range(S):
-                        acc = acc + (tl.zeros((BC, 1, BW), ACC),)
-                    for k2 in tl.static_range((1 - DH - OFFSET_H) // SH, k + 1):
-                        if t - SH * k2 - OFFSET_H < DH:
-                            i2 = m + k2
-                            rw = tl.load(rw_ptr + (t - SH * k2 - OFFSET_H) * HO + i2, mask=(i2 >= 0) & (i2 < HO),
-                                         other=0.0)  # fmt: skip
-                            summed = ()
+                col = u - q
+                ok = row_ok & (col >= 0) & (col < WO)
+                glines = glines + (tl.load(g_plane + i * SGH + col * SGW, mask=ok, other=0.0).to(ACC),)
+        if k >= (1 - DH - OFFSET_H) // SH:
+            for r in tl.static_range(S):
+                part = tl.zeros((BC, 1, BW), ACC)
+                for q in tl.static_range(OFFSET // S, (OFFSET + D - 1) // S + 1):
+                    if S * q + r - OFFSET >= 0:
+                        if S * q + r - OFFSET < D:
+                            w = cws[(q - OFFSET // S) * S + r]
+                            value = glines[
+                                (k - (1 - DH - OFFSET_H) // SH) * ((OFFSET + D - 1) // S - OFFSET // S + 1)
+                                + q
+                                - OFFSET // S
+                            ]
+                            if (COL_HOLES >> (S * q + r - OFFSET)) & 1:
+                                value = tl.where(w != 0.0, value, 0.0)
+                            part += w * value
+                parts = parts + (part,)
+            for t in tl.static_range(SH * k + OFFSET_H, SH * k + OFFSET_H + SH):
+                if t >= 0:
+                    if t < P:  # gx row m*SH + t is complete: sum its gradient rows m + k2, k2 <= k
+                        acc = ()
+                        for _ in tl.static_range(S):
+                            acc = acc + (tl.zeros((BC, 1, BW), ACC),)
+                        for k2 in tl.static_range((1 - DH - OFFSET_H) // SH, k + 1):
+                            if t - SH * k2 - OFFSET_H < DH:
+                                i2 = m + k2
+                                rw = tl.load(rw_ptr + (t - SH * k2 - OFFSET_H) * HO + i2, mask=(i2 >= 0) & (i2 < HO),
+                                             other=0.0)  # fmt: skip
+                                summed = ()
+                                for r in tl.static_range(S):
+                                    part = parts[(k2 - (1 - DH - OFFSET_H) // SH) * S + r]
+                                    if (ROW_HOLES >> (t - SH * k2 - OFFSET_H)) & 1:
+                                        part = tl.where(rw != 0.0, part, 0.0)
+                                    summed = summed + (acc[r] + rw * part,)
+                                acc = summed
+                        p = SH * m + t
+                        p_ok = c_ok & (p < H)
+                        if PLANAR:
+                            cols = ub * BW * S + tl.arange(0, BW * S)[None, None, :]
+                            gx = _interleave(acc, S, BC, 1, BW)
+                            tl.store(gx_plane + p * SXH + cols, gx.to(gx_ptr.dtype.element_ty), mask=p_ok & (cols < W))
+                        else:
                             for r in tl.static_range(S):
-                                part = parts[(k2 - (1 - DH - OFFSET_H) // SH) * S + r]
-                                if (ROW_HOLES >> (t - SH * k2 - OFFSET_H)) & 1:
-                                    part = tl.where(rw != 0.0, part, 0.0)
-                                summed = summed + (acc[r] + rw * part,)
-                            acc = summed
-                    p = SH * m + t
-                    p_ok = c_ok & (p < H)
-                    if PLANAR:
-                        cols = ub * BW * S + tl.arange(0, BW * S)[None, None, :]
-                        gx = _interleave(acc, S, BC, 1, BW)
-                        tl.store(gx_plane + p * SXH + cols, gx.to(gx_ptr.dtype.element_ty), mask=p_ok & (cols < W))
-                    else:
-                        for r in tl.static_range(S):
-                            cols = S * u + r
-                            tl.store(gx_plane + p * SXH + cols * SXW, acc[r].to(gx_ptr.dtype.element_ty),
-                                     mask=p_ok & (cols < W))  # fmt: skip
+                                cols = S * u + r
+                                tl.store(gx_plane + p * SXH + cols * SXW, acc[r].to(gx_ptr.dtype.element_ty),
+                                         mask=p_ok & (cols < W))  # fmt: skip
 
 
 @triton.jit
@@ -1099,6 +1141,10 @@ MAX_WINDOW = 2 * MAX_FILT_SIZE
 # Output rows per program of the rolling kernels: a program loads SH*(R-1) + DH rows for R outputs, so the
 # window overlap costs (DH - SH) / R extra rows per output; 8 keeps that small with enough programs to spread.
 ROWS_PER_PROGRAM = 8
+# x (gradient) rows the rolling blur kernels load ahead of the arithmetic that uses them, by channels_inner. The
+# H100 times fit waves x rows per program x ~0.8 us, as if each program waited out every row's load latency in
+# turn (benchmarks/NOTES.md, "third H100 run"); 0 is what it measured, `bench blurpool --tune-blur` times more.
+BLUR_PREFETCH = {False: 0, True: 0}
 
 
 def _planar(x: torch.Tensor, out: torch.Tensor, axes: tuple[Axis, Axis]) -> bool:
@@ -1151,8 +1197,8 @@ def _rolling_constexprs(src: torch.Tensor, dst: torch.Tensor, axes: tuple[Axis, 
     bc, _, bw, warps = _tile(c, 1, columns, _channels_inner(x), per_thread)
     return dict(W=w, WO=col_axis.out_size, SH=row_axis.stride, OFFSET_H=offset_h, DH=rows.shape[0],
                 S=col_axis.stride, OFFSET=offset, D=cols.shape[0], ROW_HOLES=window_holes(row_axis),
-                COL_HOLES=window_holes(col_axis), PLANAR=planar, ACC=_acc_dtype(x), BC=bc, BW=bw,
-                num_warps=warps)  # fmt: skip
+                COL_HOLES=window_holes(col_axis), PLANAR=planar, PREFETCH=BLUR_PREFETCH[_channels_inner(x)],
+                ACC=_acc_dtype(x), BC=bc, BW=bw, num_warps=warps)  # fmt: skip
 
 
 def _rolling_forward(x: torch.Tensor, axes: tuple[Axis, Axis], out: torch.Tensor) -> None:
@@ -1160,6 +1206,9 @@ def _rolling_forward(x: torch.Tensor, axes: tuple[Axis, Axis], out: torch.Tensor
     ho, wo = out.shape[2:]
     rows = _rows_per_program(ho)
     options = _rolling_constexprs(x, out, axes, adjoint=False)
+    # _load_window_row's tensors per x row: planar, one per group offset q; otherwise one per tap
+    groups = (options["OFFSET"] + options["D"] - 1) // options["S"] - options["OFFSET"] // options["S"] + 1
+    loads_per_row = groups if options["PLANAR"] else options["D"]
     _rolling_blur_kernel[_grid(n, c, ho, wo, options["BC"], rows, options["BW"])](
         x,
         out,
@@ -1173,6 +1222,7 @@ def _rolling_forward(x: torch.Tensor, axes: tuple[Axis, Axis], out: torch.Tensor
         *x.stride()[1:],
         *out.stride()[1:],
         R=rows,
+        NL=loads_per_row,
         **options,
     )
 
