@@ -91,7 +91,7 @@ def blurpool_main(argv: list[str]) -> None:
     parser.add_argument(
         "--tune-max-blur",
         action="store_true",
-        help="only the max-blur stem on Triton, once per per-thread shape of its forward (blurpool.MAX_BLUR_TUNE)",
+        help="only the max-blur stem on Triton, once per per-thread shape of its kernels (blurpool.MAX_BLUR_TUNE)",
     )
     parser.add_argument(
         "--tune-blur",
