@@ -631,78 +631,79 @@ def _rolling_max_blur_kernel(
     for e in tl.static_range(NM + KMAX - 1):
         col_ok = col_ok + ((S * T * g + (OFFSET - PMAX + e) >= 0) & (S * T * g + (OFFSET - PMAX + e) < W),)
     loaded = ()  # loaded[u * (NM + KMAX - 1) + e]: x row u of the program at column e of the thread's span
-    for u in tl.static_range(SH * (R - 1) + DH + KMAX - 1):
-        # x rows up to u + PREFETCH (those that exist) are loaded before row u is reduced
-        if u == 0:
-            for v in tl.static_range(PREFETCH):
-                loaded = loaded + _load_x_row(plane, SH * i0 + (OFFSET_H - PMAX + v), c_ok, col_ok, g, H, SXH, SXW,
-                                              S, T, OFFSET - PMAX, NM + KMAX - 1, ACC)  # fmt: skip
+    # Step u loads x row u + PREFETCH (if it exists), then reduces row u: loads run PREFETCH rows ahead.
+    for u in tl.static_range(-PREFETCH, SH * (R - 1) + DH + KMAX - 1):
         if u + PREFETCH < SH * (R - 1) + DH + KMAX - 1:
             loaded = loaded + _load_x_row(plane, SH * i0 + (OFFSET_H - PMAX + u + PREFETCH), c_ok, col_ok, g, H, SXH,
                                           SXW, S, T, OFFSET - PMAX, NM + KMAX - 1, ACC)  # fmt: skip
-        xr = SH * i0 + (OFFSET_H - PMAX + u)
-        row_ok = c_ok & (xr >= 0) & (xr < H)
-        for mm in tl.static_range(NM):
-            m = loaded[u * (NM + KMAX - 1) + mm]
-            best, arg = _scan_step(m, m, m, 0, row_ok & col_ok[mm], True, PMAX > 0)
-            for b in tl.static_range(1, KMAX):
-                value = loaded[u * (NM + KMAX - 1) + mm + b]
-                m = tl.maximum(m, value, propagate_nan=tl.PropagateNan.ALL)
-                best, arg = _scan_step(best, arg, value, b, row_ok & col_ok[mm + b], False, PMAX > 0)
-            row_max = row_max + (m,)
-            row_arg = row_arg + (arg,)
-        if u >= KMAX - 1:  # max-map row tr = u - (KMAX - 1) is complete (tr inlined: a local is no constexpr)
-            maps = ()
+        if u >= 0:
+            xr = SH * i0 + (OFFSET_H - PMAX + u)
+            row_ok = c_ok & (xr >= 0) & (xr < H)
             for mm in tl.static_range(NM):
-                m = row_max[(u - (KMAX - 1)) * NM + mm]
-                for a in tl.static_range(1, KMAX):
-                    m = tl.maximum(m, row_max[(u - (KMAX - 1) + a) * NM + mm], propagate_nan=tl.PropagateNan.ALL)
-                maps = maps + (m,)
-            for t in tl.static_range(T):
-                line = tl.zeros((BC, 1, BG), ACC)
-                for d in tl.static_range(D):
-                    m = maps[S * t + d]
-                    if (COL_ZEROS >> d) & 1:  # the map is -inf outside: zero weights select
-                        m = tl.where(cws[t * D + d] != 0.0, m, 0.0)
-                    line += cws[t * D + d] * m
-                lines = lines + (line,)
-            # Output j owns max-map columns S*j + p, p < S; the last output also owns the columns past those
-            # (geometry.codes_per_owner): only the last column block forms their codes.
-            mr = SH * i0 + (OFFSET_H + u - (KMAX - 1))
-            owned = c_ok & (mr >= SH * i0) & ((mr < SH * (i0 + R)) | (i0 + R >= HO)) & (mr < HM)
-            k_row = k_plane + mr * SKH
-            for t in tl.static_range(T):
-                for p in tl.static_range(S):
-                    code = _map_code(row_max, row_arg, (u - (KMAX - 1)) * NM + S * t + p - OFFSET, NM, KMAX, PMAX > 0)
-                    mc = S * (T * g + t) + p
-                    tl.store(k_row + mc * SKW, code.to(tl.uint8), mask=owned & (T * g + t < WO) & (mc < WM))
-            if S - OFFSET < D:
-                if last_block:
-                    for t in tl.static_range(T):
-                        for d in tl.static_range(S - OFFSET, D):
-                            code = _map_code(row_max, row_arg, (u - (KMAX - 1)) * NM + S * t + d, NM, KMAX, PMAX > 0)
-                            mc = S * (T * g + t) + OFFSET + d
-                            tl.store(k_row + mc * SKW, code.to(tl.uint8),
-                                     mask=owned & (T * g + t == WO - 1) & (mc < WM))  # fmt: skip
-        for r in tl.static_range(R):
-            if SH * r + DH - 1 + KMAX - 1 == u:  # output row i0 + r is complete (lines are -inf off the map)
-                i = i0 + r
-                accs = ()
-                for _ in tl.static_range(T):
-                    accs = accs + (tl.zeros((BC, 1, BG), ACC),)
-                for e in tl.static_range(DH):
-                    rw = tl.load(rw_ptr + e * HO + i, mask=i < HO, other=0.0)
-                    summed = ()
-                    for t in tl.static_range(T):
-                        line = lines[(SH * r + e) * T + t]
-                        if (ROW_ZEROS >> e) & 1:
-                            line = tl.where(rw != 0.0, line, 0.0)
-                        summed = summed + (accs[t] + rw * line,)
-                    accs = summed
+                m = loaded[u * (NM + KMAX - 1) + mm]
+                best, arg = _scan_step(m, m, m, 0, row_ok & col_ok[mm], True, PMAX > 0)
+                for b in tl.static_range(1, KMAX):
+                    value = loaded[u * (NM + KMAX - 1) + mm + b]
+                    m = tl.maximum(m, value, propagate_nan=tl.PropagateNan.ALL)
+                    best, arg = _scan_step(best, arg, value, b, row_ok & col_ok[mm + b], False, PMAX > 0)
+                row_max = row_max + (m,)
+                row_arg = row_arg + (arg,)
+            if u >= KMAX - 1:  # max-map row tr = u - (KMAX - 1) is complete (tr inlined: a local is no constexpr)
+                maps = ()
+                for mm in tl.static_range(NM):
+                    m = row_max[(u - (KMAX - 1)) * NM + mm]
+                    for a in tl.static_range(1, KMAX):
+                        m = tl.maximum(m, row_max[(u - (KMAX - 1) + a) * NM + mm], propagate_nan=tl.PropagateNan.ALL)
+                    maps = maps + (m,)
                 for t in tl.static_range(T):
-                    j = T * g + t
-                    tl.store(out_plane + i * SOH + j * SOW, accs[t].to(out_ptr.dtype.element_ty),
-                             mask=c_ok & (i < HO) & (j < WO))  # fmt: skip
+                    line = tl.zeros((BC, 1, BG), ACC)
+                    for d in tl.static_range(D):
+                        m = maps[S * t + d]
+                        if (COL_ZEROS >> d) & 1:  # the map is -inf outside: zero weights select
+                            m = tl.where(cws[t * D + d] != 0.0, m, 0.0)
+                        line += cws[t * D + d] * m
+                    lines = lines + (line,)
+                # Output j owns max-map columns S*j + p, p < S; the last output also owns the columns past those
+                # (geometry.codes_per_owner): only the last column block forms their codes.
+                mr = SH * i0 + (OFFSET_H + u - (KMAX - 1))
+                owned = c_ok & (mr >= SH * i0) & ((mr < SH * (i0 + R)) | (i0 + R >= HO)) & (mr < HM)
+                k_row = k_plane + mr * SKH
+                for t in tl.static_range(T):
+                    for p in tl.static_range(S):
+                        code = _map_code(
+                            row_max, row_arg, (u - (KMAX - 1)) * NM + S * t + p - OFFSET, NM, KMAX, PMAX > 0
+                        )
+                        mc = S * (T * g + t) + p
+                        tl.store(k_row + mc * SKW, code.to(tl.uint8), mask=owned & (T * g + t < WO) & (mc < WM))
+                if S - OFFSET < D:
+                    if last_block:
+                        for t in tl.static_range(T):
+                            for d in tl.static_range(S - OFFSET, D):
+                                code = _map_code(
+                                    row_max, row_arg, (u - (KMAX - 1)) * NM + S * t + d, NM, KMAX, PMAX > 0
+                                )
+                                mc = S * (T * g + t) + OFFSET + d
+                                tl.store(k_row + mc * SKW, code.to(tl.uint8),
+                                         mask=owned & (T * g + t == WO - 1) & (mc < WM))  # fmt: skip
+            for r in tl.static_range(R):
+                if SH * r + DH - 1 + KMAX - 1 == u:  # output row i0 + r is complete (lines are -inf off the map)
+                    i = i0 + r
+                    accs = ()
+                    for _ in tl.static_range(T):
+                        accs = accs + (tl.zeros((BC, 1, BG), ACC),)
+                    for e in tl.static_range(DH):
+                        rw = tl.load(rw_ptr + e * HO + i, mask=i < HO, other=0.0)
+                        summed = ()
+                        for t in tl.static_range(T):
+                            line = lines[(SH * r + e) * T + t]
+                            if (ROW_ZEROS >> e) & 1:
+                                line = tl.where(rw != 0.0, line, 0.0)
+                            summed = summed + (accs[t] + rw * line,)
+                        accs = summed
+                    for t in tl.static_range(T):
+                        j = T * g + t
+                        tl.store(out_plane + i * SOH + j * SOW, accs[t].to(out_ptr.dtype.element_ty),
+                                 mask=c_ok & (i < HO) & (j < WO))  # fmt: skip
 
 
 @triton.jit
