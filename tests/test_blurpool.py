@@ -453,57 +453,62 @@ def _spy_kernel_options(monkeypatch, name: str) -> list[dict]:
     return launches
 
 
-# (max_kernel, max_padding, filt_size, stride, mode, adobe pads or none)
+# (max_kernel, max_padding, filt_size, stride, mode, adobe pads or none, half of MAX_BLUR_TUNE's shapes). Each
+# shape runs on one padded and one unpadded geometry, one with max_kernel 2 and one with 3; the odd half holds
+# every PREFETCH value (the interpreter takes ~4 s per shape, so not every shape on every geometry).
 THREAD_SHAPE_CASES = [
-    (2, 0, 4, 2, "reflect", True),
-    (3, 1, 4, 2, "reflect", True),
-    (2, 0, 5, 3, "replicate", False),
-    (3, 0, 2, 1, "zero", False),
+    (2, 0, 4, 2, "reflect", True, 1),
+    (3, 1, 4, 2, "reflect", True, 0),
+    (2, 0, 5, 3, "replicate", False, 0),
+    (3, 0, 2, 1, "zero", False, 1),
 ]
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the per-thread shapes of the Triton forward, under the interpreter")
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-@pytest.mark.parametrize("kmax,pmax,filt_size,stride,mode,padded", THREAD_SHAPE_CASES)
-def test_max_blur_forward_thread_shapes(layout, kmax, pmax, filt_size, stride, mode, padded, monkeypatch):
+@pytest.mark.parametrize("kmax,pmax,filt_size,stride,mode,padded,half", THREAD_SHAPE_CASES)
+def test_max_blur_forward_thread_shapes(layout, kmax, pmax, filt_size, stride, mode, padded, half, monkeypatch):
     """Every per-thread shape that ``bench blurpool --tune-max-blur`` may pick for the Triton kernels (T outputs
     of a row, channels, rows loaded ahead: forward and backward) gives the reference's values, codes and
     gradient, with ties, NaN and poisoned outputs: 13 output columns leave the last thread's group partly empty
     for every T, without pads the last output owns a remainder of codes, and 37 rows take several row blocks (a
-    first x row inside the image)."""
+    first x row inside the image). Each geometry runs one half of the shapes (``THREAD_SHAPE_CASES``)."""
     from ktkernels.bench.blurpool import MAX_BLUR_TUNE, max_blur_shape
 
     pads = list(geometry.adobe_pads(filt_size)) * 2 if padded else [0, 0, 0, 0]
     forward = _spy_kernel_options(monkeypatch, "_rolling_max_blur_kernel")
     backward = _spy_kernel_options(monkeypatch, "_rolling_max_blur_backward_kernel")
     poison_outputs(monkeypatch)
-    for size in ((1, 3, 37, 27),):
-        rng = torch.Generator().manual_seed(sum(size) + kmax)
-        x = torch.randint(-2, 3, size, generator=rng).double()
-        x[0, 1, 4, 5] = x[0, 0, 8, 3] = float("nan")
-        x = x.contiguous(memory_format=torch.channels_last if layout == "NHWC" else torch.contiguous_format)
-        exp_y, exp_codes = ref.max_blur_pool2d_reference(x, kmax, pmax, filt_size, stride, tuple(pads), mode)
-        grad = torch.randn(exp_y.shape, dtype=torch.float64, generator=rng)
-        x64 = x.clone().requires_grad_()
-        pooled = torch.nn.functional.max_pool2d(x64, kmax, 1, pmax)
-        ref.blur_pool2d_reference(pooled, filt_size, stride, tuple(pads), mode).backward(grad)
-        backward_checked = set()  # the backward takes only the PREFETCH of a shape: once per value (interpreter time)
-        for thread_shape in MAX_BLUR_TUNE[layout]:
-            t, _, prefetch = thread_shape
-            xg = x.clone().requires_grad_(prefetch not in backward_checked)
-            with ktkernels.use_backend("triton"), max_blur_shape(layout, thread_shape):
-                y, codes = op.max_blur_pool2d(xg, kmax, pmax, filt_size, stride, pads, mode)
-                if xg.requires_grad:
-                    y.backward(grad)
-            assert (forward[-1]["T"], forward[-1]["PREFETCH"]) == (t, prefetch)
-            assert torch.equal(codes, exp_codes), f"argmax codes differ at {thread_shape}"
-            assert torch.equal(y.isnan(), exp_y.isnan()), f"NaN pattern differs at {thread_shape}"
-            assert_close(y.nan_to_num(0.0), exp_y.nan_to_num(0.0), torch.float64)
+    size = (1, 3, 37, 27)
+    rng = torch.Generator().manual_seed(sum(size) + kmax)
+    x = torch.randint(-2, 3, size, generator=rng).double()
+    x[0, 1, 4, 5] = x[0, 0, 8, 3] = float("nan")
+    x = x.contiguous(memory_format=torch.channels_last if layout == "NHWC" else torch.contiguous_format)
+    exp_y, exp_codes = ref.max_blur_pool2d_reference(x, kmax, pmax, filt_size, stride, tuple(pads), mode)
+    grad = torch.randn(exp_y.shape, dtype=torch.float64, generator=rng)
+    x64 = x.clone().requires_grad_()
+    pooled = torch.nn.functional.max_pool2d(x64, kmax, 1, pmax)
+    ref.blur_pool2d_reference(pooled, filt_size, stride, tuple(pads), mode).backward(grad)
+    backward_checked = set()  # the backward takes only the PREFETCH of a shape: once per value (interpreter time)
+    shapes = MAX_BLUR_TUNE[layout][half::2]
+    for thread_shape in shapes:
+        t, _, prefetch = thread_shape
+        xg = x.clone().requires_grad_(prefetch not in backward_checked)
+        with ktkernels.use_backend("triton"), max_blur_shape(layout, thread_shape):
+            y, codes = op.max_blur_pool2d(xg, kmax, pmax, filt_size, stride, pads, mode)
             if xg.requires_grad:
-                assert backward[-1]["PREFETCH"] == prefetch
-                assert_close(xg.grad, x64.grad, torch.float64)
-                backward_checked.add(prefetch)
-        assert backward_checked == {p for _, _, p in MAX_BLUR_TUNE[layout]}
+                y.backward(grad)
+        assert (forward[-1]["T"], forward[-1]["PREFETCH"]) == (t, prefetch)
+        assert torch.equal(codes, exp_codes), f"argmax codes differ at {thread_shape}"
+        assert torch.equal(y.isnan(), exp_y.isnan()), f"NaN pattern differs at {thread_shape}"
+        assert_close(y.nan_to_num(0.0), exp_y.nan_to_num(0.0), torch.float64)
+        if xg.requires_grad:
+            assert backward[-1]["PREFETCH"] == prefetch
+            assert_close(xg.grad, x64.grad, torch.float64)
+            backward_checked.add(prefetch)
+    assert backward_checked == {p for _, _, p in shapes}
+    if half == 1:
+        assert backward_checked == {p for _, _, p in MAX_BLUR_TUNE[layout]}, "the odd half must hold every PREFETCH"
 
 
 # (filt_size, stride, mode, adobe pads or none): DH < SH (filt 1-2 at stride 2-3) leaves x rows no window holds
@@ -647,10 +652,13 @@ def test_bench_warm_jobs_launch_every_tuned_shape(monkeypatch):
     assert [(j[2], j[3]) for j in tune_jobs] == expected
     blur_jobs = triton_warm_jobs([torch.float32], ["NHWC"], [blur], tune="blur")
     assert [j[3] for j in blur_jobs] == [("blur", p) for p in BLUR_TUNE]
+    one_job_per_launch = {}  # (T, PREFETCH) -> the first job with it: both layouts share most (interpreter time)
+    for job in tune_jobs:
+        one_job_per_launch.setdefault(job[3][1][::2], job)
     launches = _spy_kernel_options(monkeypatch, "_rolling_max_blur_kernel")
-    warm_triton_cache(torch.device("cpu"), 1, tune_jobs, workers=1)
+    warm_triton_cache(torch.device("cpu"), 1, list(one_job_per_launch.values()), workers=1)
     launched = {(o["T"], o["PREFETCH"]) for o in launches}
-    assert launched == {(t, p) for shapes in MAX_BLUR_TUNE.values() for t, _, p in shapes}
+    assert launched == {(t, p) for shapes in MAX_BLUR_TUNE.values() for t, _, p in shapes} == set(one_job_per_launch)
 
 
 @pytest.mark.parametrize("target", TARGETS)
