@@ -636,6 +636,50 @@ def test_bench_table_from_cut_off_log(tmp_path):
     assert rows[0]["pct_copy"] == pytest.approx(100 * stem / 0.345 / 1e6 / 1000)
 
 
+def test_bench_tune_choice_from_cut_off_log(tmp_path, monkeypatch):
+    """``bench blurpool --from-log --tune-max-blur``: a tune run's rows (names with a space) become the tune table,
+    whose notes name per layout the setting with the least geometric mean of its f+b times over the (case, dtype)
+    groups, among those timed in every group, against the default (numbers checked by hand)."""
+    from ktkernels.bench import blurpool
+    from ktkernels.bench.__main__ import main
+    from ktkernels.blurpool import triton as kernels
+
+    monkeypatch.setattr(kernels, "MAX_BLUR_SHAPE", {False: (2, 1, 0), True: (1, 2, 0)})
+    monkeypatch.setattr(kernels, "BLUR_PREFETCH", {False: 0, True: 0})
+    stem = "maxblur k4 stem (128, 64, 112, 112)"
+    log = tmp_path / "bench_tune.log"
+    log.write_text(
+        f"{stem} bfloat16 NCHW fwd ktk-triton T2xC1: 0.1\n"  # forward rows do not count
+        f"{stem} bfloat16 NCHW f+b ktk-triton T2xC1: 0.6\n"
+        f"{stem} float32 NCHW f+b ktk-triton T2xC1: 0.8\n"
+        f"{stem} bfloat16 NCHW f+b ktk-triton T2xC1P1: 0.4\n"
+        f"{stem} float32 NCHW f+b ktk-triton T2xC1P1: 0.5\n"
+        f"{stem} bfloat16 NCHW f+b ktk-triton T4xC1: 0.3\n"  # the run was cut before its float32 row
+        f"{stem} float32 NCHW f+b pytorch: 9.0\n"
+        f"{stem} bfloat16 NHWC f+b ktk-triton T1xC2: 0.7\n"
+        f"{stem} bfloat16 NHWC f+b ktk-triton T2xC2: RuntimeError: failed: 2\n"
+    )
+    env = ["device=Test GPU", "torch=2.11", "triton=3.6", "commit=abc", "date=today", "timing=graphs"]
+    main(["blurpool", "--from-log", str(log), "--tune-max-blur", "--copy-gbps", "1000", "--out", str(tmp_path)]
+         + [f"--env={e}" for e in env])  # fmt: skip
+    table = (tmp_path / "blurpool_tune_max_blur_test_gpu.md").read_text()
+    assert "| 0.400 |" in table and "ktk-triton T4xC1" in table
+    assert (
+        "- NCHW: ktk-triton T2xC1P1, f+b geometric mean 0.447 ms over 2 (case, dtype) groups (the default "
+        "ktk-triton T2xC1: 0.693 ms, 1.55x; untimed: ['ktk-triton T1xC2', 'ktk-triton T1xC2P1', 'ktk-triton "
+        "T2xC1P2', 'ktk-triton T4xC1']) -> triton.MAX_BLUR_SHAPE[False] = (2, 1, 1)\n" in table
+    ), table
+    assert "- NHWC: ktk-triton T1xC2, f+b geometric mean 0.700 ms over 1 (case, dtype) groups (the default " in table
+    assert "1.00x" in table and "-> triton.MAX_BLUR_SHAPE[True] = (1, 2, 0)" in table
+    blur_rows = blurpool.rows_from_log(
+        "adobe k4 L4 down (128, 1024, 14, 14) bfloat16 NCHW f+b ktk-triton P0: 0.172\n"
+        "adobe k4 L4 down (128, 1024, 14, 14) bfloat16 NCHW f+b ktk-triton P2: 0.1\n"
+    )
+    (choice,) = blurpool.tune_choices(blur_rows, "blur")
+    assert choice.startswith("NCHW: ktk-triton P2, f+b geometric mean 0.100 ms") and "1.72x" in choice, choice
+    assert choice.endswith("-> triton.BLUR_PREFETCH[False] = 2"), choice
+
+
 @pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernels under the interpreter")
 def test_bench_warm_jobs_launch_every_tuned_shape(monkeypatch):
     """``--jit-workers``: the warm-up jobs cover every (case, dtype, layout) of a table, and for the tune table

@@ -65,6 +65,17 @@ def _device_tag(device_name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
 
 
+def _tune_of(args: argparse.Namespace) -> str | None:
+    """The tune table the flags ask for: "max-blur", "blur" or None (the benchmark table)."""
+    return "max-blur" if args.tune_max_blur else "blur" if args.tune_blur else None
+
+
+def _blurpool_stem(tag: str, tune: str | None, eager: bool = False) -> str:
+    """The results' file stem: ``blurpool_<device tag>``, ``blurpool_tune_max_blur_<tag>``, ``..._eager``."""
+    tune_part = [f"tune_{tune.replace('-', '_')}"] if tune else []
+    return "_".join(["blurpool", *tune_part, tag, *(["eager"] if eager else [])])
+
+
 def blurpool_table_from_log(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``--from-log``: JSON, markdown and plot of the rows a cut-off GPU run printed (its environment and copy
     bandwidth given on the command line, since the log does not hold them)."""
@@ -76,7 +87,10 @@ def blurpool_table_from_log(parser: argparse.ArgumentParser, args: argparse.Name
     if not rows:
         parser.error(f"no benchmark rows in {args.from_log}")
     harness.finish(rows, args.copy_gbps)
-    print(harness.write(rows, env, args.copy_gbps, args.out, f"blurpool_{_device_tag(env['device'])}", "pytorch"))
+    tune = _tune_of(args)
+    notes = blurpool.tune_choices(rows, tune) if tune else ()
+    stem = _blurpool_stem(_device_tag(env["device"]), tune)
+    print(harness.write(rows, env, args.copy_gbps, args.out, stem, "pytorch", notes))
 
 
 def blurpool_main(argv: list[str]) -> None:
@@ -117,7 +131,8 @@ def blurpool_main(argv: list[str]) -> None:
         "--from-log",
         type=Path,
         default=None,
-        help="no timing: the table of a run cut off before it wrote one, from the rows its log printed",
+        help="no timing: the table of a run cut off before it wrote one, from the rows its log printed (a tune "
+        "run's log with its --tune-max-blur or --tune-blur flag)",
     )
     parser.add_argument("--copy-gbps", type=float, default=None, help="with --from-log: the copy bandwidth to use")
     parser.add_argument(
@@ -129,6 +144,8 @@ def blurpool_main(argv: list[str]) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    if args.tune_max_blur and args.tune_blur:
+        parser.error("--tune-max-blur and --tune-blur are separate tables: pick one")
     if args.from_log is not None:
         return blurpool_table_from_log(parser, args)
 
@@ -147,9 +164,7 @@ def blurpool_main(argv: list[str]) -> None:
         if unknown:
             parser.error(f"unknown --cases {unknown}; expected names from {[c[0] for c in blurpool.RESNET50_CASES]}")
         cases = [c for c in blurpool.RESNET50_CASES if c[0] in names]
-    if args.tune_max_blur and args.tune_blur:
-        parser.error("--tune-max-blur and --tune-blur are separate tables: pick one")
-    tune = "max-blur" if args.tune_max_blur else "blur" if args.tune_blur else None
+    tune = _tune_of(args)
     if tune:  # each tune table's settings are one kernel family's
         cases = [c for c in cases if c[3] == ("maxblur" if args.tune_max_blur else "blur")]
         cases = cases[:1] if args.tune_max_blur else cases
@@ -181,19 +196,9 @@ def blurpool_main(argv: list[str]) -> None:
     else:
         rows = blurpool.run(device, batch, dtypes, layouts, compile_cases, cases, reps=reps, graphs=graphs)
     harness.finish(rows, copy_gbps)
-    tag = _device_tag(env["device"]) if gpu else "cpu"
-    if tune:
-        tag = f"tune_{tune.replace('-', '_')}_{tag}"
-    print(
-        harness.write(
-            rows,
-            env,
-            copy_gbps,
-            args.out,
-            f"blurpool_{tag}{'_eager' if args.eager and gpu else ''}",
-            baseline="pytorch",
-        )
-    )
+    stem = _blurpool_stem(_device_tag(env["device"]) if gpu else "cpu", tune, args.eager and gpu)
+    notes = blurpool.tune_choices(rows, tune) if tune else ()
+    print(harness.write(rows, env, copy_gbps, args.out, stem, baseline="pytorch", notes=notes))
 
 
 if __name__ == "__main__":

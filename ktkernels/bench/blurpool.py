@@ -8,6 +8,7 @@ Each case has a geometry (adobe k=4, or timm k=3) and is timed against that anch
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing
 import re
 from concurrent.futures import ProcessPoolExecutor
@@ -250,6 +251,58 @@ def _blur_settings(layout: str) -> list[tuple[str, tuple]]:
     return [(f"ktk-triton P{p}", ("blur", p)) for p in BLUR_TUNE]
 
 
+def _current_setting(tune: str, layout: str):
+    """The ``triton`` module's value that the ``tune`` table's settings replace for ``layout``."""
+    from ..blurpool import triton as kernels
+
+    table = kernels.MAX_BLUR_SHAPE if tune == "max-blur" else kernels.BLUR_PREFETCH
+    return table[layout == "NHWC"]
+
+
+TUNED_TABLES = {"max-blur": "triton.MAX_BLUR_SHAPE", "blur": "triton.BLUR_PREFETCH"}
+
+
+def tune_choices(rows: list[Row], tune: str) -> list[str]:
+    """Per layout of a ``tune`` ("max-blur" or "blur") table, the setting with the least geometric mean of its
+    forward+backward times over the table's (case, dtype) groups, against the current default: one line each.
+
+    Only settings timed in every group compete (a cut-off run may lack some); one entry per layout serves every
+    case and dtype, so the mean weighs each group alike.
+    """
+    named = {"max-blur": _max_blur_settings, "blur": _blur_settings}[tune]
+    lines = []
+    for layout in dict.fromkeys(r.layout for r in rows):
+        settings = dict(named(layout))
+        times: dict[str, dict[tuple, float]] = {}
+        for r in rows:
+            if r.layout == layout and r.mode == "f+b" and r.impl in settings and r.ms:
+                times.setdefault(r.impl, {})[(r.case, r.dtype)] = r.ms
+        groups = {group for by_group in times.values() for group in by_group}
+        scores = {
+            impl: math.exp(sum(math.log(ms) for ms in by_group.values()) / len(by_group))
+            for impl, by_group in times.items()
+            if len(by_group) == len(groups)
+        }
+        if not scores:
+            lines.append(f"{layout}: no setting was timed in every (case, dtype) group")
+            continue
+        best = min(scores, key=scores.get)
+        value = settings[best][1]
+        current = _current_setting(tune, layout)
+        default = next((impl for impl, (_, v) in settings.items() if v == current), None)
+        against = (
+            f"the default {default}: {scores[default]:.3f} ms, {scores[default] / scores[best]:.2f}x"
+            if default in scores
+            else f"the default {current!r} was not timed in every group"
+        )
+        lines.append(
+            f"{layout}: {best}, f+b geometric mean {scores[best]:.3f} ms over {len(groups)} (case, dtype) groups "
+            f"({against}; untimed: {sorted(set(settings) - set(scores)) or 'none'}) -> "
+            f"{TUNED_TABLES[tune]}[{layout == 'NHWC'}] = {value!r}"
+        )
+    return lines
+
+
 def triton_warm_jobs(dtypes, layouts, cases=RESNET50_CASES, tune=None) -> list[tuple]:
     """Every Triton step a table times, as ``(case, dtype name, layout, setting or None)``: all ``cases``; with
     ``tune="max-blur"``, the first case once per ``MAX_BLUR_TUNE`` shape; with ``tune="blur"``, every case once
@@ -299,7 +352,7 @@ def warm_triton_cache(device: torch.device, batch: int, jobs: list[tuple], worke
 
 _LOG_LINE = re.compile(
     r"^(?P<case>.+?) \((?P<shape>[\d, ]+)\) (?P<dtype>\w+) (?P<layout>NCHW|NHWC) (?P<mode>fwd|f\+b) "
-    r"(?P<impl>\S+): (?P<ms>[\d.eE+-]+)$"
+    r"(?P<impl>[^:]+?): (?P<ms>[\d.eE+-]+)$"  # tune tables' names hold a space: "ktk-triton T2xC1P1"
 )
 
 

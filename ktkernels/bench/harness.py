@@ -315,8 +315,13 @@ def save(out_dir: Path, stem: str, payload: dict, table: str, plot_fn: Callable[
         pass
 
 
-def write(rows: Sequence[Row], env: dict, copy_gbps: float, out_dir: Path, stem: str, baseline: str) -> str:
+def write(
+    rows: Sequence[Row], env: dict, copy_gbps: float, out_dir: Path, stem: str, baseline: str, notes: Sequence[str] = ()
+) -> str:
+    """Save the rows (JSON, markdown, plot) under ``out_dir``/``stem``; ``notes`` follow the table as a list."""
     table = markdown(rows, env, copy_gbps, baseline)
+    if notes:
+        table += "\n" + "".join(f"- {note}\n" for note in notes)
     payload = {"env": env, "copy_gbps": copy_gbps, "rows": [dataclasses.asdict(r) for r in rows]}
     save(out_dir, stem, payload, table, lambda path: plot(rows, path, f"{stem} on {env['device']}"))
     return table
