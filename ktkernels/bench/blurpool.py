@@ -251,15 +251,8 @@ def _blur_settings(layout: str) -> list[tuple[str, tuple]]:
     return [(f"ktk-triton P{p}", ("blur", p)) for p in BLUR_TUNE]
 
 
-def _current_setting(tune: str, layout: str):
-    """The ``triton`` module's value that the ``tune`` table's settings replace for ``layout``."""
-    from ..blurpool import triton as kernels
-
-    table = kernels.MAX_BLUR_SHAPE if tune == "max-blur" else kernels.BLUR_PREFETCH
-    return table[layout == "NHWC"]
-
-
-TUNED_TABLES = {"max-blur": "triton.MAX_BLUR_SHAPE", "blur": "triton.BLUR_PREFETCH"}
+# Per tune table: the ``triton`` module's table its settings replace (an entry per channels_last), and the settings.
+TUNED_TABLES = {"max-blur": ("MAX_BLUR_SHAPE", _max_blur_settings), "blur": ("BLUR_PREFETCH", _blur_settings)}
 
 
 def tune_choices(rows: list[Row], tune: str) -> list[str]:
@@ -269,7 +262,9 @@ def tune_choices(rows: list[Row], tune: str) -> list[str]:
     Only settings timed in every group compete (a cut-off run may lack some); one entry per layout serves every
     case and dtype, so the mean weighs each group alike.
     """
-    named = {"max-blur": _max_blur_settings, "blur": _blur_settings}[tune]
+    from ..blurpool import triton as kernels
+
+    table, named = TUNED_TABLES[tune]
     lines = []
     for layout in dict.fromkeys(r.layout for r in rows):
         settings = dict(named(layout))
@@ -288,7 +283,7 @@ def tune_choices(rows: list[Row], tune: str) -> list[str]:
             continue
         best = min(scores, key=scores.get)
         value = settings[best][1]
-        current = _current_setting(tune, layout)
+        current = getattr(kernels, table)[layout == "NHWC"]
         default = next((impl for impl, (_, v) in settings.items() if v == current), None)
         against = (
             f"the default {default}: {scores[default]:.3f} ms, {scores[default] / scores[best]:.2f}x"
@@ -298,7 +293,7 @@ def tune_choices(rows: list[Row], tune: str) -> list[str]:
         lines.append(
             f"{layout}: {best}, f+b geometric mean {scores[best]:.3f} ms over {len(groups)} (case, dtype) groups "
             f"({against}; untimed: {sorted(set(settings) - set(scores)) or 'none'}) -> "
-            f"{TUNED_TABLES[tune]}[{layout == 'NHWC'}] = {value!r}"
+            f"triton.{table}[{layout == 'NHWC'}] = {value!r}"
         )
     return lines
 
@@ -307,7 +302,7 @@ def triton_warm_jobs(dtypes, layouts, cases=RESNET50_CASES, tune=None) -> list[t
     """Every Triton step a table times, as ``(case, dtype name, layout, setting or None)``: all ``cases``; with
     ``tune="max-blur"``, the first case once per ``MAX_BLUR_TUNE`` shape; with ``tune="blur"``, every case once
     per ``BLUR_TUNE`` prefetch."""
-    settings = {None: lambda layout: [(None, None)], "max-blur": _max_blur_settings, "blur": _blur_settings}[tune]
+    settings = TUNED_TABLES[tune][1] if tune else lambda layout: [(None, None)]
     jobs = []
     for case in cases[:1] if tune == "max-blur" else cases:
         for dtype in dtypes:
