@@ -2,12 +2,28 @@
 
 import os
 import tempfile
+from pathlib import Path
 
-import torch
+# Idle OpenMP threads sleep instead of spinning: the suite runs one pytest-xdist worker per core, and each torch's
+# intra-op threads spinning after every parallel region took cores from the other worker (a third of the wall
+# time of the torch-heavy tests on 2 cores). Must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+
+def _session_dir(variable: str, prefix: str) -> Path:
+    """A fresh directory for this test session, in ``variable``: the pytest-xdist workers inherit the controller's."""
+    if variable not in os.environ:
+        os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+    return Path(os.environ[variable])
+
 
 # A private Inductor cache per run: the on-disk cache does not key on custom-op schemas, so graphs compiled
 # against an older schema of our ops would be replayed (seen when an argument changed from int to int[]).
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ktk-inductor-"))
+_session_dir("TORCHINDUCTOR_CACHE_DIR", "ktk-inductor-")
+# Files shared by the processes of one test session (tests/test_codegen.py's background compiles).
+RUN_DIR = _session_dir("KTK_TEST_RUN_DIR", "ktk-tests-")
 
 # Must happen before anything imports ktkernels' Triton kernels (@triton.jit reads it at decoration).
 if not torch.cuda.is_available():
@@ -43,3 +59,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def codegen_run_dir() -> Path:
+    return RUN_DIR
+
+
+def pytest_collection_finish(session):
+    """tests/test_codegen.py compiles for minutes on a cold Triton cache: start what its selected tests need in the
+    background as soon as they are collected, once per session (see its ``start_runs``)."""
+    selected: dict = {}
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__.rsplit(".", 1)[-1] == "test_codegen":
+            selected.setdefault(module, []).append(item)
+    for module, items in selected.items():
+        module.start_runs(RUN_DIR, items)

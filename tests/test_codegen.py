@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,28 +22,68 @@ CUDA_TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuo
 pytestmark = pytest.mark.skipif(not CUDA_TOOLS.exists(), reason="triton without its bundled CUDA tools")
 REPO = Path(__file__).resolve().parents[1]
 
+# The ``bench codegen`` runs these tests read, each through the fixture of its name: the blur-pool family at the
+# benchmark shapes, and every kernel variant of the interpreter tests (bf16, where registers run out first).
+RUNS = {
+    "kernels": ("--families", "blurpool", "--dtypes", "float32,bfloat16", "--layouts", "NHWC,NCHW"),
+    "geometries": ("--families", "blurpool-geometries", "--dtypes", "bfloat16", "--layouts", "NHWC,NCHW"),
+}
+RUN_TIMEOUT_S = 900
+_started: list[subprocess.Popen] = []  # the runs this process started (held, so they are reaped)
 
-def codegen(*args: str) -> list[dict]:
-    """``python -m ktkernels.bench codegen ARGS --json`` in a subprocess: its records."""
+
+def start_runs(run_dir: Path, items: list[pytest.Item]) -> None:
+    """Start in the background each run of ``RUNS`` that ``items`` use, unless a process of this session already has.
+
+    On a cold Triton cache the runs compile for minutes (ptxas). conftest calls this as soon as the session's
+    tests are collected, so the compiles overlap the rest of the suite and run once, not once per pytest-xdist
+    worker that picks up one of these tests: the first process to create ``<run>.started`` starts the run, and
+    every test waits for its result.
+    """
+    if not CUDA_TOOLS.exists():
+        return
+    for name in RUNS:
+        if any(name in getattr(item, "fixturenames", ()) for item in items):
+            _start(run_dir, name)
+
+
+def _start(run_dir: Path, name: str) -> None:
+    stem = run_dir / f"codegen-{name}"
+    try:
+        os.close(os.open(f"{stem}.started", os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        return
     # The recorder needs the real JIT kernels: the interpreter that conftest switches on must stay off.
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run(
-        [sys.executable, "-m", "ktkernels.bench", "codegen", *args, "--json"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+    command = [sys.executable, "-m", "ktkernels.bench", "codegen", *RUNS[name], "--json"]
+    # .rc appears last: then .json and .err are complete (124: the run timed out).
+    script = f'timeout {RUN_TIMEOUT_S} "$@" > "$0.json" 2> "$0.err"; echo $? > "$0.rc.part" && mv "$0.rc.part" "$0.rc"'
+    _started.append(subprocess.Popen(["sh", "-c", script, str(stem), *command], cwd=REPO, env=env))
+
+
+def codegen(request: pytest.FixtureRequest, run_dir: Path) -> list[dict]:
+    """The records of ``python -m ktkernels.bench codegen RUNS[name] --json`` for the fixture ``name`` requested."""
+    name = request.fixturename
+    _start(run_dir, name)  # when conftest did not (a session that skipped its collection hook)
+    stem = run_dir / f"codegen-{name}"
+    rc, deadline = Path(f"{stem}.rc"), time.monotonic() + RUN_TIMEOUT_S + 60
+    while not rc.exists():
+        assert time.monotonic() < deadline, f"bench codegen {' '.join(RUNS[name])} never finished"
+        time.sleep(0.5)
+    assert rc.read_text().strip() == "0", f"exit {rc.read_text().strip()}: {Path(f'{stem}.err').read_text()[-3000:]}"
+    return json.loads(Path(f"{stem}.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def kernels() -> dict[tuple[str, str], dict]:
+def kernels(request, codegen_run_dir) -> dict[tuple[str, str], dict]:
     """(case, kernel + constexprs) -> codegen record, for the blur-pool family in both layouts."""
-    records = codegen("--families", "blurpool", "--dtypes", "float32,bfloat16", "--layouts", "NHWC,NCHW")
-    return {(r["case"], f"{r['kernel']} {r['constexprs']}"): r for r in records}
+    return {(r["case"], f"{r['kernel']} {r['constexprs']}"): r for r in codegen(request, codegen_run_dir)}
+
+
+@pytest.fixture(scope="module")
+def geometries(request, codegen_run_dir) -> list[dict]:
+    """Codegen records of every kernel variant that the interpreter tests run, in bf16."""
+    return codegen(request, codegen_run_dir)
 
 
 def _find(kernels: dict, case: str, kernel: str, *constexprs: str) -> dict:
@@ -121,13 +162,12 @@ def test_max_blur_issue_time_against_its_byte_time(kernels, layout, dtype, size,
         assert record["spill_bytes"] == 0 and record["warps_per_sm"] >= 12, record
 
 
-def test_every_tested_geometry_compiles_without_spills():
+def test_every_tested_geometry_compiles_without_spills(geometries):
     """The interpreter runs kernel variants that the GPU compiler may reject (it is stricter about constants).
 
     bf16 has the most elements per thread, so it is where registers run out first.
     """
-    records = codegen("--families", "blurpool-geometries", "--dtypes", "bfloat16", "--layouts", "NHWC,NCHW")
-    kernels = {r["kernel"] for r in records}
+    kernels = {r["kernel"] for r in geometries}
     assert kernels == {
         "_rolling_blur_kernel",
         "_rolling_blur_adjoint_kernel",
@@ -137,5 +177,5 @@ def test_every_tested_geometry_compiles_without_spills():
         "_max_blur_kernel",
         "_max_blur_backward_kernel",
     }, kernels
-    spilled = [(r["case"], r["kernel"], r["constexprs"], r["spill_bytes"]) for r in records if r["spill_bytes"]]
+    spilled = [(r["case"], r["kernel"], r["constexprs"], r["spill_bytes"]) for r in geometries if r["spill_bytes"]]
     assert not spilled, spilled

@@ -104,9 +104,11 @@ def test_sigint_checkpoints_and_resume_from_cli_is_bit_identical(uninterrupted, 
         if step == 2:
             signal.raise_signal(signal.SIGINT)
 
+    # Whatever was installed before (SIG_IGN when the suite runs in a background job) must be back afterwards.
+    before = signal.getsignal(signal.SIGINT)
     result = train(_config(run_dir, metrics="csv", checkpoint_every=1), log=lambda _: None, on_step=ctrl_c)
     assert result.status == "interrupted" and result.step == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 2
     assert main(["train", "--resume", "--run-dir", str(run_dir), "--no-progress"]) == 0
     assert _same_weights(uninterrupted, run_dir)
