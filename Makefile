@@ -7,7 +7,8 @@ DEPS_STAMP := $(VENV)/.deps-$(shell sha1sum requirements-dev.txt | cut -c1-12)
 MAX_JOBS ?= $(shell nproc)
 # pytest-xdist workers: the interpreter-bound tests split across cores (2 on the CI machine); 4 at most, so that
 # a many-core box does not start a torch import per core. Work stealing keeps both CI workers busy to the end
-# (a few tests take 30-80 s, and the default scheduling left one worker idle at the end).
+# (a few tests take 30-80 s, and the default scheduling left one worker idle at the end). The slowest tests are
+# listed at the end, to keep an eye on CI time.
 TEST_JOBS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 
 .PHONY: demo test build lint clean
@@ -27,7 +28,7 @@ demo: build
 	$(PY) -m ktkernels.bench blurpool
 
 test: build
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal --durations=20
 
 lint: $(DEPS_STAMP)
 	$(PY) -m ruff check ktkernels tests benchmarks setup.py

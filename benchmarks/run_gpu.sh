@@ -4,7 +4,8 @@
 # One device command may run 10 minutes, so a lease runs this in parts; every part rebuilds (about 60 s) because
 # the box keeps nothing between commands. Parts: build test blurpool tune profile model dct losses train ktft triton
 # (default: all).
-# The `test` part runs every gpu test under pytest-xdist (the box has it); `triton` re-runs only the Triton ones
+# The `test` part runs every gpu test under pytest-xdist (the box has it; TEST_K="expr" selects as pytest -k,
+# TEST_ARGS adds words without spaces); `triton` re-runs only the Triton ones
 # in shards, for a box without xdist. The tables compile their Triton kernels first in JIT_WORKERS processes (one
 # max-blur kernel can take a minute of ptxas; serially, the compiles took most of a 300 s part). The device tool returns at most 8 files: PACK=1 tars $OUT into one archive.
 set -uo pipefail
@@ -24,7 +25,7 @@ copies=$(nm -C --defined-only ktkernels/_C*.so 2>/dev/null | grep -cE "std::loca
 [ "${copies:-0}" = 0 ] || echo "WARNING: ktkernels._C defines $copies libstdc++ locale symbols (a private libstdc++ copy)"
 if step test; then  # every gpu test (CUDA and Triton) in parallel workers: the Triton JIT per shape is CPU-bound
   timeout "${TEST_TIMEOUT:-420}" python3 -m pytest tests benchmarks -m gpu -q -p no:cacheprovider \
-    -n "${TEST_JOBS:-12}" ${TEST_ARGS:-} > "$OUT/test_gpu.log" 2>&1
+    -n "${TEST_JOBS:-12}" ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-} > "$OUT/test_gpu.log" 2>&1
   tail -1 "$OUT/test_gpu.log"
 fi
 if step blurpool; then
