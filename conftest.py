@@ -1,21 +1,25 @@
 """Test set-up: the Triton interpreter on CPU-only machines, seeding, and poisoned op outputs."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning: the suite runs one pytest-xdist worker per core, and each torch's
-# intra-op threads spinning after every parallel region took cores from the other worker (a third of the wall
-# time of the torch-heavy tests on 2 cores). Must be set before torch loads its OpenMP runtime.
+# intra-op threads spinning after every parallel region took cores from the other worker (149 -> 121 s for the
+# torch-heavy test files on 2 cores; benchmarks/NOTES.md, "CI time"). Must be set before torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+
+_made_here: list[Path] = []  # removed when this process's session ends (pytest_unconfigure)
 
 
 def _session_dir(variable: str, prefix: str) -> Path:
     """A fresh directory for this test session, in ``variable``: the pytest-xdist workers inherit the controller's."""
     if variable not in os.environ:
         os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+        _made_here.append(Path(os.environ[variable]))
     return Path(os.environ[variable])
 
 
@@ -76,3 +80,8 @@ def pytest_collection_finish(session):
             selected.setdefault(module, []).append(item)
     for module, items in selected.items():
         module.start_runs(RUN_DIR, items)
+
+
+def pytest_unconfigure(config):
+    for path in _made_here:  # the controller's (or a plain run's): the xdist workers have finished by now
+        shutil.rmtree(path, ignore_errors=True)
