@@ -33,6 +33,43 @@ RUN_DIR = _session_dir("KTK_TEST_RUN_DIR", "ktk-tests-")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _skip_repeated_lang_patching() -> None:
+    """Under the interpreter, skip re-patching triton.language on each @triton.jit helper call when it is patched.
+
+    Every helper call inside a kernel re-runs the interpreter's ``_patch_lang``: an ``inspect.getmembers`` scan of
+    triton.language that finds each builtin patched already (by the launch, or for ``triton.language.core`` by an
+    earlier helper call, whose patch is never undone). That is ~0.2 ms a call, and the interpreter-heavy test files
+    took 13% less time without it (benchmarks/NOTES.md, "CI time"). A helper whose language modules are not all
+    patched yet (``load`` still a builtin) goes the interpreter's own way, and so does every call on a triton other
+    than the one this was checked with.
+    """
+    import triton
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    function = getattr(interpreter, "InterpretedFunction", None)
+    if not triton.__version__.startswith("3.8.") or not hasattr(function, "rewrite"):
+        return
+    shipped_call, languages = function.__call__, {}
+
+    def call(self, *args, **kwargs):
+        seen = languages.get(self.fn)
+        if seen is None:
+            seen = languages[self.fn] = [v for v in self.fn.__globals__.values() if v is tl or v is tl.core]
+        if not seen or any(tl.core.is_builtin(getattr(language, "load", None)) for language in seen):
+            return shipped_call(self, *args, **kwargs)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        except Exception as e:  # as the interpreter's own call reports it
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    function.__call__ = call
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _skip_repeated_lang_patching()
+
 import pytest  # noqa: E402
 
 from ktkernels import layout  # noqa: E402
