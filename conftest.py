@@ -1,4 +1,5 @@
-"""Test set-up: the Triton interpreter on CPU-only machines, seeding, and poisoned op outputs."""
+"""Test set-up: the Triton interpreter on CPU-only machines, seeding, poisoned op outputs, and the per-session
+directories and background work that keep the suite's time on 2 cores down."""
 
 import os
 import shutil
@@ -108,12 +109,12 @@ def codegen_run_dir() -> Path:
 
 
 def pytest_collection_finish(session):
-    """tests/test_codegen.py compiles for minutes on a cold Triton cache: start what its selected tests need in the
-    background as soon as they are collected, once per session (see its ``start_runs``)."""
+    """A test module with a ``start_runs(run_dir, items)`` (tests/test_codegen.py: minutes of compiles on a cold
+    Triton cache) starts what its selected tests need in the background as soon as they are collected."""
     selected: dict = {}
     for item in session.items:
         module = getattr(item, "module", None)
-        if module is not None and module.__name__.rsplit(".", 1)[-1] == "test_codegen":
+        if hasattr(module, "start_runs"):
             selected.setdefault(module, []).append(item)
     for module, items in selected.items():
         module.start_runs(RUN_DIR, items)
