@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from backend_targets import INTERPRET, TARGETS
+from backend_targets import DEVICES, INTERPRET, TARGETS
 
 import ktkernels
 from ktkernels import backend
@@ -760,6 +760,50 @@ def test_empty_batch_and_channels(target):
         assert ktkernels.blur_pool1d(torch.randn(0, 3, 9, device=device)).shape == (0, 3, 5)
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_empty_spatial_axis_with_zero_padding(target, monkeypatch):
+    """Zero padding of an empty axis leaves windows of zeros only: the output is all zeros (F.pad + conv agree),
+    its gradient is empty. Outputs, and the reference's own allocations, start as NaN."""
+    name, device = target
+    poison_outputs(monkeypatch)
+    cases = [  # (op, reference, arguments, input shape, output shape)
+        (ktkernels.blur_pool2d, ref.blur_pool2d_reference, (3, 1, (1, 1, 2, 2)), (2, 3, 0, 6), (2, 3, 2, 6)),
+        (ktkernels.blur_pool2d, ref.blur_pool2d_reference, (4, 2, (2, 2, 1, 2)), (2, 3, 5, 0), (2, 3, 3, 1)),
+        (ktkernels.blur_pool1d, ref.blur_pool1d_reference, (2, 1, (1, 2)), (2, 3, 0), (2, 3, 2)),
+    ]
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # torch.empty and friends then fill with NaN
+    try:
+        for blur, reference, args, in_shape, out_shape in cases:
+            x = torch.randn(in_shape, device=device, requires_grad=True)
+            with ktkernels.use_backend(name):
+                y = blur(x, *args, "zero")
+                assert y.shape == out_shape
+                assert torch.equal(y.detach().cpu(), torch.zeros(out_shape))
+                (grad,) = torch.autograd.grad(y, x, torch.randn_like(y))
+            assert grad.shape == in_shape
+            expected = reference(x.detach().double(), *args, "zero")
+            assert torch.equal(expected.cpu(), torch.zeros(out_shape, dtype=torch.float64))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_max_blur_ops_refuse_empty_spatial_axes(device):
+    """The C++/CUDA max-blur ops called directly (past the op's ValueError): an empty input axis, whose max-pool
+    windows would hold padding only, raises instead of reading outside the input."""
+    from ktkernels import _C  # noqa: F401  (registers torch.ops.ktkernels_C)
+
+    x, grad = torch.randn(2, 3, 0, 2, device=device), torch.randn(2, 3, 1, 1, device=device)
+    codes = torch.zeros(2, 3, 1, 2, dtype=torch.uint8, device=device)
+    index, weight = torch.zeros(1, 1, dtype=torch.int32, device=device), torch.ones(1, 1, device=device)
+    tables = (index, weight, index, weight)  # the row and the column (index, weight) tables
+    with pytest.raises(RuntimeError, match="non-empty spatial sizes"):
+        torch.ops.ktkernels_C.max_blur_forward_(x, 2, 1, 1, 1, *tables, torch.empty_like(grad), codes)
+    with pytest.raises(RuntimeError, match="non-empty spatial sizes"):
+        torch.ops.ktkernels_C.max_blur_backward_(grad, codes, 2, 1, *tables, torch.empty_like(x))
+
+
 @pytest.mark.parametrize("target", [t for t in KERNEL_TARGETS if t.values[0][1] == "cpu"])
 def test_backward_is_deterministic(target):
     name, device = target
@@ -887,6 +931,12 @@ def test_modules_match_functional_and_reference():
         (lambda: ktkernels.BlurPool2d(4, filt_size=3, pad_off=-2), ValueError, "negative"),
         (lambda: ktkernels.blur_pool1d(torch.randn(1, 8, 8, 8)), ValueError, "3-D"),
         (lambda: ktkernels.max_blur_pool2d(torch.randn(1, 1, 8, 8), max_kernel=4), ValueError, "max_kernel"),
+        (lambda: ktkernels.max_blur_pool2d(torch.randn(1, 1, 1, 8), pad_mode="zero"), ValueError, "sizes >= 2"),
+        (lambda: ktkernels.max_blur_pool2d(torch.randn(0, 1, 8, 2), max_kernel=3), ValueError, "sizes >= 3"),
+        (lambda: ktkernels.MaxBlurPool2d(1)(torch.randn(1, 1, 8, 1)), ValueError, r"got \(8, 1\)"),
+        (lambda: ktkernels.max_blur_pool2d(torch.randn(1, 1, 0, 4), 1, 1, 0, "zero", 2, 1), ValueError, "sizes >= 1"),
+        (lambda: ktkernels.blur_pool2d(torch.randn(1, 1, 0, 8), 3, 1, 2, "replicate"), ValueError, "non-empty"),
+        (lambda: ktkernels.blur_pool1d(torch.randn(1, 1, 0), 2, 1, 1, "reflect"), ValueError, "non-empty"),
         (
             lambda: ktkernels.max_blur_pool2d(torch.randn(1, 1, 8, 8), max_kernel=2, max_padding=2),
             ValueError,
@@ -897,6 +947,70 @@ def test_modules_match_functional_and_reference():
 def test_bad_input_raises_before_any_kernel(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def _axis_is_valid(size: int, before: int, after: int, filt_size: int, mode: str) -> bool:
+    """Whether pad + conv is defined on one axis: F.pad reflects and replicates only non-empty axes, reflect
+    only by less than the size, and the padded axis must hold one window."""
+    if mode != "zero" and size < 1:
+        return False
+    if mode == "reflect" and max(before, after) >= size:
+        return False
+    return size + before + after >= filt_size
+
+
+def _blur_family(x, kind: str, k: int, s: int, pads: list[int], mode: str, kmax: int, pmax: int) -> torch.Tensor:
+    if kind == "blur2d":
+        return ktkernels.blur_pool2d(x, k, s, pads, mode)
+    if kind == "blur1d":
+        return ktkernels.blur_pool1d(x, k, s, pads, mode)
+    return ktkernels.max_blur_pool2d(x, k, s, pads, mode, kmax, pmax)
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.values[0] != ("triton", "cpu")])  # interpreter: slow
+def test_random_geometry_runs_or_raises_value_error(target):
+    """Random sizes (0 included), pads, filters, strides, modes and max kernels: each call either matches the
+    float64 autograd of pad + conv (max_pool2d first for max-blur), values and gradient, or raises ValueError
+    before any kernel runs, as the rules of ``_axis_is_valid`` say. fp64 on the CPU, fp32 on a GPU."""
+    name, device = target
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    rng = random.Random(20261206)
+    ran = rejected = 0
+    for _ in range(400):
+        kind = rng.choice(["blur2d", "blur1d", "maxblur"])
+        k, s, mode = rng.randint(1, 7), rng.randint(1, 4), rng.choice(geometry.PAD_MODES)
+        kmax, pmax = rng.choice([(1, 0), (2, 0), (2, 1), (3, 0), (3, 1)]) if kind == "maxblur" else (1, 0)
+        sizes = [rng.randint(0, 12) for _ in range(1 if kind == "blur1d" else 2)]
+        pads = [rng.randint(0, 4) for _ in range(2 * len(sizes))]
+        maps = [size + 2 * pmax - kmax + 1 for size in sizes]
+        # max_pool2d refuses an empty input axis or max map: its windows would hold padding only
+        valid = (kind != "maxblur" or min(sizes + maps) >= 1) and all(
+            _axis_is_valid(size, pads[2 * a], pads[2 * a + 1], k, mode) for a, size in enumerate(reversed(maps))
+        )
+        x = torch.randn(2, 3, *sizes, dtype=torch.float64).to(device, dtype).requires_grad_()
+        args = (kind, k, s, pads, mode, kmax, pmax)
+        with ktkernels.use_backend(name):
+            if not valid:
+                with pytest.raises(ValueError):
+                    _blur_family(x, *args)
+                rejected += 1
+                continue
+            y = _blur_family(x, *args)
+            grad = torch.randn_like(y)
+            (gx,) = torch.autograd.grad(y, x, grad)
+        x64 = x.detach().cpu().double().requires_grad_()
+        maxed = torch.nn.functional.max_pool2d(x64, kmax, 1, pmax) if kind == "maxblur" else x64
+        blur = ref.blur_pool1d_reference if kind == "blur1d" else ref.blur_pool2d_reference
+        expected = blur(maxed, k, s, tuple(pads), mode)
+        (expected_gx,) = torch.autograd.grad(expected, x64, grad.cpu().double())
+        case = (sizes, *args)
+        try:
+            assert_close(y, expected, dtype)
+            assert_close(gx, expected_gx, dtype)
+        except AssertionError as error:
+            raise AssertionError(f"{case}: {error}") from None
+        ran += 1
+    assert ran > 150 and rejected > 50, (ran, rejected)  # both branches exercised
 
 
 def test_backend_selection():

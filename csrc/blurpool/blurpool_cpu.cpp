@@ -1265,6 +1265,12 @@ void check_output(const Tensor& out, std::initializer_list<const Tensor*> inputs
   for (const Tensor* in : inputs) at::assert_no_overlap(out, *in);
 }
 
+// max_pool2d's windows must each hold an input element: an empty spatial axis leaves them padding only.
+void check_max_input(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK(t.size(2) >= 1 && t.size(3) >= 1, op, ": ", name, " must have non-empty spatial sizes, got ",
+              t.sizes());
+}
+
 void check_kmax(const char* op, int64_t kmax, int64_t pmax) {
   TORCH_CHECK(kmax >= 1 && kmax <= 7, op, ": kmax must be in [1, 7], got ", kmax);
   TORCH_CHECK(pmax >= 0 && pmax <= kmax / 2, op, ": pmax must be in [0, kmax // 2], got ", pmax, " for kmax ", kmax);
@@ -1298,6 +1304,7 @@ void max_blur_forward_cpu(const Tensor& x, int64_t kmax, int64_t pmax, int64_t s
   check_float_pair(op, x, "x", out, "out");
   check_kmax(op, kmax, pmax);
   TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
+  check_max_input(op, "x", x);
   const int64_t hm = std::max<int64_t>(x.size(2) + 2 * pmax - kmax + 1, 0);
   const int64_t wm = std::max<int64_t>(x.size(3) + 2 * pmax - kmax + 1, 0);
   TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == x.size(1), op, ": out has shape ", out.sizes(),
@@ -1325,6 +1332,7 @@ void max_blur_backward_cpu(const Tensor& grad, const Tensor& codes, int64_t kmax
   check_float_pair(op, grad, "grad", grad_input, "grad_input");
   check_kmax(op, kmax, pmax);
   TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
+  check_max_input(op, "grad_input", grad_input);
   const int64_t hm = std::max<int64_t>(grad_input.size(2) + 2 * pmax - kmax + 1, 0);
   const int64_t wm = std::max<int64_t>(grad_input.size(3) + 2 * pmax - kmax + 1, 0);
   TORCH_CHECK(grad.size(0) == grad_input.size(0) && grad.size(1) == grad_input.size(1), op, ": grad has shape ",

@@ -88,6 +88,12 @@ void check_max_params(int64_t kmax, int64_t pmax, const char* op) {
   TORCH_CHECK(pmax >= 0 && pmax <= kmax / 2, op, ": pmax must be in [0, kmax // 2], got ", pmax);
 }
 
+// max_pool2d's windows must each hold an input element: an empty spatial axis leaves them padding only.
+void check_max_input(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.size(2) >= 1 && t.size(3) >= 1, op, ": ", name, " must have non-empty spatial sizes, got ",
+              t.sizes());
+}
+
 void max_blur_forward_cuda(const at::Tensor& x, int64_t kmax, int64_t pmax, int64_t stride_h, int64_t stride_w,
                            const at::Tensor& row_idx, const at::Tensor& row_w, const at::Tensor& col_idx,
                            const at::Tensor& col_w, const at::Tensor& out, const at::Tensor& codes) {
@@ -101,6 +107,7 @@ void max_blur_forward_cuda(const at::Tensor& x, int64_t kmax, int64_t pmax, int6
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": out dtype ", out.scalar_type(), " != x dtype ",
               x.scalar_type());
   TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8");
+  check_max_input(x, "x", op);
   const kc::DType dtype = dtype_of(x, op);
   check_table(row_idx, row_w, x, "row", op);
   check_table(col_idx, col_w, x, "col", op);
@@ -138,6 +145,7 @@ void max_blur_backward_cuda(const at::Tensor& grad, const at::Tensor& codes, int
   TORCH_CHECK(grad.scalar_type() == grad_input.scalar_type(), op, ": grad dtype ", grad.scalar_type(),
               " != grad_input dtype ", grad_input.scalar_type());
   TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8");
+  check_max_input(grad_input, "grad_input", op);
   const kc::DType dtype = dtype_of(grad_input, op);
   check_table(row_idx, row_w, grad_input, "row", op);
   check_table(col_idx, col_w, grad_input, "col", op);

@@ -55,7 +55,8 @@ def blur_pool2d(
     ``y = conv2d(pad(x), a a^T / 4^(k-1), stride, groups=C)`` with ``a`` row ``filt_size`` of
     Pascal's triangle, ``padding = (left, right, top, bottom)`` (default: antialiased-cnns',
     ``((k-1)//2, ceil((k-1)/2))`` per axis) and ``H_out = (H + top + bottom - k) // stride + 1``.
-    ``pad_mode``: 'reflect' | 'replicate' | 'zero' (aliases 'refl', 'repl', 'constant').
+    ``pad_mode``: 'reflect' | 'replicate' | 'zero' (aliases 'refl', 'repl', 'constant'). An empty spatial
+    axis is only valid with 'zero' padding, whose windows then hold zeros only: the output is zeros.
 
     >>> blur_pool2d(torch.randn(2, 3, 7, 9)).shape
     torch.Size([2, 3, 4, 5])
@@ -93,7 +94,8 @@ def max_blur_pool2d(
 
     (N, C, H, W) -> (N, C, H_out, W_out) where the blur runs on the (H + 2p - k_max + 1)-sized max map,
     which is never written to memory. ``max_kernel=2, max_padding=0`` is the antialiased-cnns/kornia
-    stem; ``max_kernel=3, max_padding=1`` the DenseNet one.
+    stem; ``max_kernel=3, max_padding=1`` the DenseNet one. As in max_pool2d, H and W must be at least
+    ``max(max_kernel - 2 * max_padding, 1)`` (ValueError otherwise).
 
     >>> max_blur_pool2d(torch.randn(2, 3, 112, 112)).shape
     torch.Size([2, 3, 56, 56])

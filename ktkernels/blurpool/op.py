@@ -82,6 +82,9 @@ def check_blur_args(sizes: tuple, filt_size: int, stride: int, padding: list[int
         raise ValueError(f"{op} expects {2 * len(sizes)} pads, got {list(padding)}")
     for axis in _spatial_axes(sizes, filt_size, stride, padding, pad_mode):
         pads = (axis.pad_before, axis.pad_after)
+        if pad_mode != "zero" and axis.size < 1:
+            # Nothing to reflect or replicate (F.pad refuses it too); zero padding of an empty axis is all zeros.
+            raise ValueError(f"{op}: {pad_mode} padding needs non-empty spatial sizes, got sizes {tuple(sizes)}")
         if pad_mode == "reflect" and max(pads) >= axis.size:
             raise ValueError(
                 f"{op}: reflect padding needs each pad < the input size, got pads {pads} for size {axis.size}"
@@ -93,6 +96,18 @@ def check_blur_args(sizes: tuple, filt_size: int, stride: int, padding: list[int
 def check_max(kmax: int, pmax: int) -> None:
     check_int("max_kernel", kmax, 1, 3)
     check_int("max_padding", pmax, 0, kmax // 2)
+
+
+def max_map_sizes(sizes: tuple, kmax: int, pmax: int) -> tuple[int, int]:
+    """(H_m, W_m) of the stride-1 max map of an (H, W) input. ValueError where max_pool2d refuses the input:
+    an empty max map, or an empty input axis (its windows would hold padding only)."""
+    maps = tuple(max_pool_output_size(size, kmax, pmax) for size in sizes)
+    if min(maps) < 1 or min(sizes) < 1:
+        raise ValueError(
+            f"max_blur_pool2d: max_pool2d(kernel {kmax}, stride 1, padding {pmax}) needs spatial sizes >= "
+            f"{max(kmax - 2 * pmax, 1)}, got {tuple(sizes)}"
+        )
+    return maps
 
 
 def _spatial_axes(sizes: tuple, filt_size: int, stride: int, padding: list[int], pad_mode: str) -> list[Axis]:
@@ -175,6 +190,8 @@ def _define_blur(spatial: int):
         axes, y = allocate(x, filt_size, stride, padding, pad_mode)
         if y.numel() == 0:
             return y
+        if x.numel() == 0:  # an empty spatial axis, zero-padded: every window holds only padding
+            return y.zero_()
         backend_name = backend.resolve(FAMILY, x.device, channels_inner(x))
         if backend_name == "torch":
             y.copy_(reference(x, filt_size, stride, tuple(padding), pad_mode))
@@ -277,7 +294,7 @@ def _max_blur_pool2d_fake(x, max_kernel, max_padding, filt_size, stride, padding
     check_input(x, 2, "max_blur_pool2d")
     check_max(max_kernel, max_padding)
     n, c, h, w = x.shape
-    hm, wm = max_pool_output_size(h, max_kernel, max_padding), max_pool_output_size(w, max_kernel, max_padding)
+    hm, wm = max_map_sizes((h, w), max_kernel, max_padding)
     rows, cols = blur_plan((hm, wm), filt_size, stride, padding, pad_mode, "max_blur_pool2d")
     shape = (n, c, rows.out_size, cols.out_size)
     last = channels_inner(x)

@@ -24,7 +24,7 @@ def blur_pool2d_reference(
     left, right, top, bottom = padding
     h_out = output_size(h, filt_size, stride, top, bottom)
     w_out = output_size(w, filt_size, stride, left, right)
-    if x.numel() == 0:
+    if n * c == 0:  # conv2d takes no groups=0; an empty spatial axis goes through F.pad like any other
         return x.new_empty((n, c, h_out, w_out))
     xp = F.pad(x, (left, right, top, bottom), mode=_TORCH_PAD[pad_mode])
     filt = binomial_filter2d(filt_size, x.dtype).to(x.device).expand(c, 1, filt_size, filt_size)
@@ -37,7 +37,7 @@ def blur_pool1d_reference(
     """(N, C, L) -> (N, C, L_out) with ``padding = (left, right)``."""
     n, c, length = x.shape
     l_out = output_size(length, filt_size, stride, padding[0], padding[1])
-    if x.numel() == 0:
+    if n * c == 0:  # conv2d takes no groups=0; an empty spatial axis goes through F.pad like any other
         return x.new_empty((n, c, l_out))
     xp = F.pad(x, tuple(padding), mode=_TORCH_PAD[pad_mode])
     taps = torch.tensor(binomial_taps(filt_size), dtype=x.dtype, device=x.device)
@@ -146,7 +146,7 @@ def max_blur_pool2d_reference(
     """
     n, c, h, w = x.shape
     hm, wm = max_pool_output_size(h, kmax, pmax), max_pool_output_size(w, kmax, pmax)
-    if x.numel() == 0:
+    if n * c == 0:
         m = x.new_empty((n, c, hm, wm))
         return blur_pool2d_reference(m, filt_size, stride, padding, pad_mode), m.to(torch.uint8)
     m, flat = F.max_pool2d(x, kmax, stride=1, padding=pmax, return_indices=True)
