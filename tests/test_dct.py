@@ -97,6 +97,12 @@ def test_empty_inputs(target):
         x = torch.randn(0, 3, 5, 6, device=device)
         assert ktkernels.dct2d(x, keep=(2, 3)).shape == (0, 3, 2, 3)
         assert ktkernels.dct_attention_map(torch.randn(0, 3, 5, 6, device=device)).shape == (0, 5, 6)
+        # an empty dim among the leading ones of a rank > 4 input, forward and backward
+        x = torch.randn(2, 3, 0, 4, 5, device=device, requires_grad=True)
+        assert ktkernels.dct2d(x, keep=(3, 2)).shape == (2, 3, 0, 3, 2)
+        (grad,) = torch.autograd.grad(ktkernels.dct2d(x).sum(), x)
+        assert grad.shape == x.shape
+        assert ktkernels.idct(torch.randn(2, 3, 0, 5, device=device)).shape == (2, 3, 0, 5)
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -213,6 +219,7 @@ def test_modules():
         (lambda: ktkernels.idct2d(torch.randn(3, 0)), ValueError, ">= 1"),
         (lambda: ktkernels.dct_attention_map(torch.randn(2, 3, 4)), ValueError, r"\(N, C, H, W\)"),
         (lambda: ktkernels.dct_attention_map(torch.randn(2, 3, 4, 4), p=0.5), ValueError, "p must be"),
+        (lambda: ktkernels.dct_attention_map(torch.randn(2, 3, 4, 4), p=float("inf")), ValueError, "finite"),
         (lambda: ktkernels.dct2d([[1.0]]), TypeError, "Tensor"),
     ],
 )

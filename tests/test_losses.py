@@ -156,6 +156,8 @@ def test_mentee_rmse():
     assert torch.allclose(grad, (a - b).detach() / (a.numel() * loss.detach()))
     (grad0,) = torch.autograd.grad(ktkernels.mentee_rmse_loss(a, a.detach()), a)
     assert (grad0 == 0).all()
+    for shape in [(0, 5), (0, 2, 3), (0,)]:  # an empty batch of any rank: 0, as for (0, C, H, W)
+        assert ktkernels.mentee_rmse_loss(torch.zeros(shape), torch.zeros(shape)).item() == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,6 +293,33 @@ def test_soft_target_extreme_logits_stay_finite(target):
             assert_close(loss, value, 1e-4, f"{dtype} x{scale}")
             equal = ktkernels.soft_target_loss(s, s.detach(), 4.0)
             assert equal.abs().item() <= 1e-6 * max(1.0, scale), (dtype, scale, equal)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_soft_target_masked_teacher_class(target):
+    """A -inf teacher logit (p_t = 0) adds 0 to the KL (0 log 0 = 0, as DistillKL's kl_div with a probability
+    target) and gets a zero gradient: the loss and the gradients equal those of the float64 KL in log space with
+    the class at -1e30 (DistillKL's own teacher gradient is NaN there: xlogy's derivative at 0)."""
+    name, device = target
+
+    def log_space_kl(s, t):
+        log_p_s, log_p_t = (torch.log_softmax(x / 2.0, dim=1) for x in (s, t))
+        return torch.nn.functional.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True) * 4.0 / s.shape[0]
+
+    with ktkernels.use_backend(name):
+        for dtype in dtypes_for(target):
+            s = (3 * torch.randn(3, 9, dtype=torch.float64)).to(device, dtype).requires_grad_(True)
+            t = (3 * torch.randn(3, 9, dtype=torch.float64)).to(device, dtype)
+            t[:, 2], t[0, 5] = float("-inf"), float("-inf")
+            finite = torch.where(torch.isinf(t), -1e30, t.double()).cpu()  # float64: -1e30 stays finite
+            t.requires_grad_(True)
+            loss = ktkernels.soft_target_loss(s, t, 2.0)
+            grad_s, grad_t = torch.autograd.grad(loss, (s, t))
+            value, ref_s, ref_t = grads64(log_space_kl, s, finite)
+            assert_close(loss, value, TOL[dtype] * 10, f"{dtype} loss")
+            assert_close(grad_s, ref_s, TOL[dtype] * 10, f"{dtype} grad_s")
+            assert_close(grad_t, ref_t, TOL[dtype] * 10, f"{dtype} grad_t")
+            assert (grad_t[torch.isinf(t)] == 0).all()
 
 
 def test_soft_target_strided_logits_and_module():
@@ -449,6 +478,23 @@ INT = torch.int32
         (lambda: ktkernels.PixelGlobalTransferLoss(weights=[1.0]), ValueError, "weights given as a list"),
         (lambda: ktkernels.DCTAttentionLoss()({"a": _f(1, 2, 3, 3)}, {"a": _f(1, 2, 4, 3)}), ValueError, "stage 'a'"),
         (lambda: ktkernels.SoftTargetLoss(temperature=-1.0), ValueError, "temperature"),
+        (lambda: ktkernels.SoftTargetLoss(temperature=float("inf")), ValueError, "finite"),
+        (lambda: SOFT(_f(2, 5), _f(2, 5), temperature=float("inf")), ValueError, "finite"),
+        (lambda: SOFT(_f(2, 5), _f(2, 5), temperature=1e300), ValueError, "square"),
+        (lambda: SOFT(_f(2, 5), _f(2, 5), temperature=1e-300), ValueError, "square"),
+        (lambda: SOFT(_f(2, 5), _f(2, 5), temperature=True), ValueError, "temperature"),
+        (lambda: SOFT([1.0], _f(2, 5)), TypeError, "Tensor"),
+        (lambda: ktkernels.mentee_rmse_loss([1.0], _f(2, 5)), TypeError, "Tensor"),
+        (lambda: PG(_f(1, 1, 2, 2), [1.0]), TypeError, "Tensor"),
+        (lambda: PG(_f(1, 1, 2, 2), _f(1, 1, 2, 2), keep=2.0), ValueError, "keep"),
+        (lambda: PG(_f(1, 1, 2, 2), _f(1, 1, 2, 2), global_mode="dct_lowpass", keep=True), ValueError, "keep"),
+        (lambda: AT(_f(2, 3, 0, 4), _f(2, 3, 0, 4)), ValueError, "H, W >= 1"),
+        (lambda: DCT(_f(2, 3, 4, 0), _f(2, 3, 4, 0), variant="dct"), ValueError, "H, W >= 1"),
+        (lambda: AT(_f(2, 3, 4, 4), _f(2, 3, 4, 4), p=float("inf")), ValueError, "finite"),
+        (lambda: ktkernels.teacher_correct_mask(_f(4, 10), torch.zeros(4, 1, dtype=torch.long)), ValueError, "(N,)"),
+        (lambda: ktkernels.teacher_correct_mask(_f(10), torch.tensor(3)), ValueError, r"\(N, K\)"),
+        (lambda: ktkernels.teacher_correct_mask(_f(3, 0), torch.zeros(3, dtype=torch.long)), ValueError, "K >= 1"),
+        (lambda: ktkernels.teacher_correct_mask(_f(4, 10), torch.zeros(4)), TypeError, "integers"),
     ],
 )  # fmt: skip
 def test_bad_input_raises(call, error, match):

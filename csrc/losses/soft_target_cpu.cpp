@@ -72,7 +72,7 @@ void soft_target_forward_kernel(const Tensor& s, const Tensor& t, double tempera
         const acc_t ea = std::exp(a);
         st[l] += ea;
         ss[l] += std::exp(b);
-        ws[l] += ea * (a - b);
+        ws[l] += ea > acc_t(0) ? ea * (a - b) : acc_t(0);  // p_t = 0 adds 0, even for a = -inf (0 log 0 = 0)
       }
       for (int w = kLanes / 2; w >= 1; w /= 2) {
         for (int l = 0; l < w; ++l) {
@@ -115,7 +115,7 @@ void soft_target_backward_kernel(const Tensor& s, const Tensor& t, double temper
         const acc_t lpt = static_cast<acc_t>(tr[k]) / T - lse_t;
         const acc_t pt = std::exp(lpt);
         if (want_s) gsp[n * K + k] = static_cast<scalar_t>(g * (std::exp(lps) - pt));
-        if (want_t) gtp[n * K + k] = static_cast<scalar_t>(g * pt * (lpt - lps - kl));
+        if (want_t) gtp[n * K + k] = static_cast<scalar_t>(pt > acc_t(0) ? g * pt * (lpt - lps - kl) : acc_t(0));
       }
     }
   });

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -59,7 +61,7 @@ def _as_maps(x: Tensor, dims: int) -> Tensor:
         return x[None]
     if x.dim() == 4:
         return x
-    return x.reshape(-1, *x.shape[-3:])
+    return x.flatten(0, -4)  # not reshape(-1, ...): that cannot infer -1 when a dim is 0
 
 
 def _alloc_like_maps(x: Tensor, maps: Tensor, dims: int, out_size: list[int]) -> tuple[Tensor, Tensor]:
@@ -139,8 +141,8 @@ def check_power(x: Tensor, p: float, op: str) -> None:
         raise ValueError(f"{op} expects (N, C, H, W) features, got shape {tuple(x.shape)}")
     if x.shape[1] < 1:
         raise ValueError(f"{op} needs at least one channel to average, got shape {tuple(x.shape)}")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p >= 1:
-        raise ValueError(f"{op}: p must be a number >= 1 (|x|^p must be differentiable), got {p!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 1 <= p < math.inf:
+        raise ValueError(f"{op}: p must be a finite number >= 1 (|x|^p must be differentiable), got {p!r}")
 
 
 def _map_dtype(x: Tensor) -> torch.dtype:

@@ -22,6 +22,7 @@ and each term detached for logging. Losses are fp32 scalars for fp32/fp16/bf16 f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -38,6 +39,9 @@ AT_MODES = ("code", "paper")
 
 def _common_dtype(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """Student and teacher in one floating dtype (the wider of the two): the kernels read one dtype."""
+    for role, x in (("student", s), ("teacher", t)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{role} must be a Tensor, got {type(x).__name__}")
     if s.dtype == t.dtype:
         return s, t
     if not (s.is_floating_point() and t.is_floating_point()):
@@ -79,6 +83,7 @@ def pixel_global_transfer_loss(
     student, teacher = _common_dtype(student, teacher)
     if global_mode not in GLOBAL_MODES:
         raise ValueError(f"global_mode must be one of {GLOBAL_MODES}, got {global_mode!r}")
+    op.check_keep(keep)  # before the op's schema, which would take True for 1 and refuse 2.0 with a RuntimeError
     mode = "none" if isinstance(w_global, (int, float)) and w_global == 0 else global_mode
     terms, _ = op.pixel_global_terms(student, teacher, mode, keep)
     loss = w_pixel * terms[0] + w_global * terms[1]
@@ -96,7 +101,9 @@ def mentee_rmse_loss(student: Tensor, mentor: Tensor) -> Tensor:
     if student.shape != mentor.shape:
         raise ValueError(f"mentee_rmse_loss: student {tuple(student.shape)} and mentor {tuple(mentor.shape)} differ")
     if student.dim() != 4:  # the pixel term is a mean over all elements: any (N, ...) shape is (N, D, 1, 1)
-        student, mentor = (x.reshape(x.shape[0] if x.dim() else 1, -1, 1, 1) for x in (student, mentor))
+        # explicit sizes: reshape cannot infer a -1 when N is 0
+        rows, features = (student.shape[0], math.prod(student.shape[1:])) if student.dim() else (1, 1)
+        student, mentor = (x.reshape(rows, features, 1, 1) for x in (student, mentor))
     mse = op.pixel_global_terms(student, mentor, "none", 1)[0][0]
     return torch.where(mse > 0, mse.clamp_min(torch.finfo(mse.dtype).tiny).sqrt(), mse * 0)
 
@@ -111,6 +118,8 @@ def _check_attention_pair(s: Tensor, t: Tensor, name: str) -> None:
             f"{name}: student {tuple(s.shape)} and teacher {tuple(t.shape)} must agree in N, H and W "
             "(channels may differ); pool the larger map first if the resolutions differ"
         )
+    if min(s.shape[2:]) < 1:
+        raise ValueError(f"{name}: attention maps need H, W >= 1, got features {tuple(s.shape)}")
 
 
 def dct_attention_loss(
@@ -172,7 +181,18 @@ def _map_loss(s, t, kind, p, sample_weights, name, per_position) -> Tensor:
 
 
 def teacher_correct_mask(teacher_logits: Tensor, labels: Tensor) -> Tensor:
-    """(N,) float mask, 1 where the teacher's argmax equals the label (DCT-KD's ``PRED_GUIDE``)."""
+    """(N,) float mask, 1 where the teacher's argmax equals the label (DCT-KD's ``PRED_GUIDE``), from (N, K)
+    logits (K >= 1) and (N,) integer labels."""
+    for name, x in (("teacher_logits", teacher_logits), ("labels", labels)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"teacher_correct_mask: {name} must be a Tensor, got {type(x).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"teacher_correct_mask: labels must be integers, got {labels.dtype}")
+    if teacher_logits.dim() != 2 or teacher_logits.shape[1] < 1 or labels.shape != teacher_logits.shape[:1]:
+        raise ValueError(
+            f"teacher_correct_mask expects (N, K) logits with K >= 1 and (N,) labels, got {tuple(teacher_logits.shape)}"
+            f" and {tuple(labels.shape)}"
+        )
     return (teacher_logits.argmax(dim=1) == labels).to(torch.float32)
 
 
@@ -181,15 +201,17 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
 
     Equal to RepDistiller's ``DistillKL`` (``F.kl_div(log_softmax(s/T), softmax(t/T), reduction='sum') T^2 / N``),
     computed in one fused pass per row with a stable log-sum-exp (no NaN or inf for huge logits), fp32
-    accumulation for fp16/bf16. (N, K) logits of any K.
+    accumulation for fp16/bf16. (N, K) logits of any K. A -inf teacher logit (a masked class, p_t = 0) adds 0
+    to the KL and gets a zero gradient. ``temperature``: finite and > 0 (ValueError otherwise).
 
     >>> z = torch.randn(4, 10)
     >>> float(soft_target_loss(z, z))
     0.0
     """
+    op.check_temperature(temperature, "soft_target_loss")  # before float(): True is no temperature
     student_logits, teacher_logits = _common_dtype(student_logits, teacher_logits)
     kl, _ = op.soft_target_kl(student_logits, teacher_logits, float(temperature))
-    return kl.sum() * (temperature**2 / max(student_logits.shape[0], 1))
+    return kl.sum() * (temperature * temperature / max(student_logits.shape[0], 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,8 +366,7 @@ class SoftTargetLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0, weight: float = 1.0) -> None:
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        op.check_temperature(temperature, "SoftTargetLoss")
         self.temperature, self.weight = float(temperature), weight
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> LossOutput:

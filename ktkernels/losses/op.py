@@ -16,6 +16,8 @@ fp64 runs on the cpu and torch backends (Triton fp64 falls back to torch under `
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -60,6 +62,11 @@ def _check_pair(s: Tensor, t: Tensor, op: str) -> None:
         raise ValueError(f"{op}: student ({s.dtype}, {s.device}) and teacher ({t.dtype}, {t.device}) differ")
 
 
+def check_keep(keep: int) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+
+
 @torch.library.custom_op("ktkernels::pixel_global_terms", mutates_args=())
 def pixel_global_terms(s: Tensor, t: Tensor, global_mode: str, keep: int) -> tuple[Tensor, Tensor]:
     """``([pixel, global], proj)`` for (N, C, H, W) features; see :func:`reference.pixel_global_terms`."""
@@ -89,8 +96,7 @@ def _pixel_global_terms_fake(s, t, global_mode, keep):
     _check_pair(s, t, "pixel_global_terms")
     if global_mode not in reference.GLOBAL_MODES:
         raise ValueError(f"global_mode must be one of {reference.GLOBAL_MODES}, got {global_mode!r}")
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    check_keep(keep)
     n, c, h, w = s.shape
     j = {"none": 0, "dct_lowpass": min(keep, h) * min(keep, w)}.get(global_mode, 1)
     acc = acc_dtype(s)
@@ -267,8 +273,15 @@ def check_logits(s: Tensor, t: Tensor, temperature: float, op: str) -> None:
         raise ValueError(f"{op} expects (N, K) logits of one shape, got {tuple(s.shape)} and {tuple(t.shape)}")
     if s.dtype != t.dtype or s.device != t.device:
         raise ValueError(f"{op}: student ({s.dtype}, {s.device}) and teacher ({t.dtype}, {t.device}) logits differ")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+    check_temperature(temperature, op)
+
+
+def check_temperature(temperature: float, op: str) -> None:
+    """A finite number > 0 whose square (the loss scale T^2) is finite and non-zero."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise ValueError(f"{op}: temperature must be a number > 0, got {temperature!r}")
+    if not (0 < temperature < math.inf and 0 < temperature * temperature < math.inf):
+        raise ValueError(f"{op}: temperature must be finite and > 0, with a finite non-zero square, got {temperature}")
 
 
 def _rows_contiguous(x: Tensor) -> Tensor:

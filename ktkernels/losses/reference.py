@@ -148,11 +148,13 @@ def _safe_sqrt(x: Tensor) -> Tensor:
 
 
 def soft_target_rows(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """(N, K) logits -> (N,) ``KL(softmax(t/T) || softmax(s/T))`` per row (unscaled), stable in log space."""
+    """(N, K) logits -> (N,) ``KL(softmax(t/T) || softmax(s/T))`` per row (unscaled), stable in log space.
+    Classes with p_t = 0 (a -inf teacher logit) add 0 (0 log 0 = 0, as kl_div with a probability target)."""
     work = work_dtype(student_logits, teacher_logits)
     log_p_s = torch.log_softmax(student_logits.to(work) / temperature, dim=1)
     log_p_t = torch.log_softmax(teacher_logits.to(work) / temperature, dim=1)
-    return torch.nn.functional.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(dim=1)
+    p_t = log_p_t.exp()
+    return torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum(dim=1)
 
 
 def soft_target_stats(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -174,5 +176,5 @@ def soft_target_grads(
     p_t = log_p_t.exp()
     g = grad_rows.to(work)[:, None] / temperature
     grad_s = g * (log_p_s.exp() - p_t)
-    grad_t = g * p_t * (log_p_t - log_p_s - rows[:, 0:1])
+    grad_t = torch.where(p_t > 0, g * p_t * (log_p_t - log_p_s - rows[:, 0:1]), 0.0)
     return grad_s.to(student_logits.dtype), grad_t.to(teacher_logits.dtype)
