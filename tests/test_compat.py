@@ -163,7 +163,8 @@ def _assert_same(ours: nn.Module, theirs: nn.Module, x: torch.Tensor) -> None:
 @pytest.mark.parametrize("k", range(1, 8))
 def test_antialiased_cnns_package(k):
     aa = pytest.importorskip("antialiased_cnns", reason="antialiased-cnns is an optional test oracle")
-    for (h, w), mode, stride, pad_off in itertools.product(SHAPES, ("reflect", "replicate", "zero"), (1, 2, 3), (0, 1)):
+    modes = ("reflect", "replicate", "zero")
+    for (h, w), mode, stride, pad_off in itertools.product(SHAPES, modes, (1, 2, 3, 5), (0, 1)):  # 5: pad + conv
         x = torch.randn(2, 3, h, w)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -214,6 +215,9 @@ def test_kornia_legacy_padding_and_errors():
         kornia_compat.BlurPool2D(3)(torch.ones(1, 1, 8, 8, dtype=torch.int64))
     with pytest.warns(DeprecationWarning, match="ceil_mode"):
         kornia_compat.MaxBlurPool2D(3, ceil_mode=True)
+    for stride in ("2", (2,), 2.0, True):
+        with pytest.raises(ValueError, match="stride must be an int or a pair"):
+            kornia_compat.BlurPool2D(3, stride)
     # a 2021-2023 checkpoint with the (k, k) kernel still loads strictly
     layer = kornia_compat.BlurPool2D(3)
     layer.load_state_dict({"kernel": torch.ones(3, 3)}, strict=True)
@@ -226,7 +230,7 @@ def test_timm_package(k):
     from timm.layers import create_aa as timm_create_aa
 
     for (h, w), stride, mode, channels in itertools.product(
-        SHAPES, (1, 2, 3), ("reflect", "constant", "replicate"), (3, None)
+        SHAPES, (1, 2, 3), ("reflect", "constant", "replicate", "circular"), (3, None)
     ):
         x = torch.randn(2, 3, h, w)
         theirs = TimmBlurPool2d(channels, filt_size=k, stride=stride, pad_mode=mode)
@@ -268,6 +272,11 @@ def test_adobe_errors_and_aliases():
 
 # ----------------------------------------------------------------------------------------------
 # Composer and FFCV, from the reference's descriptions
+
+
+def test_composer_errors_name_the_argument():
+    with pytest.raises(ValueError, match="kernel_size must be >= 1, got 0"):
+        composer.BlurMaxPool2d(0)  # the stride defaults to the kernel size: name the kernel size
 
 
 def test_composer_blurpool_equals_adobe_zero_k3():
@@ -339,6 +348,41 @@ def test_composer_apply_blurpool_on_resnet50():
     assert [type(m).__name__ for m in model.modules()] == kinds
     model.eval()
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+class _StandardisedConv2d(nn.Conv2d):
+    """A conv subclass with its own forward (weight standardisation)."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+@pytest.mark.parametrize("wrap", ["ffcv", "composer"])
+def test_strided_1x1_shortcut_keeps_the_wrapped_conv_forward_and_hooks(wrap):
+    """The strided 1x1 rewrite (blur-pool, then the conv at stride 1) skips ``conv.forward``: it must not run for a
+    conv subclass or a conv with hooks (weight_norm's pre-hook, pruning, user hooks), whose forward counts."""
+    x = torch.randn(2, 16, 9, 10, dtype=torch.float64)
+
+    def wrapped(conv):
+        if wrap == "ffcv":
+            return ffcv.BlurPoolConv2d(conv)
+        layer = composer.BlurConv2d(16, 8, 1, 2)
+        layer.adopt_conv(conv)
+        return layer
+
+    subclass = _StandardisedConv2d(16, 8, 1, 2).double()
+    torch.testing.assert_close(wrapped(subclass)(x), subclass(recipe(x, 3, 1, (1, 1, 1, 1), "zero")))
+    hooked, calls = nn.Conv2d(16, 8, 1, 2).double(), []
+    hooked.register_forward_hook(lambda *args: calls.append(1))
+    wrapped(hooked)(x)
+    assert calls == [1]
+    normed = wrapped(torch.nn.utils.weight_norm(nn.Conv2d(16, 8, 1, 2).double()))
+    for _ in range(2):  # the pre-hook recomputes the weight each step; skipping it broke the second backward
+        normed(x).sum().backward()
+    plain = nn.Conv2d(16, 8, 1, 2).double()
+    torch.testing.assert_close(wrapped(plain)(x), plain(recipe(x, 3, 1, (1, 1, 1, 1), "zero")))
 
 
 def test_ffcv_blurpoolconv():
@@ -463,6 +507,54 @@ def _check_compilers_and_exporters(model: nn.Module, x: torch.Tensor, compile: b
         warnings.simplefilter("ignore", FutureWarning)
         torch.testing.assert_close(torch.jit.script(model)(x), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _ComposerBlurConvAfter(nn.Module):
+    """Composer's BlurConv2d(blur_first=False): the conv at stride 1, then the blur at ``blur_stride``."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding):
+        super().__init__()
+        self.blur_first, self.blur_stride = False, stride
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, 1, padding)
+        self.register_buffer("blur_filter", composer._filter3x3(out_channels))
+
+    def forward(self, x):
+        y = self.conv(x)
+        return F.conv2d(y, self.blur_filter, stride=self.blur_stride, padding=1, groups=y.shape[1])
+
+
+def test_convert_keeps_composer_sizes_and_kornia_versions(monkeypatch):
+    """Composer's BlurConv2d(blur_first=False) blurs at ``blur_stride`` (its conv runs at stride 1); Composer's
+    BlurMaxPool2d ignores ceil_mode (ktkernels' own honours it); a kornia <= 0.8 layer pads (k-1)//2 on both
+    sides. Converting keeps every output size and value."""
+    kornia = pytest.importorskip("kornia")
+    _fake_package_module(
+        "composer.algorithms.blurpool.blurpool_layers",
+        {"BlurConv2d": _ComposerBlurConvAfter, "BlurMaxPool2d": _ComposerBlurMaxPool2d},
+    )
+    model = nn.Sequential(_ComposerBlurConvAfter(3, 8, 3, 2, 1), _ComposerBlurMaxPool2d(3, 2, 0, 1, True)).eval()
+    x = torch.randn(2, 3, 47, 45)
+    expected = model(x)
+    assert len(convert(model)) == 2
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(kornia, "__version__", "0.7.2")
+    model = nn.Sequential(kornia.filters.BlurPool2D(4))
+    convert(model)
+    x = torch.randn(1, 2, 9, 9)
+    assert model[0].legacy_even_padding
+    torch.testing.assert_close(model(x), recipe(x, 4, 2, (1, 1, 1, 1), "zero"))  # kornia <= 0.8: 4x4, not 5x5
+
+
+def test_convert_is_all_or_nothing():
+    """A layer that cannot be converted leaves the whole model as it was (no half-converted model)."""
+    aa = pytest.importorskip("antialiased_cnns")
+    timm = pytest.importorskip("timm")
+    bad = timm.layers.BlurPool2d(4)
+    bad.filt_size = 1  # timm needs filt_size > 1: the replacement refuses it
+    model = nn.Sequential(aa.BlurPool(4), bad)
+    with pytest.raises(ValueError, match="filt_size"):
+        convert(model)
+    assert [type(m).__module__.split(".")[0] for m in model] == ["antialiased_cnns", "timm"]
 
 
 def test_convert_refuses_a_bare_layer():

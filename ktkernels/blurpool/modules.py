@@ -169,8 +169,11 @@ class BlurLayer(nn.Module):
         max_kernel: int | Sequence[int] = 1,
         max_padding: int | Sequence[int] = 0,
         max_dilation: int | Sequence[int] = 1,
+        decomposed_pad_modes: Sequence[str] = (),
     ) -> None:
         """Store the op's parameters. ``padding`` is in F.pad order (last axis first, before/after).
+        ``decomposed_pad_modes``: F.pad modes the anchor accepts beyond the fused ones (timm's 'circular'),
+        run by the decomposition.
 
         The fused ops cover filt_size 1..7, one stride 1..4 for both axes and the max-pool pairs
         (2, pad 0) / (3, pad 1). Anything else an anchor accepts (kornia's k > 7, a (2, 1) stride,
@@ -202,7 +205,8 @@ class BlurLayer(nn.Module):
         self._stride = strides[0]
         self._strides: List[int] = strides  # noqa: UP006
         self._padding: List[int] = padding  # noqa: UP006 (F.pad order: last axis first)
-        self._pad_mode = canonical_pad_mode(pad_mode)
+        decomposed_mode = isinstance(pad_mode, str) and pad_mode in decomposed_pad_modes
+        self._pad_mode = pad_mode if decomposed_mode else canonical_pad_mode(pad_mode)
         self._expected_channels = channels or 0  # 0: any (TorchScript wants one attribute type)
         self._max_kernel_hw: List[int] = pool[0]  # noqa: UP006
         self._max_padding_hw: List[int] = pool[1]  # noqa: UP006
@@ -218,6 +222,7 @@ class BlurLayer(nn.Module):
             and len(set(strides)) == 1
             and strides[0] <= MAX_STRIDE
             and (not self._has_max or self._fused_max)
+            and not decomposed_mode
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -276,7 +281,8 @@ class _AdobeLayer(BlurLayer):
         max_padding: int = 0,
     ) -> None:
         super().__init__()
-        op.check_blur_params(filt_size, stride, [])
+        op.check_int("filt_size", filt_size, 1, MAX_FILT_SIZE)  # antialiased-cnns' filter table ends at 7
+        op.check_int("stride", stride, 1)  # any: strides above MAX_STRIDE run the pad + conv decomposition
         op.check_int("pad_off", pad_off, -filt_size)
         pad_sizes = list(adobe_pads(filt_size, pad_off)) * self.spatial_dims
         if any(p < 0 for p in pad_sizes):
@@ -320,7 +326,7 @@ class BlurPool2d(_AdobeLayer):
         channels: expected C, or None to take it from the input. A mismatch raises ``ValueError``.
         pad_type: 'reflect' (default) | 'replicate' | 'zero', or 'refl' / 'repl'.
         filt_size: binomial filter size, 1..7 (default 4).
-        stride: 1..4 (default 2).
+        stride: >= 1 (default 2); 1..4 run fused, larger strides the pad + conv decomposition.
         pad_off: added to every pad (antialiased-cnns semantics).
     """
 

@@ -4,7 +4,9 @@ Only strides move: every strided conv (or pool) that downsamples runs at stride 
 :class:`~ktkernels.BlurPool2d` at the old stride follows it, after the norm and non-linearity where the
 architecture has them (the paper's ``Conv -> BN -> ReLU -> BlurPool``). No parameter is created, dropped or
 re-initialised; the very ``Parameter`` objects stay in the model, so optimizers built before the call keep
-working. The spatial sizes of every stage are unchanged (``ceil(H/s)`` both ways for the convs).
+working. The convs keep their output sizes (``ceil(H/s)`` both ways). A max-pool stem becomes
+``MaxPool2d(2, 1)`` + BlurPool, as in antialiased-cnns: ``floor(H/2)`` where the plain pool gives ``ceil(H/2)``,
+so an odd stem map (a 225x225 input to a ResNet) comes out one smaller, and every later stage with it.
 
 Architectures are recognised by module and class name, so torchvision and timm are never imported here.
 """

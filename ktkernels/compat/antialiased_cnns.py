@@ -41,7 +41,7 @@ class BlurPool(BlurPool2d):
         channels: C (required, as in antialiased-cnns).
         pad_type: 'reflect' (default), 'refl', 'replicate', 'repl' or 'zero'.
         filt_size: 1..7 (default 4); 1 is plain subsampling.
-        stride: 1..4 (default 2).
+        stride: >= 1 (default 2); 1..4 run fused, larger strides the pad + conv decomposition.
         pad_off: added to every pad.
     """
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..blurpool import op
 from ..blurpool.geometry import binomial_filter2d
 from ..blurpool.modules import BlurLayer
 
@@ -102,6 +103,8 @@ class BlurMaxPool2d(nn.Module):
         ceil_mode: bool = False,
     ) -> None:
         super().__init__()
+        for k in _pair(kernel_size):
+            op.check_int("kernel_size", k, 1)  # before the stride, which defaults to it
         self.kernel_size = kernel_size
         self.stride = stride if stride is not None else kernel_size
         self.padding = padding
@@ -150,14 +153,24 @@ class BlurThenConv(nn.Module):
     """
 
     def _setup_blur_then_conv(self, conv: nn.Conv2d) -> None:
-        self._pool_rewrite = _is_exact_pool_rewrite(conv)
+        # Only a plain nn.Conv2d: a subclass's own forward (weight standardisation, QAT) must run.
+        self._pool_rewrite = type(conv) is nn.Conv2d and _is_exact_pool_rewrite(conv)
         self.pool_blur = _Blur3x3(conv.stride, conv.in_channels)  # stateless: no state-dict keys
 
     def _blur_then_conv(self, input: Tensor) -> Tensor:
         """Needs ``self.conv`` and ``self.blur`` (the stride-1 blur)."""
-        if self._pool_rewrite:
+        shortcut = self._pool_rewrite
+        if not torch.jit.is_scripting():  # TorchScript skips this block (and scripted modules run no Python hooks)
+            shortcut = shortcut and not self._conv_has_hooks()
+        if shortcut:
             return F.conv2d(self.pool_blur(input), self.conv.weight, self.conv.bias, 1, 0, 1, self.conv.groups)
         return self.conv(self.blur(input))
+
+    @torch.jit.unused
+    def _conv_has_hooks(self) -> bool:
+        """Hooks on the conv (weight_norm's pre-hook, pruning, user hooks) need its own forward call."""
+        conv = self.conv
+        return bool(conv._forward_hooks or conv._forward_pre_hooks or conv._forward_hooks_with_kwargs)
 
 
 class BlurConv2d(BlurThenConv):
@@ -205,13 +218,18 @@ class BlurConv2d(BlurThenConv):
         self.conv._already_blurpooled = True
         self.register_buffer("blur_filter", _filter3x3(self.blur_nchannels).to(device=device))
         self.blur = _Blur3x3(self.blur_stride, self.blur_nchannels)
-        self._setup_blur_then_conv(self.conv)
-        self._pool_rewrite = self._pool_rewrite and blur_first
+        self.adopt_conv(self.conv)
 
     def forward(self, input: Tensor) -> Tensor:
         if not self.blur_first:
             return self.blur(self.conv(input))
         return self._blur_then_conv(input)
+
+    def adopt_conv(self, conv: nn.Conv2d) -> None:
+        """Wrap ``conv`` itself (its Parameters, subclass and hooks) instead of the conv built here."""
+        self.conv = conv
+        self._setup_blur_then_conv(conv)
+        self._pool_rewrite = self._pool_rewrite and self.blur_first
 
     @staticmethod
     def from_conv2d(module: nn.Conv2d, module_index: int = -1, blur_first: bool = True) -> BlurConv2d:

@@ -7,6 +7,8 @@ from the original), and lands on the original's device.
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,12 +39,19 @@ def _adobe_pad_type(m: nn.Module) -> str:
     return "replicate" if name.startswith("Replication") else "zero" if name.startswith("Zero") else "reflect"
 
 
+def _kornia_legacy_padding(m: nn.Module) -> bool:
+    """kornia <= 0.8 padded (k-1)//2 on both sides (0.9: ((k-1)//2, k//2)); the layer's own package says which."""
+    version = getattr(sys.modules.get(type(m).__module__.split(".")[0]), "__version__", "0.9")
+    major, minor = (int(part) for part in re.findall(r"\d+", version)[:2])
+    return (major, minor) <= (0, 8)
+
+
 def _kornia_blur(m: nn.Module) -> nn.Module:
-    return kornia.BlurPool2D(m.kernel_size, m.stride)
+    return kornia.BlurPool2D(m.kernel_size, m.stride, legacy_even_padding=_kornia_legacy_padding(m))
 
 
 def _kornia_max(m: nn.Module) -> nn.Module:
-    return kornia.MaxBlurPool2D(m.kernel_size, m.stride, m.max_pool_size)
+    return kornia.MaxBlurPool2D(m.kernel_size, m.stride, m.max_pool_size, legacy_even_padding=_kornia_legacy_padding(m))
 
 
 def _timm_blur(m: nn.Module) -> nn.Module:
@@ -54,12 +63,17 @@ def _composer_blur(m: nn.Module) -> nn.Module:
 
 
 def _composer_max(m: nn.Module) -> nn.Module:
-    return composer.BlurMaxPool2d(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    # Composer's layer ignores ceil_mode (one row short of MaxPool2d's); ktkernels' honours it, so keep the sizes.
+    return composer.BlurMaxPool2d(m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=False)
 
 
 def _composer_conv(m: nn.Module) -> nn.Module:
-    conv = composer.BlurConv2d.from_conv2d(m.conv, blur_first=m.blur_first)
-    conv.conv = m.conv  # keep the very Parameters (optimizers) and any conv subclass
+    c = m.conv  # blur_first=False: the conv runs at stride 1 and the blur at m.blur_stride
+    stride = c.stride if m.blur_first else m.blur_stride
+    geometry = (c.kernel_size, stride, c.padding, c.dilation, c.groups, c.bias is not None, m.blur_first)
+    options = dict(padding_mode=c.padding_mode, device=c.weight.device, dtype=c.weight.dtype)
+    conv = composer.BlurConv2d(c.in_channels, c.out_channels, *geometry, **options)
+    conv.adopt_conv(m.conv)  # the very Parameters (optimizers), any conv subclass and its hooks
     return conv
 
 
@@ -128,6 +142,8 @@ def convert(model: nn.Module) -> ConversionReport:
         raise TypeError(f"convert() replaces layers inside a model; wrap the {type(model).__name__} in a container")
     report = ConversionReport()
     names = {id(m): name for name, m in model.named_modules()}
+    # Build every replacement first: a layer that cannot be converted leaves the model untouched.
+    swaps = []
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             build = _builder_for(child)
@@ -137,13 +153,10 @@ def convert(model: nn.Module) -> ConversionReport:
             new.load_state_dict(child.state_dict(), strict=True)
             _match_buffers(new, child)
             new.train(child.training)
-            setattr(parent, child_name, new)
-            qualified = f"{names[id(parent)]}.{child_name}".lstrip(".")
-            report.replaced.append(
-                (
-                    qualified,
-                    f"{type(child).__module__}.{type(child).__qualname__}",
-                    f"{type(new).__module__}.{type(new).__qualname__}",
-                )
-            )
+            swaps.append((parent, child_name, child, new))
+    for parent, child_name, child, new in swaps:
+        setattr(parent, child_name, new)
+        qualified = f"{names[id(parent)]}.{child_name}".lstrip(".")
+        old_name = f"{type(child).__module__}.{type(child).__qualname__}"
+        report.replaced.append((qualified, old_name, f"{type(new).__module__}.{type(new).__qualname__}"))
     return report

@@ -50,7 +50,10 @@ class _KorniaLayer(BlurLayer):
     def __init__(self, kernel_size, stride, legacy_even_padding: bool, max_pool_size: int = 1) -> None:
         super().__init__()
         k = _square_kernel(kernel_size)
-        strides = [stride, stride] if isinstance(stride, int) else list(stride)
+        pair = isinstance(stride, (tuple, list)) and len(stride) == 2
+        strides = [stride, stride] if isinstance(stride, int) else list(stride) if pair else []
+        if not strides or any(isinstance(s, bool) or not isinstance(s, int) for s in strides):
+            raise ValueError(f"stride must be an int or a pair of ints, got {stride!r}")
         flavour = "kornia_legacy" if legacy_even_padding else "kornia09"
         pads = [*flavour_pads(flavour, k, strides[1]), *flavour_pads(flavour, k, strides[0])]
         self._configure(

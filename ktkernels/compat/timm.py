@@ -31,7 +31,7 @@ class BlurPool2d(BlurLayer):
         channels: C, or None to take it from the input.
         filt_size: binomial filter size >= 2 (default 3).
         stride: downsampling stride (default 2).
-        pad_mode: 'reflect' (default), 'replicate' or 'constant' (zero).
+        pad_mode: 'reflect' (default), 'replicate', 'constant' (zero) or 'circular' (pad + conv, not fused).
         device, dtype: of the ``filt`` buffer (``device='meta'`` defers it; see ``init_non_persistent_buffers``).
     """
 
@@ -49,7 +49,13 @@ class BlurPool2d(BlurLayer):
             raise ValueError(f"timm BlurPool2d needs filt_size > 1, got {filt_size!r}")
         p = flavour_pads("timm", filt_size, stride)[0]
         self._configure(
-            spatial_dims=2, filt_size=filt_size, stride=stride, padding=[p] * 4, pad_mode=pad_mode, channels=channels
+            spatial_dims=2,
+            filt_size=filt_size,
+            stride=stride,
+            padding=[p] * 4,
+            pad_mode=pad_mode,
+            channels=channels,
+            decomposed_pad_modes=("circular",),  # timm takes any F.pad mode; this one runs pad + conv
         )
         self.channels = channels
         self.filt_size = filt_size
