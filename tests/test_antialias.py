@@ -242,6 +242,22 @@ def test_bad_arguments_raise_before_any_surgery() -> None:
     with pytest.raises(ValueError):
         antialias(model, pad_type="circular")
     assert _layout(model) == layout and model.layer2[0].conv1.stride == (2, 2)
+    model.layer3[0].conv1.stride = (2, 1)  # met after the stem and layer2: refused before any of them changes
+    with pytest.raises(NotImplementedError, match="square"):
+        antialias(model)
+    assert _layout(model) == layout and model.layer2[0].conv1.stride == (2, 2)
+
+
+def test_modules_keep_their_own_train_eval_mode() -> None:
+    """Only the new layers and containers take the model's mode: a frozen BatchNorm inside a wrapped part (the
+    downsample branch, VGG's features) stays in eval mode."""
+    cases = ((tv.resnet18(), lambda m: m.layer2[0].downsample[1]), (tv.vgg11_bn(), lambda m: m.features[1]))
+    for model, frozen in cases:
+        norm = frozen(model).eval()
+        model.training = True
+        antialias(model)
+        assert model.training and not norm.training and isinstance(norm, nn.BatchNorm2d)
+        assert all(m.training for m in model.modules() if isinstance(m, BlurPool2d))
 
 
 def test_composer_placement_delegates(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -189,3 +189,25 @@ def test_digits_similarity_head_beats_chance_and_random_heads(digits_transfer):
     assert accuracy > chance + 0.15, accuracy
     assert accuracy > mean_random + 0.15, (accuracy, mean_random)
     assert accuracy > max(random_accuracies), (accuracy, max(random_accuracies))
+
+
+def test_similarity_weights_edge_values():
+    weights = similarity_weights(torch.tensor([[1e308, 1e308, 0.0]], dtype=torch.float64), 2)  # sum overflows
+    torch.testing.assert_close(weights, torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64))
+    with pytest.raises(TypeError, match="similarity must be"):
+        similarity_weights(None, 1)
+
+
+def test_visual_similarity_keeps_every_module_mode_and_reads_counts():
+    """Each submodule's flag is restored (a frozen BatchNorm stays in eval); a 0-dim tensor or numpy integer is a
+    class count like an int; float labels are refused rather than truncated."""
+    np = pytest.importorskip("numpy")
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)).train()
+    model[1].eval()
+    data = (torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))
+    expected = visual_similarity(model, data, 2)
+    assert model.training and not model[1].training
+    for count in (torch.tensor(2), np.int64(2)):
+        torch.testing.assert_close(visual_similarity(model, data, count), expected)
+    with pytest.raises(TypeError, match="integers"):
+        visual_similarity(model, (torch.randn(4, 2), torch.tensor([0.0, 1.0, 0.5, 1.0])), 2)

@@ -138,3 +138,38 @@ def test_remove_detaches_every_hook():
     assert not any(m._forward_hooks for m in [*mentor.modules(), *mentee.modules()])
     with pytest.raises(RuntimeError, match="removed"):
         probes.loss()
+
+
+def test_a_tap_refuses_an_output_changed_in_place_later_in_the_forward():
+    """A tap keeps a reference: an in-place op after the tapped module (ReLU(inplace=True), ``out += identity``)
+    would change what it returns, so reading it raises; an output nothing changes reads normally, also under
+    ``torch.inference_mode`` (whose tensors keep no version counter)."""
+    from ktkernels.transfer import FeatureTap
+
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(inplace=True), nn.Conv2d(2, 2, 1))
+    with FeatureTap(net, ["0", "1"]) as tap:
+        net(torch.randn(2, 1, 3, 3))
+        with pytest.raises(RuntimeError, match="modified in place"):
+            tap["0"]
+        assert tap["1"].min() >= 0
+    with FeatureTap(net, ["2"], detach=True) as tap, torch.inference_mode():
+        assert net(torch.randn(2, 1, 3, 3)).shape == tap["2"].shape
+
+
+def test_fp64_features_give_an_fp64_loss_for_every_error():
+    mentor, mentee = _mentor().double(), _mentee().double()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    for error in ("rmse", "l2", "l1"):
+        with ProbePairs(mentor, mentee, [("1", "0"), ("", "")], error=error) as probes:
+            _run(mentor, mentee, x)
+            assert probes.loss().dtype == torch.float64, error
+
+
+def test_repeated_pairs_are_refused():
+    with pytest.raises(ValueError, match="repeated"):
+        ProbePairs(_mentor(), _mentee(), [("1", "0"), ("1", "0")])
+
+
+def test_annealed_weight_refuses_a_nan_epoch():
+    with pytest.raises(ValueError, match="epoch"):
+        AnnealedWeight(2.0, 0.1, 10)(float("nan"))

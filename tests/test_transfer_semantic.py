@@ -79,6 +79,11 @@ def test_structure(intrinsic):
     assert all(nodes.index(p) < nodes.index(n) for n in ALL for p in h.parents(n))
 
 
+def test_a_total_below_a_frequency_is_rejected():
+    with pytest.raises(ValueError, match="below the largest frequency"):
+        Hierarchy(PARENTS, CUMULATIVE, total=4)  # P(A) = 12/4 > 1: a negative IC
+
+
 def test_cycles_are_rejected():
     with pytest.raises(ValueError, match="cycle") as err:
         Hierarchy({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"], "e": []})

@@ -80,6 +80,7 @@ def antialias(
     Raises:
         TypeError: ``model`` is not a supported architecture (adobe placement).
         ValueError: unknown ``placement``, or a ``filt_size`` / ``pad_type`` BlurPool2d refuses.
+        NotImplementedError: a conv or pool the surgery may move has a non-square stride (before any change).
     """
     if placement == "composer":
         from .composer import apply_blurpool  # lazy: the adobe path does not need Composer's layers
@@ -88,9 +89,14 @@ def antialias(
         return model
     if placement != "adobe":
         raise ValueError(f"placement must be 'adobe' or 'composer', got {placement!r}")
-    # Validate the blur parameters once, before any surgery, so a bad value cannot leave a half-converted model.
+    # Validate the blur parameters and every stride the surgery may move before any surgery, so that a bad value
+    # cannot leave a half-converted model.
     BlurPool2d(None, pad_type=pad_type, filt_size=filt_size)
     handler = _handler_for(model)
+    for module in model.modules():
+        movable_conv = isinstance(module, nn.Conv2d) and module.in_channels >= min_channels
+        if movable_conv or isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+            _square("stride", module.stride, module)
     handler(model, _Surgeon(filt_size, pad_type, min_channels, model.training))
     return model
 
@@ -141,8 +147,11 @@ class _Surgeon:
         )
 
     def wrap(self, *modules: nn.Module | OrderedDict[str, nn.Module]) -> nn.Sequential:
-        """A new ``nn.Sequential`` container, in the model's train/eval mode."""
-        return nn.Sequential(*modules).train(self.training)
+        """A new ``nn.Sequential`` container, in the model's train/eval mode. Only the container's own flag is
+        set: ``.train()`` would also reset the modules it holds (a frozen BatchNorm would train again)."""
+        container = nn.Sequential(*modules)
+        container.training = self.training
+        return container
 
     def place(self, module: nn.Module, like: nn.Module) -> nn.Module:
         """``module`` on the device (and floating dtype) of ``like``'s first tensor, in the model's mode."""

@@ -161,8 +161,8 @@ class ResNet(nn.Module):
     """Anti-aliased ResNet: (N, 3, H, W) -> (N, num_classes) logits.
 
     The spatial size is halved five times (H/32 before the global pool). A reflect-padded blur needs its input
-    larger than its pad, so the last blur (on a ~H/16 map) needs H, W > 32 for ``filter_size`` 4 or 5 (the
-    same limit as antialiased-cnns).
+    larger than its pad, so the last blur (on a ~H/16 map) needs H, W >= 35 for ``filter_size`` 4 or 5 and
+    H, W >= 19 for 3 (the same limits as antialiased-cnns; smaller inputs raise ``ValueError``).
 
     Args:
         block: :class:`BasicBlock` or :class:`Bottleneck`.

@@ -16,6 +16,7 @@ so there is no kernel to fuse.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -43,6 +44,7 @@ def similarity_weights(similarity: Tensor, k: int) -> Tensor:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_source:
         raise ValueError(f"k must be an int in [1, {n_source}] (the number of source classes), got {k!r}")
     values, index = sim.topk(k, dim=1)
+    values = values / values[:, :1].clamp_min(torch.finfo(values.dtype).tiny)  # row max 1: the sum cannot overflow
     kept = torch.zeros_like(sim).scatter_(1, index, values)
     mass = kept.sum(dim=1, keepdim=True)
     empty = (mass[:, 0] <= 0).nonzero().flatten().tolist()
@@ -138,10 +140,12 @@ def visual_similarity(
 
     sums: Tensor | None = None
     counts = torch.zeros(n_target, dtype=torch.float64, device=device)
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # each one: frozen BatchNorms stay frozen
     model.eval()
     try:
         for inputs, labels in _batches(data, batch_size):
+            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise TypeError(f"labels must be integers, got {labels.dtype}")
             labels = labels.to(device, non_blocking=True).long().flatten()
             position = torch.searchsorted(sorted_labels, labels).clamp_(max=n_target - 1)
             known = sorted_labels[position] == labels
@@ -158,7 +162,8 @@ def visual_similarity(
             sums.index_add_(0, rows, logits.float().softmax(dim=1).double())
             counts += torch.bincount(rows, minlength=n_target).double()
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     missing = (counts == 0).nonzero().flatten().tolist()
     if sums is None or missing:
         absent = [labels_in_order[r] for r in missing] if sums is not None else labels_in_order
@@ -168,7 +173,10 @@ def visual_similarity(
 
 def _check_similarity(similarity: Tensor) -> Tensor:
     if not isinstance(similarity, Tensor):
-        similarity = torch.as_tensor(similarity)
+        try:
+            similarity = torch.as_tensor(similarity)
+        except (TypeError, RuntimeError, ValueError) as error:
+            raise TypeError(f"similarity must be a (T, S) tensor or array, got {type(similarity).__name__}") from error
     if similarity.dim() != 2 or similarity.shape[0] == 0 or similarity.shape[1] == 0:
         raise ValueError(f"similarity must be a non-empty (T, S) matrix, got shape {tuple(similarity.shape)}")
     if similarity.is_complex() or similarity.dtype == torch.bool:
@@ -180,6 +188,11 @@ def _check_similarity(similarity: Tensor) -> Tensor:
 
 
 def _target_label_values(target_labels: int | Sequence[int] | Tensor) -> list[int]:
+    # A 0-dim integer tensor or a numpy integer is a count, as an int is (a sequence or 1-D tensor lists labels).
+    if isinstance(target_labels, Tensor) and target_labels.dim() == 0 and not target_labels.is_floating_point():
+        target_labels = int(target_labels)
+    elif not isinstance(target_labels, (Tensor, bool, int)) and hasattr(type(target_labels), "__index__"):
+        target_labels = operator.index(target_labels)
     if isinstance(target_labels, int) and not isinstance(target_labels, bool):
         if target_labels < 1:
             raise ValueError(f"target_labels must be >= 1 classes, got {target_labels}")

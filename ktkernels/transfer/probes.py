@@ -36,6 +36,9 @@ class FeatureTap:
         role: how errors name the network (``"teacher"``, ``"mentee"``, ...).
 
     ``tap[name]`` is the latest output; :meth:`clear` forgets them all, :meth:`remove` also removes the hooks.
+    The output is kept by reference, not copied: reading one that an in-place op later in the forward changed
+    (``out += identity``, ``ReLU(inplace=True)`` after the tapped module) raises ``RuntimeError`` instead of
+    returning the changed values; tap the enclosing block instead.
 
     >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
     >>> with FeatureTap(net, ["0"]) as tap:
@@ -50,6 +53,7 @@ class FeatureTap:
         self.role = role
         self._detach = detach
         self._outputs: dict[str, Tensor] = {}
+        self._versions: dict[str, int | None] = {}  # version counters at capture: in-place changes since raise
         self._handles: list[RemovableHandle] = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
@@ -59,6 +63,7 @@ class FeatureTap:
                     f"{self.role} module {name!r} returned {type(output).__name__}: a tap needs a tensor output"
                 )
             self._outputs[name] = output.detach() if self._detach else output
+            self._versions[name] = _version(output)
 
         return hook
 
@@ -66,12 +71,19 @@ class FeatureTap:
         if not self._handles:
             raise RuntimeError(f"the {self.role} tap was removed")
         try:
-            return self._outputs[name]
+            output = self._outputs[name]
         except KeyError:
             raise RuntimeError(
                 f"no output captured from {self.role} module {name or '<output>'!r}: run the {self.role} forward "
                 "(again) first"
             ) from None
+        if self._versions[name] is not None and _version(output) != self._versions[name]:
+            raise RuntimeError(
+                f"the output of {self.role} module {name or '<output>'!r} was modified in place after it was "
+                "captured (e.g. `out += identity` or ReLU(inplace=True) later in the forward): tap the enclosing "
+                "block, whose output is final"
+            )
+        return output
 
     def features(self) -> dict[str, Tensor]:
         """``{name: latest output}`` in the order of ``names``; raises if one is missing."""
@@ -80,13 +92,14 @@ class FeatureTap:
     def clear(self) -> None:
         """Forget the captured outputs (the hooks stay)."""
         self._outputs.clear()
+        self._versions.clear()
 
     def remove(self) -> None:
         """Remove the hooks and forget the captured outputs."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._outputs.clear()
+        self.clear()
 
     def __enter__(self) -> FeatureTap:
         return self
@@ -141,6 +154,9 @@ class ProbePairs:
         for pair in pair_list:
             if len(pair) != 2 or not all(isinstance(name, str) for name in pair):
                 raise ValueError(f"each pair must be (mentor_module_name, mentee_module_name) strings, got {pair!r}")
+        repeated = sorted({pair for pair in pair_list if pair_list.count(pair) > 1})
+        if repeated:
+            raise ValueError(f"pairs are repeated: {repeated}; weight a pair by scaling its loss instead")
         self.pairs: list[tuple[str, str]] = pair_list
         self.error = error
         mentor_tap = FeatureTap(mentor, list(dict.fromkeys(m for m, _ in pair_list)), detach=True, role="mentor")
@@ -173,7 +189,11 @@ class ProbePairs:
     def loss(self) -> Tensor:
         """The sum over pairs of the probe error (a 0-dim tensor), after which the captured outputs are forgotten."""
         try:
-            return torch.stack([t.float() for t in self.terms().values()]).sum()
+            terms = list(self.terms().values())
+            dtype = torch.float32
+            for term in terms:  # fp32 at least, fp64 for fp64 features
+                dtype = torch.promote_types(dtype, term.dtype)
+            return torch.stack([term.to(dtype) for term in terms]).sum()
         finally:
             self._mentor.clear()
             self._mentee.clear()
@@ -203,8 +223,15 @@ def _resolve(model: nn.Module, role: str, names: list[str]) -> dict[str, nn.Modu
     return {name: available[name] for name in names}
 
 
+def _version(t: Tensor) -> int | None:
+    """The tensor's in-place version counter; None for inference-mode tensors, which keep none, and inside
+    torch.compile, whose graph would break on it (the check then only runs in eager mode)."""
+    return None if torch.compiler.is_compiling() or t.is_inference() else t._version
+
+
 def _error(kind: str, student: Tensor, mentor: Tensor) -> Tensor:
     if kind == "rmse":
         return mentee_rmse_loss(student, mentor)
-    diff = student.float() - mentor.float()
+    work = torch.promote_types(torch.promote_types(student.dtype, mentor.dtype), torch.float32)  # fp64 stays fp64
+    diff = student.to(work) - mentor.to(work)
     return diff.abs().sum() if kind == "l1" else torch.linalg.vector_norm(diff)

@@ -21,7 +21,7 @@ class AnnealedWeight:
         self.start, self.end, self.epochs = float(start), float(end), epochs
 
     def __call__(self, epoch: float) -> float:
-        if epoch < 0:
+        if not epoch >= 0:  # NaN too
             raise ValueError(f"epoch must be >= 0, got {epoch!r}")
         if self.epochs == 0 or epoch >= self.epochs:
             return self.end

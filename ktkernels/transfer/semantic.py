@@ -132,6 +132,9 @@ class Hierarchy:
         total = default_total if total is None else float(total)
         if not (total > 0 and math.isfinite(total)):
             raise ValueError(f"the total frequency must be finite and > 0, got {total!r}")
+        largest = max(freq.values(), default=0.0)
+        if largest > total:  # P(c) > 1 would make IC negative
+            raise ValueError(f"the total frequency {total!r} is below the largest frequency {largest!r}")
         self._freq, self._total = freq, total
         self._ic = {n: (math.log(total / f) if f > 0 else math.inf) for n, f in freq.items()}
 
@@ -286,8 +289,8 @@ class Hierarchy:
     def lin(self, a: str, b: str) -> float:
         """Lin (1998): ``2 IC(lcs) / (IC(a) + IC(b))``, lcs = the common ancestor (a or b included) of highest IC.
 
-        1.0 when ``a == b``; 0.0 when they share no ancestor, when ``IC(a) + IC(b) == 0`` (both have the root
-        frequency, e.g. the single root and itself) or when either IC is infinite (frequency 0). Clipped to [0, 1]
+        1.0 when ``a == b``; 0.0 when they share no ancestor, when ``IC(a) + IC(b) == 0`` (two distinct nodes
+        that both have the root frequency) or when either IC is infinite (frequency 0). Clipped to [0, 1]
         (only frequencies that are not cumulative, i.e. a child more frequent than its parent, can leave it).
         """
         self._check([a, b])
