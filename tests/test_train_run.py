@@ -243,6 +243,13 @@ CLI_ERRORS = [
     (["train", "--image-size", "64"], "larger than the cache size 40"),
     (["train", "--crop-scale", "0.5"], "expected two numbers"),
     (["train", "--epochs", "2", "--steps", "3"], "not allowed with argument"),
+    (["train", "--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["train", "--steps", "-3"], "--steps must be an integer >= 1, got -3"),
+    (["train", "--warmup-steps", "-5"], "--warmup-steps must be an integer >= 0"),
+    (["train", "--schedule", "step", "--step-every", "0"], "--step-every must be an integer >= 1"),
+    (["train", "--lr", "-1"], "--lr must be a finite number >= 0"),
+    (["train", "--w-soft", "1", "--temperature", "0"], "temperature must be finite and > 0"),
+    (["train", "--per-class", "1000"], "fewer than per_class=1000 images"),
     (["prepare", "/no/such/folder", "--out", "{notes}/c"], "image folder not found"),
     ([], "give a command"),
 ]
@@ -264,6 +271,7 @@ def test_cli_errors_are_one_line(argv, message, not_an_image_dir, capsys, tmp_pa
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("ktk-train: error: "), err
     assert message in lines[0]
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before the run directory is written
 
 
 def test_resume_refuses_changed_settings(uninterrupted, tmp_path, capsys):

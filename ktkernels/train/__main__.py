@@ -243,6 +243,9 @@ def train_main(argv: list[str]) -> int:
         run_dir = overrides.get("run_dir", RunConfig.run_dir)
         config = resume_config(run_dir, {**overrides, "run_dir": run_dir})
     else:
+        steps = getattr(args, "steps", None)  # absent when not given (the parser suppresses defaults)
+        if steps is not None and steps < 1:  # 0 is KTFTConfig's "not given": refuse it here
+            raise ValueError(f"--steps must be an integer >= 1, got {steps}")
         ktft = KTFTConfig(**{"steps": 0, **overrides.pop("ktft", {})})
         config = RunConfig(**overrides, ktft=ktft)
     result = train(config, resume=args.resume)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -39,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..losses.op import check_temperature
 from .data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -180,11 +182,27 @@ class RunConfig:
         for name, allowed in choices.items():
             if getattr(c, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
+        _check_ktft(c.ktft)
         if c.epochs is None and c.ktft.steps < 1:
             c.epochs = 10
         make_optimizer([nn.Parameter(torch.zeros(1))], c.ktft)  # validates the optimizer name
         make_schedule(torch.optim.SGD([nn.Parameter(torch.zeros(1))]), c.ktft)  # ... and the schedule
         return c
+
+
+def _check_ktft(k: KTFTConfig) -> None:
+    """The optimisation numbers, named by their flags, before the run directory is written (0 steps: not given,
+    the run counts epochs)."""
+    # (name, value, lowest accepted, lowest to name): steps 0 is "not given", the CLI refuses --steps 0 itself
+    counts = (("steps", k.steps, 0, 1), ("warmup_steps", k.warmup_steps, 0, 0), ("step_every", k.step_every, 1, 1))
+    for name, value, low, shown in counts:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {shown}, got {value!r}")
+    for name in ("lr", "momentum", "weight_decay", "gamma", "w_ce", "w_pixel", "w_global", "w_dct", "w_soft"):
+        value = getattr(k, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
+    check_temperature(k.temperature, "--temperature")
 
 
 @dataclass
@@ -350,13 +368,13 @@ def _build_data(c: RunConfig, d: _Dist) -> _Data:
 
     if c.is_digits:
         train_x, train_y, classes = digits_dataset("train", size=c.cache_size, seed=c.subset_seed)
-        picked = per_class_indices(train_y, c.per_class, c.subset_seed)
+        picked = per_class_indices(train_y, c.per_class, c.subset_seed, c.min_policy)
         images, labels = train_x[picked], train_y[picked]
         record = {"source": "digits", "split": "train", "per_class": c.per_class, "seed": c.subset_seed}
         record["indices"] = picked.tolist()
         test_x, test_y, _ = digits_dataset("test", size=c.cache_size, seed=c.subset_seed)
         if c.val_per_class is not None:
-            keep = per_class_indices(test_y, c.val_per_class, c.subset_seed)
+            keep = per_class_indices(test_y, c.val_per_class, c.subset_seed, "warn")  # as for image folders
             test_x, test_y = test_x[keep], test_y[keep]
         val = _array_eval_batches(test_x, test_y, c, d)
     elif c.loader == "cache":

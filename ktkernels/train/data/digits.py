@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .common import DataError
 
 
 @functools.lru_cache(maxsize=1)
@@ -84,16 +87,27 @@ def digits_dataset(
     return images, torch.from_numpy(labels.copy()).index_select(0, idx), [str(c) for c in range(10)]
 
 
-def per_class_indices(labels: Tensor, per_class: int, seed: int) -> Tensor:
-    """Sorted indices of ``per_class`` seeded picks per class of ``labels`` (all of a class that has fewer).
+def per_class_indices(labels: Tensor, per_class: int, seed: int, min_policy: str = "error") -> Tensor:
+    """Sorted indices of ``per_class`` seeded picks per class of ``labels``.
 
-    Class by class in label order, ``torch.randperm`` from one ``torch.Generator().manual_seed(seed)``.
+    Class by class in label order, ``torch.randperm`` from one ``torch.Generator().manual_seed(seed)``. A class
+    with fewer images raises :class:`DataError` (``min_policy='error'``) or warns and gives all of them
+    (``'warn'``), as :func:`select_subset` does for image folders.
     """
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
         raise ValueError(f"per_class must be an int >= 1, got {per_class!r}")
+    if min_policy not in ("error", "warn"):
+        raise ValueError(f"min_policy must be 'error' or 'warn', got {min_policy!r}")
     generator = torch.Generator().manual_seed(seed)
-    picks = []
+    picks, short = [], []
     for c in labels.unique().tolist():
         idx = (labels == c).nonzero().flatten()
+        if len(idx) < per_class:
+            short.append(f"{c} ({len(idx)})")
         picks.append(idx[torch.randperm(len(idx), generator=generator)[:per_class]])
+    if short:
+        msg = f"classes with fewer than per_class={per_class} images: {', '.join(short)}"
+        if min_policy == "error":
+            raise DataError(msg + " (--min-policy warn keeps what there is)")
+        warnings.warn(msg + "; using all of them", stacklevel=2)
     return torch.cat(picks).sort().values
