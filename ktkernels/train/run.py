@@ -166,6 +166,9 @@ class RunConfig:
             ("workers", c.workers, 0),
             ("cache_size", c.cache_size, 1),
             ("image_size", c.image_size, 1),
+            ("steps", c.ktft.steps, 0),  # 0: not given (the run counts epochs); the CLI refuses --steps 0 itself
+            ("warmup_steps", c.ktft.warmup_steps, 0),
+            ("step_every", c.ktft.step_every, 1),
         ]
         for name, value, low in checks:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -191,13 +194,7 @@ class RunConfig:
 
 
 def _check_ktft(k: KTFTConfig) -> None:
-    """The optimisation numbers, named by their flags, before the run directory is written (0 steps: not given,
-    the run counts epochs)."""
-    # (name, value, lowest accepted, lowest to name): steps 0 is "not given", the CLI refuses --steps 0 itself
-    counts = (("steps", k.steps, 0, 1), ("warmup_steps", k.warmup_steps, 0, 0), ("step_every", k.step_every, 1, 1))
-    for name, value, low, shown in counts:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {shown}, got {value!r}")
+    """The optimisation weights and rates, named by their flags, before the run directory is written."""
     for name in ("lr", "momentum", "weight_decay", "gamma", "w_ce", "w_pixel", "w_global", "w_dct", "w_soft"):
         value = getattr(k, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:

@@ -52,8 +52,8 @@ class FeatureTap:
         self.names = list(modules)
         self.role = role
         self._detach = detach
-        self._outputs: dict[str, Tensor] = {}
-        self._versions: dict[str, int | None] = {}  # version counters at capture: in-place changes since raise
+        # name -> (output, its version counter at capture): an in-place change since then raises on reading
+        self._outputs: dict[str, tuple[Tensor, int | None]] = {}
         self._handles: list[RemovableHandle] = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
@@ -62,8 +62,7 @@ class FeatureTap:
                 raise TypeError(
                     f"{self.role} module {name!r} returned {type(output).__name__}: a tap needs a tensor output"
                 )
-            self._outputs[name] = output.detach() if self._detach else output
-            self._versions[name] = _version(output)
+            self._outputs[name] = (output.detach() if self._detach else output, _version(output))
 
         return hook
 
@@ -71,13 +70,13 @@ class FeatureTap:
         if not self._handles:
             raise RuntimeError(f"the {self.role} tap was removed")
         try:
-            output = self._outputs[name]
+            output, version = self._outputs[name]
         except KeyError:
             raise RuntimeError(
                 f"no output captured from {self.role} module {name or '<output>'!r}: run the {self.role} forward "
                 "(again) first"
             ) from None
-        if self._versions[name] is not None and _version(output) != self._versions[name]:
+        if version is not None and _version(output) != version:
             raise RuntimeError(
                 f"the output of {self.role} module {name or '<output>'!r} was modified in place after it was "
                 "captured (e.g. `out += identity` or ReLU(inplace=True) later in the forward): tap the enclosing "
@@ -92,7 +91,6 @@ class FeatureTap:
     def clear(self) -> None:
         """Forget the captured outputs (the hooks stay)."""
         self._outputs.clear()
-        self._versions.clear()
 
     def remove(self) -> None:
         """Remove the hooks and forget the captured outputs."""
