@@ -39,17 +39,19 @@ if step tune; then  # Triton settings: the max-blur stem per shape (blurpool.MAX
   grep -E "^\|" "$OUT/bench_tune_blur.log"
 fi
 if step profile; then  # hardware counters (ncu) of the Triton max-blur stem per tuned shape and of the NCHW blur
+  # (MemoryWorkloadAnalysis_Tables: L1 sectors per request, which tests NOTES.md's "L1 wavefronts" hypothesis)
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   profile_run() {  # NAME ARGS...: each Triton kernel of the table once under ncu, compiled beforehand outside it
     local name=$1; shift
     python3 -m ktkernels.bench blurpool --launch-once --jit-workers "${JIT_WORKERS:-14}" "$@" > /dev/null 2>&1
     limit profile "$ncu" --target-processes all -k regex:_rolling --section SpeedOfLight --section Occupancy \
-      --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --csv --page details \
+      --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+      --section MemoryWorkloadAnalysis_Tables --csv --page details \
       python3 -m ktkernels.bench blurpool --launch-once "$@" > "$OUT/ncu_$name.csv" 2> "$OUT/ncu_$name.log"
     echo "ncu $name: $(grep -c '_rolling' "$OUT/ncu_$name.csv") metric rows"
   }
   profile_run maxblur --tune-max-blur
-  profile_run blur_nchw --cases "adobe k4 L2 down,adobe k4 L4 down" --layouts NCHW
+  profile_run blur_nchw --cases "adobe k4 L2 down,adobe k4 L3 down,adobe k4 L4 down" --layouts NCHW
 fi
 if step model; then  # the ResNet-50 training step: six variants, two cold compiles (~4 minutes)
   limit model python3 -m ktkernels.bench model --out "$OUT" ${MODEL_BENCH_ARGS:-} > "$OUT/bench_model.log" 2>&1
