@@ -24,7 +24,9 @@ echo "build ok"
 copies=$(nm -C --defined-only ktkernels/_C*.so 2>/dev/null | grep -cE "std::locale::|std::codecvt<")
 [ "${copies:-0}" = 0 ] || echo "WARNING: ktkernels._C defines $copies libstdc++ locale symbols (a private libstdc++ copy)"
 if step test; then  # every gpu test (CUDA and Triton) in parallel workers: the Triton JIT per shape is CPU-bound
-  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest tests benchmarks -m gpu -q -p no:cacheprovider \
+  # -v names each test as it ends, and the limit sends SIGINT (pytest then prints its failures and summary), so a
+  # run cut off by TEST_TIMEOUT still says which tests passed and why the failed ones failed.
+  timeout -s INT -k 30 "${TEST_TIMEOUT:-420}" python3 -m pytest tests benchmarks -m gpu -v -rfE -p no:cacheprovider \
     -n "${TEST_JOBS:-12}" ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-} > "$OUT/test_gpu.log" 2>&1
   tail -1 "$OUT/test_gpu.log"
 fi
@@ -81,7 +83,7 @@ f(Path('/tmp/ktft/train'), 3000, 100, 16); f(Path('/tmp/ktft/val'), 1000, 100, 1
 fi
 if step triton; then
   for k in "triton-gpu and blur_pool2d_matches" "triton-gpu and (max_blur or 1d)" "triton and not (blur_pool2d_matches or max_blur or 1d)"; do
-    timeout "${TRITON_TEST_TIMEOUT:-400}" python3 -m pytest tests benchmarks -m gpu -q -p no:cacheprovider -k "$k" \
+    timeout -s INT -k 30 "${TRITON_TEST_TIMEOUT:-400}" python3 -m pytest tests benchmarks -m gpu -v -rfE -p no:cacheprovider -k "$k" \
       > "$OUT/test_triton_$(echo "$k" | tr -dc a-z | cut -c1-16).log" 2>&1 &
   done
   wait
