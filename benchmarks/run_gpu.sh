@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A GPU lease: build, CUDA tests, benchmark tables, then the Triton GPU tests.
 # Usage on the GPU box (torch preinstalled, offline): OUT=/tmp/out STEPS="build test blurpool" bash benchmarks/run_gpu.sh
+# (carry build/triton-cache-sm90.tgz, made by benchmarks/triton_cache_sm90.sh, and the tables compile nothing).
 # One device command may run 10 minutes, so a lease runs this in parts; every part rebuilds (about 60 s) because
 # the box keeps nothing between commands. Parts: build test blurpool tune profile model dct losses train ktft triton
 # (default: all).
@@ -16,6 +17,17 @@ step() { [[ "$STEPS" == *" $1 "* ]]; }
 # limit NAME CMD...: run CMD under `timeout $LIMIT_<NAME>` (default 590 s) so one slow part cannot eat the lease.
 limit() { local v="LIMIT_$1"; shift; timeout "${!v:-590}" "$@"; }
 mkdir -p "$OUT"
+# Kernels precompiled on the dev machine for this box's Python and Triton (benchmarks/triton_cache_sm90.sh), when the
+# lease carries build/triton-cache-sm90.tgz. triton_cache.txt says whether the two Triton builds' keys agree (else
+# every kernel compiles here as before) and how many entries the run added (those compiled here).
+if [ -f build/triton-cache-sm90.tgz ]; then
+  mkdir -p /tmp/ktk-triton && tar xzf build/triton-cache-sm90.tgz -C /tmp/ktk-triton
+  export TRITON_CACHE_DIR=/tmp/ktk-triton/triton-cache-sm90
+  python3 -c "import hashlib, triton; from triton.runtime.cache import triton_key
+print('this box:', triton.__version__, hashlib.sha256(triton_key().encode()).hexdigest()[:16])" > "$OUT/triton_cache.txt" 2>&1
+  echo "carried: $(cat "$TRITON_CACHE_DIR/BUILD"), $(ls "$TRITON_CACHE_DIR" | wc -l) entries" >> "$OUT/triton_cache.txt"
+  cat "$OUT/triton_cache.txt"
+fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/nvidia_smi.txt"
 MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
 echo "build ok"
@@ -89,6 +101,7 @@ if step triton; then
   wait
 fi
 for f in "$OUT"/test_*.log; do [ -e "$f" ] && { echo "== $f: $(tail -1 "$f")"; grep -E "^(FAILED|ERROR)" "$f" | head -10; }; done
+[ -n "${TRITON_CACHE_DIR:-}" ] && echo "entries at the end: $(ls "$TRITON_CACHE_DIR" | wc -l)" | tee -a "$OUT/triton_cache.txt"
 if [ "${PACK:-0}" = 1 ]; then
   tar czf /tmp/results.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/results.tgz "$OUT/results.tgz"
 fi

@@ -179,3 +179,62 @@ def test_every_tested_geometry_compiles_without_spills(geometries):
     }, kernels
     spilled = [(r["case"], r["kernel"], r["constexprs"], r["spill_bytes"]) for r in geometries if r["spill_bytes"]]
     assert not spilled, spilled
+
+
+# Run with the interpreter off (conftest turns it on for this process): compiles one small blur for sm_90 twice,
+# once through ``codegen.compile_for`` and once through ``JITFunction.run`` under a driver that reports an sm_90 GPU
+# (run compiles, then fails to launch), each into its own cache, and prints both caches' keys.
+_SAME_KEY_SCRIPT = """
+import json, os, sys, tempfile, torch
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from ktkernels.bench import codegen
+from ktkernels.blurpool import op
+
+def call():
+    x = codegen._input((2, 3, 13, 10), torch.float32, "NCHW")
+    y = op.blur_pool2d(x, 4, 2, [1, 2, 1, 2], "reflect")
+    y.backward(torch.empty_like(y))
+
+class H100:
+    def get_current_device(self): return 0
+    def get_current_stream(self, device): return 0
+    def get_current_target(self): return GPUTarget(*codegen.H100)
+
+launches, caches = codegen.record({"small blur": call}), {}
+for name in ("compile_for", "run"):
+    knobs.cache.dir = caches[name] = tempfile.mkdtemp()
+    for launch in launches:
+        if name == "compile_for":
+            codegen.compile_for(launch)
+        else:
+            driver.set_active(H100())
+            launch.kernel.device_caches.clear()
+            try:
+                launch.kernel.run(*launch.args, grid=(1,), warmup=False, **launch.kwargs)
+            except AttributeError:  # no launcher on this fake GPU: the compile before it is what counts
+                pass
+gpu_run = {codegen._specialisation(launch) for launch in codegen.gpu_run_launches((torch.bfloat16,), ("NCHW",))}
+print(json.dumps({"kernels": [launch.kernel.__name__ for launch in launches],
+                  "keys": {name: sorted(os.listdir(path)) for name, path in caches.items()},
+                  "gpu_run_kernels": sorted({key.split()[0].rsplit(".", 1)[1] for key in gpu_run})}))
+"""
+
+
+def test_precompiled_cache_holds_the_keys_a_gpu_launch_looks_up():
+    """``bench codegen --fill-cache`` precompiles the GPU run's kernels so that a GPU box compiles none of them: that
+    needs the cache keys a launch on an sm_90 GPU computes, which ``JITFunction.run`` is checked against here."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", _SAME_KEY_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sorted(result["kernels"]) == ["_rolling_blur_adjoint_kernel", "_rolling_blur_kernel"], result
+    keys = result["keys"]
+    assert len(keys["run"]) == 2 and keys["compile_for"] == keys["run"], keys
+    assert result["gpu_run_kernels"] == [
+        "_rolling_blur_adjoint_kernel",
+        "_rolling_blur_kernel",
+        "_rolling_max_blur_backward_kernel",
+        "_rolling_max_blur_kernel",
+    ], result

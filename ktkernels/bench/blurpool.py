@@ -311,9 +311,15 @@ def triton_warm_jobs(dtypes, layouts, cases=RESNET50_CASES, tune=None) -> list[t
     return jobs
 
 
-def _warm_job(device: str, batch: int, case: tuple, dtype_name: str, layout: str, setting) -> None:
+def _random(shape: tuple, dtype: torch.dtype, device: str, memory_format: torch.memory_format) -> torch.Tensor:
+    return torch.randn(shape, dtype=dtype, device=device).to(memory_format=memory_format)
+
+
+def _warm_job(device: str, batch: int, case: tuple, dtype_name: str, layout: str, setting, make=_random) -> None:
     """One Triton step at the table's shape, its forward and its backward launched once each: Triton compiles
-    their kernels into the on-disk cache (``~/.triton/cache``), where the timing process finds them."""
+    their kernels into the on-disk cache (``~/.triton/cache``), where the timing process finds them. ``make(shape,
+    dtype, device, memory_format)`` creates the input and the gradient (``torch.empty`` where launches are only
+    recorded: nothing is read, and untouched memory is never committed)."""
     _, channels, size, kind, filt_size, pads = case
     fn = ours(kind, filt_size, pads, "triton")
     if setting is not None:
@@ -323,8 +329,8 @@ def _warm_job(device: str, batch: int, case: tuple, dtype_name: str, layout: str
         getattr(torch, dtype_name),
         _out_size(kind, size),
     )
-    x = torch.randn(batch, channels, size, size, dtype=dtype, device=device).to(memory_format=fmt)
-    grad = torch.randn(batch, channels, out, out, dtype=dtype, device=device).to(memory_format=fmt)
+    x = make((batch, channels, size, size), dtype, device, fmt)
+    grad = make((batch, channels, out, out), dtype, device, fmt)
     step_for("f+b", fn, lambda: x, lambda: grad)()  # forward and backward on Triton, with fn's setting
     if x.is_cuda:
         torch.cuda.synchronize(x.device)

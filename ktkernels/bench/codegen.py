@@ -19,16 +19,23 @@ reach that bandwidth. It is a static view, not a timing: it shows whether a load
 register- or issue-bound, which is what the memory-bound kernels of this library live or die by, and it runs
 on any machine with ``triton`` installed (tested with triton 3.6 and 3.8; it uses Triton's argument binder, an
 internal API).
+
+``--fill-cache DIR`` analyses nothing: it compiles every kernel of the GPU run's blurpool tables into the Triton
+cache DIR under the keys a launch on an sm_90 GPU looks up, so that a GPU box with the same Triton build compiles
+none of them (:func:`fill_cache`, ``benchmarks/triton_cache_sm90.sh``).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
 import math
+import multiprocessing
+import os
 import re
 import shutil
 import subprocess
@@ -208,6 +215,10 @@ def _losses_cases(dtype: torch.dtype, layout: str) -> dict[str, Callable[[], obj
     }
 
 
+def _uninitialised(shape: tuple, dtype: torch.dtype, device: str, memory_format: torch.memory_format) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+
+
 def _input(shape: tuple, dtype: torch.dtype, layout: str) -> torch.Tensor:
     fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
     return torch.empty(shape, dtype=dtype, memory_format=fmt).requires_grad_()  # never read: launches are recorded
@@ -252,19 +263,34 @@ def _tool(name: str) -> str:
     return found
 
 
-def compile_launch(launch: Launch, target: tuple = H100) -> KernelCode:
-    """Compile one recorded launch for ``target`` exactly as the JIT would specialise it, and read its SASS."""
+def compile_for(launch: Launch, target: tuple = H100):
+    """Compile one recorded launch for ``target`` as ``JITFunction.run`` would on that GPU: the same options
+    (``debug`` and ``instrumentation_mode`` from Triton's knobs), binder, specialisation and ``triton.compile``
+    call, so the kernel lands in Triton's on-disk cache under the key a real launch looks up.
+
+    Returns the compiled kernel and its constexprs ({(argument index,): value}).
+    """
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.compiler import compile as triton_compile
     from triton.runtime.jit import create_function_from_signature
 
     fn, gpu = launch.kernel, GPUTarget(*target)
+    kwargs = dict(launch.kwargs)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
     codegen = make_backend(gpu)
     binder = create_function_from_signature(fn.signature, fn.params, codegen)
-    bound, specialization, options = binder(*launch.args, **launch.kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(codegen, launch.kwargs, bound, specialization, options)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(codegen, kwargs, bound, specialization, options)
     compiled = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=gpu, options=options.__dict__)
+    return compiled, constexprs
+
+
+def compile_launch(launch: Launch, target: tuple = H100) -> KernelCode:
+    """Compile one recorded launch for ``target`` exactly as the JIT would specialise it, and read its SASS."""
+    fn, (compiled, constexprs) = launch.kernel, compile_for(launch, target)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -290,6 +316,56 @@ def compile_launch(launch: Launch, target: tuple = H100) -> KernelCode:
         issue_us=round(len(opcodes) * warps * launch.programs / H100_ISSUE_PER_US, 1),
         memory=dict(sorted(memory.items())),
     )
+
+
+def gpu_run_launches(dtypes: tuple[torch.dtype, ...], layouts: tuple[str, ...]) -> list[Launch]:
+    """The Triton launches of the GPU run's blurpool tables (``bench blurpool``, ``--tune-max-blur``,
+    ``--tune-blur``): every step ``bench.blurpool.triton_warm_jobs`` lists, at batch ``BATCH``, recorded."""
+    from . import blurpool
+
+    jobs = [job for tune in (None, "max-blur", "blur") for job in blurpool.triton_warm_jobs(dtypes, layouts, tune=tune)]
+    with recording() as recorder:
+        for job in jobs:
+            recorder.case = " ".join(map(str, (job[0][0], *job[1:])))
+            blurpool._warm_job("cpu", BATCH, *job, make=_uninitialised)
+    return recorder.launches
+
+
+def _specialisation(launch: Launch, target: tuple = H100) -> str:
+    """What Triton compiles a launch by: the kernel, its argument specialisation and its options."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.kernel
+    binder = create_function_from_signature(fn.signature, fn.params, make_backend(GPUTarget(*target)))
+    _, specialization, options = binder(*launch.args, **launch.kwargs)
+    return f"{fn.__module__}.{fn.__name__} {specialization} {sorted(options.items())}"
+
+
+def _fill_cache_part(part: int, parts: int, dtypes: tuple, layouts: tuple) -> int:
+    """Compile launch ``part`` of every ``parts`` distinct ones (a worker process's share); returns how many."""
+    launches = list({_specialisation(launch): launch for launch in gpu_run_launches(dtypes, layouts)}.values())
+    for launch in launches[part::parts]:
+        compile_for(launch)
+    return len(launches[part::parts])
+
+
+def fill_cache(dtypes: tuple, layouts: tuple, workers: int) -> int:
+    """Compile every kernel the GPU run's blurpool tables launch into Triton's on-disk cache (``TRITON_CACHE_DIR``),
+    in ``workers`` processes; returns the number of distinct kernels.
+
+    The keys are those of a launch on an sm_90 GPU (``compile_for``), so a GPU box whose Triton is the same build
+    (same version and Python: Triton's key hashes its own files) finds them and compiles nothing: carry the folder
+    there and point ``TRITON_CACHE_DIR`` at it (``benchmarks/triton_cache_sm90.sh`` packs it into
+    ``build/triton-cache-sm90.tgz``, which ``benchmarks/run_gpu.sh`` unpacks when a lease carries it).
+    """
+    if workers <= 1:
+        return _fill_cache_part(0, 1, dtypes, layouts)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        done = [pool.submit(_fill_cache_part, part, workers, dtypes, layouts) for part in range(workers)]
+        return sum(future.result() for future in done)
 
 
 def _short(value: object) -> str:
@@ -338,11 +414,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layouts", default="NCHW,NHWC")
     parser.add_argument("--out", default="benchmarks/results", help="directory for codegen_sm90.{json,md}")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown; write nothing")
+    parser.add_argument(
+        "--fill-cache",
+        metavar="DIR",
+        help="no analysis: compile every kernel of the GPU run's blurpool tables (bench blurpool, --tune-max-blur, "
+        "--tune-blur) for sm_90 into the Triton cache DIR, for a GPU box with the same Triton build",
+    )
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="with --fill-cache: processes")
     args = parser.parse_args(argv)
     dtypes = tuple(getattr(torch, name) for name in args.dtypes.split(","))
     layouts = tuple(args.layouts.split(","))
     if set(layouts) - {"NCHW", "NHWC"}:
         parser.error(f"--layouts takes NCHW and/or NHWC, got {args.layouts!r}")
+    if args.fill_cache:
+        import triton
+        from triton import knobs
+
+        os.environ["TRITON_CACHE_DIR"] = str(Path(args.fill_cache).resolve())  # spawned workers inherit it
+        knobs.cache.dir = os.environ["TRITON_CACHE_DIR"]
+        count = fill_cache(dtypes, layouts, args.jobs)
+        return print(f"{count} kernels compiled for sm_90 into {args.fill_cache} (triton {triton.__version__})")
     codes = analyse(cases(tuple(args.families.split(",")), dtypes, layouts))
     if args.json:
         print(json.dumps([dataclasses.asdict(c) for c in codes]))

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Precompile, on this CPU machine, every Triton kernel of the GPU run's blurpool tables (bench blurpool and both tune
+# tables) for sm_90, into build/triton-cache-sm90.tgz. A lease carries it (run's carry: build/triton-cache-sm90.tgz)
+# and benchmarks/run_gpu.sh unpacks it into TRITON_CACHE_DIR, so the box compiles none of those kernels (a planar
+# max-blur kernel takes up to a minute of ptxas). Triton's cache key hashes Triton's own files, so the kernels are
+# compiled by the box's Python and Triton build (3.12 and 3.6.0, ../shared/env.md) in a venv of their own.
+# Usage: PYTHON=python3.12 bash benchmarks/triton_cache_sm90.sh   (about 20 minutes on 2 cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.12}
+TRITON=${TRITON:-3.6.0}
+VENV=${CACHE_VENV:-build/venv-triton-$TRITON}
+if ! [ -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q "torch==$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')" numpy
+  "$VENV/bin/python" -m pip install -q --no-deps "triton==$TRITON"  # over the one torch pins: the box's Triton
+fi
+rm -rf build/triton-cache-sm90 build/triton-cache-sm90.tgz
+PYTHONPATH=. "$VENV/bin/python" -m ktkernels.bench codegen --fill-cache build/triton-cache-sm90 --jobs "${JOBS:-$(nproc)}"
+# Which Triton build made the keys: run_gpu.sh prints the box's for comparison.
+"$VENV/bin/python" -c "import hashlib, triton; from triton.runtime.cache import triton_key
+print(triton.__version__, hashlib.sha256(triton_key().encode()).hexdigest()[:16])" > build/triton-cache-sm90/BUILD
+tar czf build/triton-cache-sm90.tgz -C build triton-cache-sm90
+echo "$(cat build/triton-cache-sm90/BUILD): $(du -h build/triton-cache-sm90.tgz | cut -f1) in build/triton-cache-sm90.tgz"
