@@ -34,6 +34,13 @@ RUN_DIR = _session_dir("KTK_TEST_RUN_DIR", "ktk-tests-")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Record every interpreted Triton launch for `bench codegen --fill-cache --test-launches` (benchmarks/NOTES.md,
+# "Precompiled Triton cache"): the GPU tests run the same bodies at the same shapes.
+if os.environ.get("KTK_RECORD_TRITON_LAUNCHES") and os.environ.get("TRITON_INTERPRET") == "1":
+    from ktkernels.bench import codegen as _codegen
+
+    _codegen.record_interpreted_launches(os.environ["KTK_RECORD_TRITON_LAUNCHES"])
+
 
 def _skip_repeated_lang_patching() -> None:
     """Under the interpreter, skip re-patching triton.language on each @triton.jit helper call when it is patched.

@@ -19,10 +19,11 @@ limit() { local v="LIMIT_$1"; shift; timeout "${!v:-590}" "$@"; }
 mkdir -p "$OUT"
 # Kernels precompiled on the dev machine for this box's Python and Triton (benchmarks/triton_cache_sm90.sh), when the
 # lease carries build/triton-cache-sm90.tgz. triton_cache.txt says whether the two Triton builds' keys agree (else
-# every kernel compiles here as before) and how many entries the run added (those compiled here).
+# every kernel compiles here as before) and how many kernels the run still compiled here.
 if [ -f build/triton-cache-sm90.tgz ]; then
   mkdir -p /tmp/ktk-triton && tar xzf build/triton-cache-sm90.tgz -C /tmp/ktk-triton
   export TRITON_CACHE_DIR=/tmp/ktk-triton/triton-cache-sm90
+  sed -i "s|@TRITON_CACHE_DIR@|$TRITON_CACHE_DIR|g" "$TRITON_CACHE_DIR"/*/__grp__*.json  # absolute paths in groups
   python3 -c "import hashlib, triton; from triton.runtime.cache import triton_key
 print('this box:', triton.__version__, hashlib.sha256(triton_key().encode()).hexdigest()[:16])" > "$OUT/triton_cache.txt" 2>&1
   echo "carried: $(cat "$TRITON_CACHE_DIR/BUILD"), $(ls "$TRITON_CACHE_DIR" | wc -l) entries" >> "$OUT/triton_cache.txt"
@@ -101,7 +102,9 @@ if step triton; then
   wait
 fi
 for f in "$OUT"/test_*.log; do [ -e "$f" ] && { echo "== $f: $(tail -1 "$f")"; grep -E "^(FAILED|ERROR)" "$f" | head -10; }; done
-[ -n "${TRITON_CACHE_DIR:-}" ] && echo "entries at the end: $(ls "$TRITON_CACHE_DIR" | wc -l)" | tee -a "$OUT/triton_cache.txt"
+# The carried kernels hold no PTX (triton_cache_sm90.sh keeps only cubins): each .ptx is a kernel compiled here.
+[ -n "${TRITON_CACHE_DIR:-}" ] && echo "kernels compiled on this box: $(find "$TRITON_CACHE_DIR" -name '*.ptx' | wc -l)" |
+  tee -a "$OUT/triton_cache.txt"
 if [ "${PACK:-0}" = 1 ]; then
   tar czf /tmp/results.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/results.tgz "$OUT/results.tgz"
 fi

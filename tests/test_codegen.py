@@ -238,3 +238,41 @@ def test_precompiled_cache_holds_the_keys_a_gpu_launch_looks_up():
         "_rolling_max_blur_backward_kernel",
         "_rolling_max_blur_kernel",
     ], result
+
+
+def test_recorded_test_launches_rebuild_with_their_specialisation(tmp_path):
+    """``--fill-cache --test-launches`` compiles what a test run launched under the interpreter, from JSON: each
+    argument must come back with what Triton specialises on (dtype, 16-byte alignment, integer values), here for a
+    strided (unaligned) bf16 input and a channels_last one, forward and backward."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("records interpreted launches (a GPU machine runs the compiled kernels)")
+    import torch
+    import triton.language as tl
+
+    from ktkernels import use_backend
+    from ktkernels.bench import codegen
+    from ktkernels.blurpool import op
+
+    base = torch.randn(2, 4, 11, 19, dtype=torch.bfloat16)
+    inputs = [base[:, 1:, :, 1::2], base.contiguous(memory_format=torch.channels_last)]
+    seen = []
+    stop = codegen.record_interpreted_launches(str(tmp_path / "launches"))
+    try:
+        with use_backend("triton"):
+            for x in inputs:
+                x = x.detach().requires_grad_()
+                y = op.blur_pool2d(x, 4, 2, [1, 2, 1, 2], "reflect")
+                y.backward(torch.ones_like(y))
+                seen.append((x.data_ptr() % 16 == 0, x.stride()))
+    finally:
+        stop()
+    launches = codegen.recorded_launches(str(tmp_path / "launches"))
+    assert [launch.kernel.fn.__name__ for launch in launches] == [
+        "_rolling_blur_kernel",
+        "_rolling_blur_adjoint_kernel",
+    ] * 2
+    for launch, (aligned, stride) in zip(launches[::2], seen, strict=True):
+        x = launch.args[0]
+        assert x.dtype == torch.bfloat16 and x.stride() == stride and (x.data_ptr() % 16 == 0) == aligned
+    assert not seen[0][0] and seen[1][0]  # the slice is unaligned, the channels_last copy aligned
+    assert all(isinstance(a, int) for a in launches[0].args[4:]) and launches[0].kwargs["ACC"] == tl.float32

@@ -20,9 +20,10 @@ register- or issue-bound, which is what the memory-bound kernels of this library
 on any machine with ``triton`` installed (tested with triton 3.6 and 3.8; it uses Triton's argument binder, an
 internal API).
 
-``--fill-cache DIR`` analyses nothing: it compiles every kernel of the GPU run's blurpool tables into the Triton
-cache DIR under the keys a launch on an sm_90 GPU looks up, so that a GPU box with the same Triton build compiles
-none of them (:func:`fill_cache`, ``benchmarks/triton_cache_sm90.sh``).
+``--fill-cache DIR`` analyses nothing: it compiles every kernel of the GPU run's blurpool tables (and, with
+``--test-launches``, of a test run recorded under the interpreter) into the Triton cache DIR under the keys a launch
+on an sm_90 GPU looks up, so that a GPU box with the same Triton build compiles none of them (:func:`fill_cache`,
+``benchmarks/triton_cache_sm90.sh``).
 """
 
 from __future__ import annotations
@@ -331,6 +332,79 @@ def gpu_run_launches(dtypes: tuple[torch.dtype, ...], layouts: tuple[str, ...]) 
     return recorder.launches
 
 
+def _describe(value: object) -> object:
+    """A launch argument as JSON: tensors by what Triton specialises on (dtype, strides, 16-byte alignment)."""
+    import triton.language as tl
+
+    if isinstance(value, torch.Tensor):
+        return {
+            "dtype": str(value.dtype).removeprefix("torch."),
+            "shape": list(value.shape),
+            "stride": list(value.stride()),
+            "offset": value.storage_offset(),
+            "align16": value.data_ptr() % 16 == 0,
+        }
+    if isinstance(value, tl.dtype):
+        return {"tl": value.name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot describe a launch argument of type {type(value).__name__}")
+
+
+def _rebuild(value: object) -> object:
+    """The inverse of :func:`_describe`: a CPU tensor of the same dtype, strides and alignment (never read)."""
+    import triton.language as tl
+
+    if isinstance(value, dict) and "tl" in value:
+        return tl.dtype(value["tl"])
+    if isinstance(value, dict):
+        dtype = getattr(torch, value["dtype"])
+        reach = sum((n - 1) * abs(s) for n, s in zip(value["shape"], value["stride"], strict=True) if n)
+        extent = value["offset"] + reach + 1
+        tensor = torch.empty(extent, dtype=dtype).as_strided(value["shape"], value["stride"], value["offset"])
+        assert (tensor.data_ptr() % 16 == 0) == value["align16"], value  # allocations are 64-byte aligned
+        return tensor
+    return value
+
+
+def record_interpreted_launches(path: str) -> Callable[[], None]:
+    """Append every launch of a Triton kernel under the interpreter (``TRITON_INTERPRET=1``) to the JSON-lines file
+    ``path`` (one per process: ``path.<pid>``), then run it as usual; returns the function that stops recording.
+    conftest calls this when ``KTK_RECORD_TRITON_LAUNCHES`` names a path, so that ``--fill-cache --test-launches``
+    can compile the kernels a test run launches for the GPU."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    interpreted_run = InterpretedFunction.run
+    out = f"{path}.{os.getpid()}"
+
+    def run(self, *args, grid, warmup, **kwargs):
+        grid_size = grid(kwargs) if callable(grid) else grid
+        record = {"kernel": f"{self.fn.__module__}:{self.fn.__name__}", "args": [_describe(a) for a in args],
+                  "kwargs": {k: _describe(v) for k, v in kwargs.items()}, "programs": math.prod(grid_size)}  # fmt: skip
+        with open(out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return interpreted_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = run
+    return lambda: setattr(InterpretedFunction, "run", interpreted_run)
+
+
+def recorded_launches(path: str) -> list[Launch]:
+    """The launches :func:`record_interpreted_launches` wrote to ``path.*``, as launches of the compiled kernels."""
+    import importlib
+
+    launches = []
+    for part in sorted(Path(path).parent.glob(f"{Path(path).name}.*")):
+        for line in part.read_text().splitlines():
+            record = json.loads(line)
+            module, name = record["kernel"].split(":")
+            kernel = getattr(importlib.import_module(module), name)
+            args = tuple(_rebuild(a) for a in record["args"])
+            kwargs = {k: _rebuild(v) for k, v in record["kwargs"].items()}
+            launches.append(Launch(f"recorded {name}", kernel, args, kwargs, record["programs"]))
+    return launches
+
+
 def _specialisation(launch: Launch, target: tuple = H100) -> str:
     """What Triton compiles a launch by: the kernel, its argument specialisation and its options."""
     from triton.backends.compiler import GPUTarget
@@ -343,17 +417,19 @@ def _specialisation(launch: Launch, target: tuple = H100) -> str:
     return f"{fn.__module__}.{fn.__name__} {specialization} {sorted(options.items())}"
 
 
-def _fill_cache_part(part: int, parts: int, dtypes: tuple, layouts: tuple) -> int:
+def _fill_cache_part(part: int, parts: int, dtypes: tuple, layouts: tuple, test_launches: str | None) -> int:
     """Compile launch ``part`` of every ``parts`` distinct ones (a worker process's share); returns how many."""
-    launches = list({_specialisation(launch): launch for launch in gpu_run_launches(dtypes, layouts)}.values())
-    for launch in launches[part::parts]:
+    launches = gpu_run_launches(dtypes, layouts) + (recorded_launches(test_launches) if test_launches else [])
+    distinct = list({_specialisation(launch): launch for launch in launches}.values())
+    for launch in distinct[part::parts]:
         compile_for(launch)
-    return len(launches[part::parts])
+    return len(distinct[part::parts])
 
 
-def fill_cache(dtypes: tuple, layouts: tuple, workers: int) -> int:
+def fill_cache(dtypes: tuple, layouts: tuple, workers: int, test_launches: str | None = None) -> int:
     """Compile every kernel the GPU run's blurpool tables launch into Triton's on-disk cache (``TRITON_CACHE_DIR``),
-    in ``workers`` processes; returns the number of distinct kernels.
+    in ``workers`` processes; returns the number of distinct kernels. ``test_launches``: also the launches a test
+    run recorded there (:func:`record_interpreted_launches`).
 
     The keys are those of a launch on an sm_90 GPU (``compile_for``), so a GPU box whose Triton is the same build
     (same version and Python: Triton's key hashes its own files) finds them and compiles nothing: carry the folder
@@ -361,10 +437,10 @@ def fill_cache(dtypes: tuple, layouts: tuple, workers: int) -> int:
     ``build/triton-cache-sm90.tgz``, which ``benchmarks/run_gpu.sh`` unpacks when a lease carries it).
     """
     if workers <= 1:
-        return _fill_cache_part(0, 1, dtypes, layouts)
+        return _fill_cache_part(0, 1, dtypes, layouts, test_launches)
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        done = [pool.submit(_fill_cache_part, part, workers, dtypes, layouts) for part in range(workers)]
+        done = [pool.submit(_fill_cache_part, part, workers, dtypes, layouts, test_launches) for part in range(workers)]
         return sum(future.result() for future in done)
 
 
@@ -421,6 +497,12 @@ def main(argv: list[str] | None = None) -> None:
         "--tune-blur) for sm_90 into the Triton cache DIR, for a GPU box with the same Triton build",
     )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="with --fill-cache: processes")
+    parser.add_argument(
+        "--test-launches",
+        metavar="PATH",
+        help="with --fill-cache: also the launches a test run recorded under the interpreter with "
+        "KTK_RECORD_TRITON_LAUNCHES=PATH (conftest)",
+    )
     args = parser.parse_args(argv)
     dtypes = tuple(getattr(torch, name) for name in args.dtypes.split(","))
     layouts = tuple(args.layouts.split(","))
@@ -432,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
 
         os.environ["TRITON_CACHE_DIR"] = str(Path(args.fill_cache).resolve())  # spawned workers inherit it
         knobs.cache.dir = os.environ["TRITON_CACHE_DIR"]
-        count = fill_cache(dtypes, layouts, args.jobs)
+        count = fill_cache(dtypes, layouts, args.jobs, args.test_launches)
         return print(f"{count} kernels compiled for sm_90 into {args.fill_cache} (triton {triton.__version__})")
     codes = analyse(cases(tuple(args.families.split(",")), dtypes, layouts))
     if args.json:
