@@ -64,7 +64,7 @@ class Launch:
     kernel: object  # triton.runtime.jit.JITFunction
     args: tuple
     kwargs: dict
-    programs: int  # the launch grid's size
+    programs: int | None  # the launch grid's size (None: a recorded callable grid)
 
 
 @dataclasses.dataclass
@@ -378,9 +378,9 @@ def record_interpreted_launches(path: str) -> Callable[[], None]:
     out = f"{path}.{os.getpid()}"
 
     def run(self, *args, grid, warmup, **kwargs):
-        grid_size = grid(kwargs) if callable(grid) else grid
+        programs = None if callable(grid) else math.prod(grid)  # ktkernels' launchers pass tuples
         record = {"kernel": f"{self.fn.__module__}:{self.fn.__name__}", "args": [_describe(a) for a in args],
-                  "kwargs": {k: _describe(v) for k, v in kwargs.items()}, "programs": math.prod(grid_size)}  # fmt: skip
+                  "kwargs": {k: _describe(v) for k, v in kwargs.items()}, "programs": programs}  # fmt: skip
         with open(out, "a") as f:
             f.write(json.dumps(record) + "\n")
         return interpreted_run(self, *args, grid=grid, warmup=warmup, **kwargs)
