@@ -5,7 +5,7 @@
 # compiles none of those kernels (a planar max-blur kernel takes up to a minute of ptxas). Triton's cache key hashes
 # Triton's own files, so the kernels are compiled by the box's Python and Triton build (3.12 and 3.6.0,
 # ../shared/env.md) in a venv of their own. benchmarks/NOTES.md, "Precompiled Triton cache", has the measurements.
-# Usage: PYTHON=python3.12 bash benchmarks/triton_cache_sm90.sh   (about 30 minutes on 2 cores)
+# Usage: PYTHON=python3.12 bash benchmarks/triton_cache_sm90.sh   (about 20 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.12}
