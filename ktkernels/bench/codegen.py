@@ -222,7 +222,7 @@ def _uninitialised(shape: tuple, dtype: torch.dtype, device: str, memory_format:
 
 def _input(shape: tuple, dtype: torch.dtype, layout: str) -> torch.Tensor:
     fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, memory_format=fmt).requires_grad_()  # never read: launches are recorded
+    return _uninitialised(shape, dtype, "cpu", fmt).requires_grad_()  # never read: launches are recorded
 
 
 FAMILIES = {
@@ -271,10 +271,22 @@ def compile_for(launch: Launch, target: tuple = H100):
 
     Returns the compiled kernel and its constexprs ({(argument index,): value}).
     """
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
+
+    fn, gpu, codegen, kwargs, (bound, specialization, options) = _bind(launch, target)
+    options, signature, constexprs, attrs = fn._pack_args(codegen, kwargs, bound, specialization, options)
+    compiled = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=gpu, options=options.__dict__)
+    return compiled, constexprs
+
+
+def _bind(launch: Launch, target: tuple) -> tuple:
+    """``JITFunction.run``'s first steps for ``launch`` on ``target``: its options from Triton's knobs, then the
+    binder. Returns the kernel, the target, its backend, the options and the binder's (arguments, specialisation,
+    options)."""
     from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.compiler import compile as triton_compile
+    from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
     fn, gpu = launch.kernel, GPUTarget(*target)
@@ -283,10 +295,7 @@ def compile_for(launch: Launch, target: tuple = H100):
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
     codegen = make_backend(gpu)
     binder = create_function_from_signature(fn.signature, fn.params, codegen)
-    bound, specialization, options = binder(*launch.args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(codegen, kwargs, bound, specialization, options)
-    compiled = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=gpu, options=options.__dict__)
-    return compiled, constexprs
+    return fn, gpu, codegen, kwargs, binder(*launch.args, **kwargs)
 
 
 def compile_launch(launch: Launch, target: tuple = H100) -> KernelCode:
@@ -407,13 +416,7 @@ def recorded_launches(path: str) -> list[Launch]:
 
 def _specialisation(launch: Launch, target: tuple = H100) -> str:
     """What Triton compiles a launch by: the kernel, its argument specialisation and its options."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    fn = launch.kernel
-    binder = create_function_from_signature(fn.signature, fn.params, make_backend(GPUTarget(*target)))
-    _, specialization, options = binder(*launch.args, **launch.kwargs)
+    fn, *_, (_, specialization, options) = _bind(launch, target)
     return f"{fn.__module__}.{fn.__name__} {specialization} {sorted(options.items())}"
 
 
@@ -510,10 +513,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--layouts takes NCHW and/or NHWC, got {args.layouts!r}")
     if args.fill_cache:
         import triton
-        from triton import knobs
 
-        os.environ["TRITON_CACHE_DIR"] = str(Path(args.fill_cache).resolve())  # spawned workers inherit it
-        knobs.cache.dir = os.environ["TRITON_CACHE_DIR"]
+        # Triton reads it at each cache use, and spawned workers inherit it.
+        os.environ["TRITON_CACHE_DIR"] = str(Path(args.fill_cache).resolve())
         count = fill_cache(dtypes, layouts, args.jobs, args.test_launches)
         return print(f"{count} kernels compiled for sm_90 into {args.fill_cache} (triton {triton.__version__})")
     codes = analyse(cases(tuple(args.families.split(",")), dtypes, layouts))
