@@ -1,6 +1,8 @@
 # The README's two commands: `make demo` (the main job) and `make test` (the test suite).
 # Both create/reuse .venv, install requirements-dev.txt when it changes, and (re)build ktkernels._C
 # incrementally with ninja. KTK_BUILD_CUDA=auto|0|1 controls the CUDA kernels (see setup.py).
+# pip --no-compile: Python writes the bytecode of the modules that are imported when they first are, instead of
+# pip compiling every file it installs (the install took 89 -> 44 s on 2 cores; benchmarks/NOTES.md, "CI time").
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-$(shell sha1sum requirements-dev.txt | cut -c1-12)
@@ -16,7 +18,7 @@ TEST_JOBS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 $(DEPS_STAMP): requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-compile -r requirements-dev.txt
 	rm -f $(VENV)/.deps-*
 	touch $@
 

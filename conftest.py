@@ -75,8 +75,27 @@ def _skip_repeated_lang_patching() -> None:
     function.__call__ = call
 
 
+def _skip_discarded_overflow_checks() -> None:
+    """Under the interpreter, skip the integer overflow checks whose result nothing reads.
+
+    The interpreter's options ask for them (``sanitize_overflow``), but with ``debug`` off Triton's ``device_assert``
+    returns before it looks at the check. Until then every int32 add, sub and mul of a kernel is computed again in
+    int64 and compared with the int32 range: ~40% of a max-blur launch's interpreter time (benchmarks/NOTES.md,
+    "CI time"). A GPU compile drops them the same way. With ``debug`` on they stay.
+    """
+    import dataclasses
+
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if dataclasses.is_dataclass(options) and getattr(options, "sanitize_overflow", False) and not options.debug:
+        builder.options = dataclasses.replace(options, sanitize_overflow=False)
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _skip_repeated_lang_patching()
+    _skip_discarded_overflow_checks()
 
 import pytest  # noqa: E402
 

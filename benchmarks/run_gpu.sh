@@ -30,7 +30,9 @@ print('this box:', triton.__version__, hashlib.sha256(triton_key().encode()).hex
   cat "$OUT/triton_cache.txt"
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/nvidia_smi.txt"
-MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+# pyproject.toml's SPDX license string needs setuptools >= 77 (this build is not isolated: the box's own one).
+python3 -c "import setuptools; print('setuptools', setuptools.__version__)" > "$OUT/build.log" 2>&1
+MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
 echo "build ok"
 # A private libstdc++ inside _C (a static-only compiler runtime) makes C++ error messages segfault; setup.py
 # links torch's libstdc++ to prevent it: say so loudly if it happened anyway.
