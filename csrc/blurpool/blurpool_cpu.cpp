@@ -28,7 +28,7 @@
 //
 // Speed: the work functions also have AVX2+FMA clones chosen at run time (csrc/common/cpu_isa.h), and large
 // fresh outputs get transparent huge pages before their first touch (see advise_huge_pages).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>

@@ -25,7 +25,7 @@
 //
 // As in the blur-pool kernels, the work functions also have AVX2+FMA clones chosen at run time
 // (ATEN_CPU_CAPABILITY=default forces the baseline).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

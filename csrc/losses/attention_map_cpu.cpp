@@ -18,7 +18,7 @@
 // row-major products written as row updates (out[i, :] += a[i, k] * b[k, :]) that the compiler vectorises;
 // the right tables are also kept transposed so that the forward's Z R^T is such a product too. Sums use
 // eight partial sums in a fixed order: deterministic, and about sqrt(8) times tighter than one running sum.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -11,7 +11,7 @@
 // soft_target_backward_: elementwise from the saved rows, with log p = z/T - lse (z/T computed as in the
 // forward, so that the argmax of a one-hot row gives log p_t - log p_s - kl = 0 exactly):
 //   grad_s = g/T (p_s - p_t),  grad_t = g/T p_t (log p_t - log p_s - kl).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

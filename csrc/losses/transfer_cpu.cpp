@@ -19,7 +19,7 @@
 //
 // All reductions have a fixed order (deterministic). The work functions have AVX2+FMA clones chosen at run time
 // (csrc/common/cpu_isa.h; ATEN_CPU_CAPABILITY=default forces the baseline).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
