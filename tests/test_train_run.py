@@ -288,8 +288,10 @@ def test_resume_refuses_changed_settings(uninterrupted, tmp_path, capsys):
 
 
 def _torchrun(run_dir, *extra: str) -> subprocess.CompletedProcess:
+    # --log-dir: torchrun otherwise leaves a torchelastic_* folder in the system temp dir on every launch.
     argv = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "--log-dir", str(run_dir.parent / "torchrun-logs"),
         "-m", "ktkernels.train", "train", "--run-dir", str(run_dir), "--steps", "4", "--per-class", "5",
         "--batch-size", "8", "--log-every", "2", "--no-progress", "--no-plots", *extra,
     ]  # fmt: skip
