@@ -9,7 +9,14 @@
 
 A backend named explicitly that cannot run raises ``RuntimeError`` naming what is missing: there is
 no silent fallback. Choose with ``set_backend``, the ``use_backend`` context manager or the
-``KTK_BACKEND`` environment variable (read at import).
+``KTK_BACKEND`` environment variable (read at import; empty means ``auto``).
+
+The choice is process-wide, like ``torch.backends.cudnn.flags``: the ops read it when they run, and the
+autograd engine runs CUDA backwards on threads of its own, which a thread-local choice would not reach.
+So ``use_backend`` blocks in concurrent threads see each other's choice; choose once, or from one thread.
+Inside a ``torch.compile``d function, ``set_backend`` and ``use_backend`` break the graph (an error under
+``fullgraph=True``): Dynamo would otherwise replay their writes after the graph, and the ops in it would
+run on the previous choice. Set the backend around the compiled call.
 
 Example::
 
@@ -68,7 +75,11 @@ def _validate(name: str) -> str:
     return name.lower()
 
 
-_current = _validate(os.environ.get("KTK_BACKEND", "auto"))
+_current = _validate(os.environ.get("KTK_BACKEND") or "auto")
+_NOT_IN_GRAPHS = (
+    "set the ktkernels backend outside the compiled function: the ops read it when they run, so a write traced "
+    "into the graph would take effect only after it"
+)
 
 
 def get_backend() -> str:
@@ -76,21 +87,27 @@ def get_backend() -> str:
     return _current
 
 
-def set_backend(name: str) -> None:
-    """Select the backend for all ops: one of ``auto``, ``triton``, ``cuda``, ``cpu``, ``torch``."""
+@torch.compiler.disable(reason=_NOT_IN_GRAPHS)
+def _swap(name: str) -> str:
+    """Select ``name`` (validated) and return the previous choice."""
     global _current
-    _current = _validate(name)
+    previous, _current = _current, _validate(name)
+    return previous
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for all ops, process-wide: one of ``auto``, ``triton``, ``cuda``, ``cpu``, ``torch``."""
+    _swap(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager that selects a backend and restores the previous choice on exit."""
-    global _current
-    previous, _current = _current, _validate(name)
+    """Context manager that selects a backend (process-wide) and restores the previous choice on exit."""
+    previous = _swap(name)
     try:
         yield
     finally:
-        _current = previous
+        _swap(previous)
 
 
 @functools.cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -136,6 +137,8 @@ def test_blur_pool1d_matches_reference(target, filt_size, stride, mode, layout):
     expected.backward(grad.double().cpu())
     assert_close(y, expected, dtype)
     assert_close(x.grad, x64.grad, dtype)
+    if layout == "channels_last":  # (N, L, C) storage in, out and for the gradient
+        assert y.transpose(1, 2).is_contiguous() and x.grad.transpose(1, 2).is_contiguous()
 
 
 MAX_CASES = [
@@ -174,6 +177,9 @@ def test_max_blur_pool2d_matches_reference(target, kmax, pmax, filt_size, stride
     )
     expected.backward(grad.double().cpu())
     assert_close(x.grad, x64.grad, dtype)
+    if layout == "channels_last":
+        for t in (y, codes, x.grad):
+            assert t.is_contiguous(memory_format=torch.channels_last)
 
 
 def poison_outputs(monkeypatch) -> None:
@@ -746,6 +752,41 @@ def test_worked_examples_from_the_anchors(target):
             assert torch.equal(got.double().cpu()[0, 0], torch.tensor(values, dtype=torch.float64)), (k, mode)
 
 
+# Written out, not computed: the reference and the kernels' tables share geometry.binomial_taps, so a wrong row
+# there would pass every comparison with the reference.
+PASCAL_ROWS = {1: [1], 2: [1, 1], 3: [1, 2, 1], 4: [1, 3, 3, 1], 5: [1, 4, 6, 4, 1], 6: [1, 5, 10, 10, 5, 1],
+               7: [1, 6, 15, 20, 15, 6, 1]}  # fmt: skip
+
+
+def literal_blur(x: torch.Tensor, k: int, stride: int, pads: list[int], mode: str) -> torch.Tensor:
+    """F.pad + depthwise conv with the written-out binomial row, in float64, for (N, C, L) or (N, C, H, W)."""
+    row = torch.tensor(PASCAL_ROWS[k], dtype=torch.float64) / 2 ** (k - 1)
+    x = torch.nn.functional.pad(x, pads, mode={"zero": "constant"}.get(mode, mode))
+    c = x.shape[1]
+    if x.dim() == 3:
+        return torch.nn.functional.conv1d(x, row.expand(c, 1, k), stride=stride, groups=c)
+    return torch.nn.functional.conv2d(x, torch.outer(row, row).expand(c, 1, k, k), stride=stride, groups=c)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_filters_are_the_rows_of_pascals_triangle(target):
+    """Every filt_size on every op, against the written-out rows (the worked examples cover k = 3 and 4 only)."""
+    name, device = target
+    dtype = torch.float32 if name == "cuda" else torch.float64
+    x = torch.randn(2, 3, 10, 9, dtype=torch.float64)
+    x1 = torch.randn(2, 3, 13, dtype=torch.float64)
+    with ktkernels.use_backend(name):
+        for k in PASCAL_ROWS:
+            mode, pads, stride = ("reflect", "zero")[k % 2], list(geometry.adobe_pads(k)) * 2, 1 + k % 2
+            got = ktkernels.blur_pool2d(x.to(device, dtype), k, stride, pads, mode)
+            assert_close(got, literal_blur(x, k, stride, pads, mode), dtype)
+            got = ktkernels.blur_pool1d(x1.to(device, dtype), k, stride, pads[:2], mode)
+            assert_close(got, literal_blur(x1, k, stride, pads[:2], mode), dtype)
+            got = ktkernels.max_blur_pool2d(x.to(device, dtype), k, stride, pads, mode)
+            maxed = torch.nn.functional.max_pool2d(x, 2, 1)
+            assert_close(got, literal_blur(maxed, k, stride, pads, mode), dtype)
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_empty_batch_and_channels(target):
     name, device = target
@@ -804,25 +845,44 @@ def test_kernel_max_blur_ops_refuse_empty_spatial_axes(device):
         torch.ops.ktkernels_C.max_blur_backward_(grad, codes, 2, 1, *tables, torch.empty_like(x))
 
 
-@pytest.mark.parametrize("target", [t for t in KERNEL_TARGETS if t.values[0][1] == "cpu"])
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 def test_backward_is_deterministic(target):
+    """Bitwise-equal gradients over runs. The CUDA C++ kernels get maps large enough for float atomics, were there
+    any, to add in a different order each run; the Triton kernels keep the test shape, for which the GPU run carries
+    precompiled kernels (each shape is a compile), and the interpreter runs programs one at a time. So the source
+    check below is what holds for every backend."""
     name, device = target
-    x = torch.randn(2, 4, 15, 14, dtype=torch.float32, requires_grad=True)
-    grads = []
+    shape = (8, 64, 57, 55) if name == "cuda" else (2, 4, 15, 14)
+    x = torch.randn(shape, device=device)
     with ktkernels.use_backend(name):
-        for _ in range(2):
+        for layout in (torch.contiguous_format, torch.channels_last):
             for fn in (ktkernels.blur_pool2d, ktkernels.max_blur_pool2d):
-                x.grad = None
-                fn(x).backward(torch.ones(1).expand(fn(x).shape))
-                grads.append(x.grad.clone())
-    assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[3])
+                xl = x.detach().to(memory_format=layout).requires_grad_()
+                y = fn(xl)
+                grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(0)).to(device)
+                runs = [torch.autograd.grad(fn(xl), xl, grad)[0] for _ in range(3)]
+                assert all(torch.equal(runs[0], run) for run in runs[1:]), (fn.__name__, layout)
 
 
-@pytest.mark.parametrize("target", [t for t in TARGETS if t.values[0][1] == "cpu"])
+def test_kernel_sources_have_no_float_atomics():
+    """Deterministic backwards by construction: each gradient element is gathered by one program or thread. (The
+    CUDA max-blur's shared-memory integer atomicMin/atomicMax of table bounds are order-independent.)"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sources = [os.path.join(root, "ktkernels", "blurpool", "triton.py")]
+    sources += [os.path.join(root, "csrc", "blurpool", f) for f in os.listdir(os.path.join(root, "csrc", "blurpool"))]
+    assert len(sources) >= 5
+    for path in sources:
+        with open(path) as f:
+            text = f.read()
+        found = re.findall(r"atomic(?:Add|Sub|Exch|CAS)|tl\.atomic_\w+|\.atomic_\w+\(", text)
+        assert not found, f"{path} uses {found}"
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.values[0][0] != "cuda"])  # CUDA C++ has no fp64
 def test_gradcheck_fp64(target):
-    name, _ = target
-    x = torch.randn(2, 2, 7, 6, dtype=torch.float64, requires_grad=True)
-    x1 = torch.randn(2, 2, 9, dtype=torch.float64, requires_grad=True)
+    name, device = target
+    x = torch.randn(2, 2, 7, 6, dtype=torch.float64, device=device, requires_grad=True)
+    x1 = torch.randn(2, 2, 9, dtype=torch.float64, device=device, requires_grad=True)
     with ktkernels.use_backend(name):
         for mode in ("reflect", "zero", "replicate"):
             fn = lambda t, mode=mode: op.blur_pool2d(t, 3, 2, [1, 2, 0, 1], mode)  # noqa: E731
@@ -835,30 +895,31 @@ def test_gradcheck_fp64(target):
         )
 
 
-@pytest.mark.parametrize("target", [t for t in KERNEL_TARGETS if t.values[0][1] == "cpu"])
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 def test_opcheck(target):
-    name, _ = target
-    x = torch.randn(2, 3, 9, 8, requires_grad=True)
-    xl = torch.randn(2, 3, 9, 8).to(memory_format=torch.channels_last).requires_grad_()
-    x1 = torch.randn(2, 3, 11, requires_grad=True)
-    g = torch.randn(2, 3, 5, 4)
+    name, device = target
+    x = torch.randn(2, 3, 9, 8, device=device, requires_grad=True)
+    xl = torch.randn(2, 3, 9, 8, device=device).to(memory_format=torch.channels_last).requires_grad_()
+    x1 = torch.randn(2, 3, 11, device=device, requires_grad=True)
+    g = torch.randn(2, 3, 5, 4, device=device)
     with ktkernels.use_backend(name):
         for t in (x, xl):
             torch.library.opcheck(op.blur_pool2d, (t, 4, 2, [1, 2, 1, 2], "reflect"))
             torch.library.opcheck(op.max_blur_pool2d, (t, 2, 0, 4, 2, [1, 2, 1, 2], "zero"))
         torch.library.opcheck(op.blur_pool2d_backward, (g, [9, 8], 4, 2, [1, 2, 1, 2], "reflect", False))
         torch.library.opcheck(op.blur_pool1d, (x1, 3, 2, [1, 1], "replicate"))
-        torch.library.opcheck(op.blur_pool1d_backward, (torch.randn(2, 3, 6), [11], 3, 2, [1, 1], "replicate", False))
+        g1 = torch.randn(2, 3, 6, device=device)
+        torch.library.opcheck(op.blur_pool1d_backward, (g1, [11], 3, 2, [1, 1], "replicate", False))
         _, codes = op.max_blur_pool2d(x.detach(), 2, 0, 4, 2, [1, 2, 1, 2], "zero")
         torch.library.opcheck(
             op.max_blur_pool2d_backward,
-            (torch.randn(2, 3, 4, 4), codes, [9, 8], 2, 0, 4, 2, [1, 2, 1, 2], "zero", False),
+            (torch.randn(2, 3, 4, 4, device=device), codes, [9, 8], 2, 0, 4, 2, [1, 2, 1, 2], "zero", False),
         )
 
 
-@pytest.mark.parametrize("target", [t for t in KERNEL_TARGETS if t.values[0][1] == "cpu"])
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 def test_torch_compile_fullgraph(target):
-    name, _ = target
+    name, device = target
     torch._dynamo.reset()
     modules = [
         (ktkernels.BlurPool2d(4), (2, 4, 10, 9)),
@@ -867,8 +928,8 @@ def test_torch_compile_fullgraph(target):
     ]
     with ktkernels.use_backend(name):
         for module, shape in modules:
-            x = torch.randn(shape, requires_grad=True)
-            compiled = torch.compile(module, fullgraph=True)
+            x = torch.randn(shape, device=device, requires_grad=True)
+            compiled = torch.compile(module.to(device), fullgraph=True)
             y = compiled(x)
             y.square().sum().backward()
             x_eager = x.detach().clone().requires_grad_()

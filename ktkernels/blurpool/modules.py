@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 from collections.abc import Iterator, Sequence
 from typing import List  # noqa: UP035 (TorchScript reads the annotations)
@@ -19,28 +20,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import backend
 from . import op
 from .geometry import MAX_FILT_SIZE, MAX_STRIDE, adobe_pads, binomial_filter2d, binomial_taps, canonical_pad_mode
 from .reference import blur_pool_decomposed
 
 
-def _padding(padding: int | Sequence[int] | None, filt_size: int, stride: int, sides: int) -> list[int]:
-    """Validated pads. None -> antialiased-cnns pads ((k-1)//2, ceil((k-1)/2)) per axis; int -> every side.
+def _blur_args(
+    filt_size: int, stride: int, padding: int | Sequence[int] | None, sides: int
+) -> tuple[int, int, list[int]]:
+    """Validated (filt_size, stride, pads) as ints. Pads: None -> antialiased-cnns' ((k-1)//2, ceil((k-1)/2)) per
+    axis; an int -> every side.
 
     Types are checked here, before the dispatcher, so bad values raise TypeError/ValueError naming them.
     """
-    op.check_blur_params(filt_size, stride, [])
+    filt_size = op.check_int("filt_size", filt_size, 1, MAX_FILT_SIZE)
+    stride = op.check_int("stride", stride, 1, MAX_STRIDE)
     if padding is None:
         pads = list(adobe_pads(filt_size)) * (sides // 2)
-    elif isinstance(padding, int) and not isinstance(padding, bool):
+    elif isinstance(padding, numbers.Integral) and not isinstance(padding, bool):
         pads = [padding] * sides
-    else:
+    elif isinstance(padding, Sequence) and not isinstance(padding, str):
         pads = list(padding)
         if len(pads) != sides:
             raise ValueError(f"padding must be an int or {sides} ints, got {pads}")
-    for p in pads:
-        op.check_int("each pad", p, 0)
-    return pads
+    else:
+        raise TypeError(f"padding must be None, an int or {sides} ints, got {padding!r}")
+    return filt_size, stride, [op.check_int("each pad", p, 0) for p in pads]
 
 
 def blur_pool2d(
@@ -61,8 +67,7 @@ def blur_pool2d(
     >>> blur_pool2d(torch.randn(2, 3, 7, 9)).shape
     torch.Size([2, 3, 4, 5])
     """
-    pads = _padding(padding, filt_size, stride, 4)
-    return op.blur_pool2d(x, filt_size, stride, pads, canonical_pad_mode(pad_mode))
+    return op.blur(x, 2, *_blur_args(filt_size, stride, padding, 4), canonical_pad_mode(pad_mode))
 
 
 def blur_pool1d(
@@ -77,8 +82,7 @@ def blur_pool1d(
     >>> blur_pool1d(torch.arange(1.0, 6.0).view(1, 1, 5))
     tensor([[[1.5000, 3.0000, 4.5000]]])
     """
-    pads = _padding(padding, filt_size, stride, 2)
-    return op.blur_pool1d(x, filt_size, stride, pads, canonical_pad_mode(pad_mode))
+    return op.blur(x, 1, *_blur_args(filt_size, stride, padding, 2), canonical_pad_mode(pad_mode))
 
 
 def max_blur_pool2d(
@@ -100,10 +104,9 @@ def max_blur_pool2d(
     >>> max_blur_pool2d(torch.randn(2, 3, 112, 112)).shape
     torch.Size([2, 3, 56, 56])
     """
-    pads = _padding(padding, filt_size, stride, 4)
-    op.check_max(max_kernel, max_padding)
-    y, _ = op.max_blur_pool2d(x, max_kernel, max_padding, filt_size, stride, pads, canonical_pad_mode(pad_mode))
-    return y
+    args = _blur_args(filt_size, stride, padding, 4)
+    max_kernel, max_padding = op.check_max(max_kernel, max_padding)
+    return op.max_blur(x, max_kernel, max_padding, *args, canonical_pad_mode(pad_mode))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,7 +146,7 @@ def decomposed(zero_pad: bool = False) -> Iterator[None]:
 
 
 def _pair(value: int | Sequence[int], name: str) -> list[int]:
-    pair = [value, value] if isinstance(value, int) else list(value)
+    pair = [value, value] if isinstance(value, numbers.Integral) else list(value)
     if len(pair) != 2:
         raise ValueError(f"{name} must be an int or a pair, got {value!r}")
     return pair
@@ -155,7 +158,16 @@ class BlurLayer(nn.Module):
     A subclass calls :meth:`_configure` with the op's parameters and registers whatever buffers its
     anchor keeps in the state dict. ``forward`` runs the fused custom op; TorchScript, FX tracing and
     the :func:`decomposed` context run the pad + grouped-conv decomposition of the same maths.
+
+    A public ``stride`` attribute is live, as in every anchor, whose ``forward`` reads it: setting it (model
+    surgery that sets ``stride = 1``) reconfigures the layer, with the same pads. The other constructor
+    attributes are fixed at construction, like the anchors' filter buffers and pad modules.
     """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "stride" and "_config" in self.__dict__:
+            self._configure(**{**self._config, "stride": value})  # validates before anything changes
+        super().__setattr__(name, value)
 
     def _configure(
         self,
@@ -179,27 +191,28 @@ class BlurLayer(nn.Module):
         (2, pad 0) / (3, pad 1). Anything else an anchor accepts (kornia's k > 7, a (2, 1) stride,
         kornia's max_pool_size=3 without padding) runs the decomposition, with the same values.
         """
-        if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
-            raise ValueError(f"channels must be a positive int or None, got {channels!r}")
-        op.check_int("filt_size", filt_size, 1)
-        strides = [stride] * spatial_dims if isinstance(stride, int) else list(stride)
+        config = {k: v for k, v in locals().items() if k != "self"}
+        if channels is not None:
+            if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 1:
+                raise ValueError(f"channels must be a positive int or None, got {channels!r}")
+            channels = int(channels)
+        filt_size = op.check_int("filt_size", filt_size, 1)
+        strides = [stride] * spatial_dims if isinstance(stride, numbers.Integral) else list(stride)
         if len(strides) != spatial_dims:
             raise ValueError(f"stride must be an int or {spatial_dims} ints, got {stride!r}")
-        for s in strides:
-            op.check_int("stride", s, 1)
+        strides = [op.check_int("stride", s, 1) for s in strides]
         padding = list(padding)
         if len(padding) != 2 * spatial_dims:
             raise ValueError(f"expected {2 * spatial_dims} pads, got {padding}")
-        for p in padding:
-            op.check_int("each pad", p, 0)
+        padding = [op.check_int("each pad", p, 0) for p in padding]
         pool = [
             _pair(v, name)
             for v, name in ((max_kernel, "max_kernel"), (max_padding, "max_padding"), (max_dilation, "max_dilation"))
         ]
         for axis in range(2):
-            op.check_int("max_kernel", pool[0][axis], 1)
-            op.check_int("max_padding", pool[1][axis], 0, pool[0][axis] // 2)
-            op.check_int("max_dilation", pool[2][axis], 1)
+            pool[0][axis] = op.check_int("max_kernel", pool[0][axis], 1)
+            pool[1][axis] = op.check_int("max_padding", pool[1][axis], 0, pool[0][axis] // 2)
+            pool[2][axis] = op.check_int("max_dilation", pool[2][axis], 1)
         self._spatial_dims = spatial_dims
         self._filt_size = filt_size
         self._stride = strides[0]
@@ -224,6 +237,7 @@ class BlurLayer(nn.Module):
             and (not self._has_max or self._fused_max)
             and not decomposed_mode
         )
+        self._config = config  # what a new stride reconfigures from
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():
@@ -234,12 +248,18 @@ class BlurLayer(nn.Module):
     def _forward_eager(self, x: Tensor) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return self._decomposed(x, self._pad_mode)
-        self._check_channels(x)
-        if _DECOMPOSE.active:
-            return self._decomposed(x, "zero" if _DECOMPOSE.zero_pad else self._pad_mode)
-        if not self._has_fused_op:
+        if _DECOMPOSE.active or not self._has_fused_op:
             op.check_input(x, self._spatial_dims, type(self).__name__)
+            self._check_channels(x)
+            if _DECOMPOSE.active:
+                return self._decomposed(x, "zero" if _DECOMPOSE.zero_pad else self._pad_mode)
+            # Parameters the fused ops do not cover run pad + conv, but a named backend must still be able to run
+            # on x's device: the same RuntimeError as the fused path, never a silent fallback. (A compiled graph
+            # holds the pad + conv itself.)
+            if not torch.compiler.is_compiling():
+                backend.resolve(op.FAMILY, x.device)
             return self._decomposed(x, self._pad_mode)
+        self._check_channels(x)
         return self._fused(x)
 
     def _decomposed(self, x: Tensor, pad_mode: str) -> Tensor:
@@ -251,14 +271,18 @@ class BlurLayer(nn.Module):
     def _fused(self, x: Tensor) -> Tensor:
         args = (self._filt_size, self._stride, self._padding, self._pad_mode)
         if self._has_max:
-            return op.max_blur_pool2d(x, self._max_kernel, self._max_padding, *args)[0]
-        if self._spatial_dims == 1:
-            return op.blur_pool1d(x, *args)
-        return op.blur_pool2d(x, *args)
+            return op.max_blur(x, self._max_kernel, self._max_padding, *args)
+        return op.blur(x, self._spatial_dims, *args)
 
     @torch.jit.unused
     def _check_channels(self, x: Tensor) -> None:
-        if self._expected_channels and x.dim() >= 2 and x.shape[1] != self._expected_channels:
+        # Only for inputs of the right rank: the op's rank error names a missing batch dim, a channel error would not.
+        if (
+            self._expected_channels
+            and isinstance(x, Tensor)
+            and x.dim() == self._spatial_dims + 2
+            and x.shape[1] != self._expected_channels
+        ):
             raise ValueError(
                 f"{type(self).__name__} was built for {self._expected_channels} channels, "
                 f"got an input with {x.shape[1]}"
@@ -281,9 +305,9 @@ class _AdobeLayer(BlurLayer):
         max_padding: int = 0,
     ) -> None:
         super().__init__()
-        op.check_int("filt_size", filt_size, 1, MAX_FILT_SIZE)  # antialiased-cnns' filter table ends at 7
-        op.check_int("stride", stride, 1)  # any: strides above MAX_STRIDE run the pad + conv decomposition
-        op.check_int("pad_off", pad_off, -filt_size)
+        filt_size = op.check_int("filt_size", filt_size, 1, MAX_FILT_SIZE)  # antialiased-cnns' table ends at 7
+        stride = op.check_int("stride", stride, 1)  # any: strides above MAX_STRIDE run the pad + conv decomposition
+        pad_off = op.check_int("pad_off", pad_off, -filt_size)
         pad_sizes = list(adobe_pads(filt_size, pad_off)) * self.spatial_dims
         if any(p < 0 for p in pad_sizes):
             raise ValueError(f"pad_off={pad_off} gives negative pads {pad_sizes} for filt_size={filt_size}")
@@ -297,7 +321,7 @@ class _AdobeLayer(BlurLayer):
             max_kernel=max_kernel,
             max_padding=max_padding,
         )
-        self.channels = channels
+        self.channels = self._expected_channels or None
         self.filt_size = filt_size
         self.stride = stride
         self.pad_off = pad_off
@@ -310,7 +334,7 @@ class _AdobeLayer(BlurLayer):
             filt = binomial_filter2d(filt_size)[None, None]
         else:
             filt = torch.tensor(binomial_taps(filt_size), dtype=torch.float32)[None, None]
-        self.register_buffer("filt", filt.repeat(channels or 1, *([1] * (filt.dim() - 1))))
+        self.register_buffer("filt", filt.repeat(self.channels or 1, *([1] * (filt.dim() - 1))))
 
     def extra_repr(self) -> str:
         return (
@@ -375,7 +399,7 @@ class MaxBlurPool2d(_AdobeLayer):
         max_kernel: int = 2,
         max_padding: int = 0,
     ) -> None:
-        op.check_max(max_kernel, max_padding)
+        max_kernel, max_padding = op.check_max(max_kernel, max_padding)
         super().__init__(channels, pad_type, filt_size, stride, pad_off, max_kernel, max_padding)
         self.max_kernel = max_kernel
         self.max_padding = max_padding
@@ -433,4 +457,4 @@ class MaxThenBlur(nn.Sequential):
         kernel = pool.kernel_size if isinstance(pool.kernel_size, int) else pool.kernel_size[0]
         padding = pool.padding if isinstance(pool.padding, int) else pool.padding[0]
         args = (blur._filt_size, blur._stride, blur._padding, blur._pad_mode)
-        return op.max_blur_pool2d(x, kernel, padding, *args)[0]
+        return op.max_blur(x, kernel, padding, *args)

@@ -9,13 +9,22 @@ Public ops (all in the ``ktkernels`` namespace):
 and their ``*_backward`` ops. Backwards save no activations: the blur saves only sizes, the max-blur
 its uint8 argmax codes (one byte per max-map position, not the max map or int64 indices). The blur's
 backward is differentiable again (its adjoint is the forward), so double backward works for it.
+
+The functional API and the modules call :func:`blur` and :func:`max_blur`, which add what a custom op cannot
+register: autocast (the anchors' blur is a conv, so it runs in the autocast dtype) and forward-mode AD
+(``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``). torch's custom ops are differentiated in
+reverse mode only and drop a forward-mode tangent without an error, so the raw ops do too.
 """
 
 from __future__ import annotations
 
 import functools
+import numbers
+from collections.abc import Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend, layout
@@ -47,12 +56,16 @@ _UNIT_AXIS = Axis(size=1, filt_size=1, stride=1, pad_before=0, pad_after=0, mode
 # Validation (runs in the fake impl too, so torch.compile reports bad input at trace time)
 
 
-def check_int(name: str, value: object, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    """``value`` as an int in ``low..high``. Any integral type is taken (numpy's too, as ``nn.Conv2d`` takes them);
+    bools and everything else raise TypeError, values out of range ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
+    value = int(value)
     if value < low or (high is not None and value > high):
         bound = f"in {low}..{high}" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
 
 
 def check_input(x: Tensor, spatial_dims: int, op: str) -> None:
@@ -66,7 +79,7 @@ def check_input(x: Tensor, spatial_dims: int, op: str) -> None:
 
 
 def check_blur_params(filt_size: int, stride: int, padding: list[int]) -> None:
-    """Types and ranges that need no input: run by the public API before the dispatcher sees the values."""
+    """Types and ranges that need no input."""
     check_int("filt_size", filt_size, 1, MAX_FILT_SIZE)
     check_int("stride", stride, 1, MAX_STRIDE)
     for p in padding:
@@ -93,9 +106,10 @@ def check_blur_args(sizes: tuple, filt_size: int, stride: int, padding: list[int
             raise ValueError(f"{op}: input size {axis.size} with pads {pads} is smaller than filt_size {filt_size}")
 
 
-def check_max(kmax: int, pmax: int) -> None:
-    check_int("max_kernel", kmax, 1, 3)
-    check_int("max_padding", pmax, 0, kmax // 2)
+def check_max(kmax: int, pmax: int) -> tuple[int, int]:
+    """(max_kernel, max_padding) as ints: 1..3 and 0..max_kernel // 2."""
+    kmax = check_int("max_kernel", kmax, 1, 3)
+    return kmax, check_int("max_padding", pmax, 0, kmax // 2)
 
 
 def max_map_sizes(sizes: tuple, kmax: int, pmax: int) -> tuple[int, int]:
@@ -240,14 +254,15 @@ def _define_blur(spatial: int):
 
     def forward_grad(ctx, grad):
         args = (ctx.input_size, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode, ctx.channels_last)
-        return backward_op(grad, *args), None, None, None, None
+        return linear(lambda g: backward_op(g, *args), grad), None, None, None, None
 
     def backward_setup(ctx, inputs, output):
         _, _, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode, _ = inputs
 
     def backward_grad(ctx, grad_grad):
         # The backward is linear in grad and its adjoint is the forward: double backward for free.
-        return forward_op(grad_grad, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode), *([None] * 6)
+        args = (ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode)
+        return linear(lambda g: forward_op(g, *args), grad_grad), *([None] * 6)
 
     forward_op.register_autograd(forward_grad, setup_context=forward_setup)
     backward_op.register_autograd(backward_grad, setup_context=backward_setup)
@@ -357,19 +372,62 @@ def _max_blur_pool2d_setup(ctx, inputs, output):
 
 def _max_blur_pool2d_grad(ctx, grad, _grad_codes):
     (codes,) = ctx.saved_tensors
-    gx = max_blur_pool2d_backward(
-        grad,
-        codes,
-        ctx.input_size,
-        ctx.max_kernel,
-        ctx.max_padding,
-        ctx.filt_size,
-        ctx.stride,
-        ctx.padding,
-        ctx.pad_mode,
-        ctx.channels_last,
-    )
+    args = (ctx.input_size, ctx.max_kernel, ctx.max_padding, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode)
+    gx = linear(lambda g: max_blur_pool2d_backward(g, codes, *args, ctx.channels_last), grad)  # linear in grad
     return gx, None, None, None, None, None, None
 
 
 max_blur_pool2d.register_autograd(_max_blur_pool2d_grad, setup_context=_max_blur_pool2d_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points of the functional API and the modules: autocast and forward-mode AD around the ops
+
+
+def autocast_input(x: Tensor) -> Tensor:
+    """``x`` in the autocast dtype where autocast is on, as ``F.conv2d`` casts it (every floating dtype but fp64):
+    the anchors' blur is a conv, so their layers return the autocast dtype, and so do these."""
+    device = x.device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device) and x.is_floating_point():
+        dtype = torch.get_autocast_dtype(device)
+        if x.dtype not in (dtype, torch.float64):
+            return x.to(dtype)
+    return x
+
+
+def _tangent(x: Tensor) -> Tensor | None:
+    """``x``'s forward-mode tangent at the current level, or None. Outside any dual level (``torch.func.jvp``
+    enters one too) torch keeps ``_current_level`` at -1, so the common case costs two checks."""
+    if torch.compiler.is_compiling() or fwAD._current_level < 0:
+        return None
+    return fwAD.unpack_dual(x).tangent
+
+
+def linear(apply: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``apply(x)`` for an op linear in ``x``, with ``x``'s forward-mode tangent carried through the same op."""
+    tangent = _tangent(x)
+    if tangent is None:
+        return apply(x)
+    return fwAD.make_dual(apply(fwAD.unpack_dual(x).primal), apply(tangent))
+
+
+def blur(x: Tensor, spatial_dims: int, filt_size: int, stride: int, padding: list[int], pad_mode: str) -> Tensor:
+    """``blur_pool2d`` (``spatial_dims`` 2) or ``blur_pool1d`` (1) of ``x``."""
+    forward_op = blur_pool1d if spatial_dims == 1 else blur_pool2d
+    if not isinstance(x, Tensor):
+        return forward_op(x, filt_size, stride, padding, pad_mode)  # its TypeError
+    return linear(lambda t: forward_op(t, filt_size, stride, padding, pad_mode), autocast_input(x))
+
+
+def max_blur(
+    x: Tensor, max_kernel: int, max_padding: int, filt_size: int, stride: int, padding: list[int], pad_mode: str
+) -> Tensor:
+    """``max_blur_pool2d``'s output. With a forward-mode tangent it runs ``max_pool2d`` (which carries the tangent
+    along its argmax) and then the blur: the same values, unfused."""
+    if not isinstance(x, Tensor):
+        return max_blur_pool2d(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)[0]  # its TypeError
+    x = autocast_input(x)
+    if _tangent(x) is None:
+        return max_blur_pool2d(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)[0]
+    _max_blur_pool2d_fake(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)  # validation
+    return blur(F.max_pool2d(x, max_kernel, 1, max_padding), 2, filt_size, stride, padding, pad_mode)
