@@ -24,10 +24,11 @@ TORCH_LIBRARY(ktkernels_C, m) {
       "blur_gather_(Tensor x, Tensor row_idx, Tensor row_w, Tensor col_idx, Tensor col_w, "
       "Tensor(a!) out) -> ()");
   // The same gather over the stride-1 max map m[r,c] = max_{a,b<kmax} x[r+a-pmax, c+b-pmax],
-  // which is never stored; codes[r,c] = a*kmax+b of the element picked (uint8, every r,c written).
+  // which is never stored; codes[r,c] = a*kmax+b of the element picked (uint8, every r,c written), or with
+  // codes None (no backward to come) no codes at all.
   m.def(
       "max_blur_forward_(Tensor x, int kmax, int pmax, int stride_h, int stride_w, Tensor row_idx, "
-      "Tensor row_w, Tensor col_idx, Tensor col_w, Tensor(a!) out, Tensor(b!) codes) -> ()");
+      "Tensor row_w, Tensor col_idx, Tensor col_w, Tensor(a!) out, Tensor(b!)? codes) -> ()");
   // grad_input[p,q] = sum_{a,b} [codes[r,c] == a*kmax+b] * gm[r,c],  r = p-a+pmax, c = q-b+pmax,
   // with gm = the gather of grad over the adjoint tables (the blur's gradient on the max map).
   m.def(

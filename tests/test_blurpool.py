@@ -207,6 +207,7 @@ def test_max_blur_pool2d_aligned_rows(target, kmax, pmax, layout, monkeypatch):
         y, codes = op.max_blur_pool2d(x, kmax, pmax, 4, 2, [1, 2, 1, 2], "reflect")
         grad = torch.randn_like(y)
         y.backward(grad)
+        assert torch.equal(op.max_blur_pool2d_inference(x.detach(), kmax, pmax, 4, 2, [1, 2, 1, 2], "reflect"), y)
     x64 = x.detach().double().cpu().requires_grad_()
     exp_y, exp_codes = ref.max_blur_pool2d_reference(x64.detach(), kmax, pmax, 4, 2, (1, 2, 1, 2), "reflect")
     expected = ref.blur_pool2d_reference(
@@ -242,6 +243,9 @@ def test_max_blur_pool2d_ties_nan_and_poisoned_outputs(
     pads = list(geometry.adobe_pads(filt_size)) * 2 if padded else [0, 0, 0, 0]
     with ktkernels.use_backend(name):
         y, codes = op.max_blur_pool2d(x, kmax, pmax, filt_size, stride, pads, mode)
+        if padded:  # the forward without codes: the same values, bit for bit, every element written
+            y_inference = op.max_blur_pool2d_inference(x, kmax, pmax, filt_size, stride, pads, mode)
+            torch.testing.assert_close(y_inference, y, rtol=0, atol=0, equal_nan=True)
     exp_y, exp_codes = ref.max_blur_pool2d_reference(x.double().cpu(), kmax, pmax, filt_size, stride, tuple(pads), mode)
     assert torch.equal(codes.cpu(), exp_codes), "argmax codes differ"
     y = y.double().cpu()
@@ -270,6 +274,8 @@ def test_max_blur_pool2d_row_blocks_and_wide_windows(target, shape, pads, kmax, 
         y, codes = op.max_blur_pool2d(x, kmax, pmax, 4, 2, pads, "reflect")
         grad = torch.randn_like(y)
         y.backward(grad)
+        y_inference = op.max_blur_pool2d_inference(x.detach(), kmax, pmax, 4, 2, pads, "reflect")
+    torch.testing.assert_close(y_inference, y.detach(), rtol=0, atol=0, equal_nan=True)
     x64 = x.detach().double().cpu().requires_grad_()
     exp_y, exp_codes = ref.max_blur_pool2d_reference(x64.detach(), kmax, pmax, 4, 2, tuple(pads), "reflect")
     expected = ref.blur_pool2d_reference(
@@ -613,8 +619,9 @@ def test_bench_launch_once_runs_each_kernel_of_the_chosen_cases(monkeypatch, cap
 
 def test_bench_table_from_cut_off_log(tmp_path):
     """``bench blurpool --from-log``: a cut-off run's printed rows become a table, with the bytes each case must
-    move (checked by hand: the bf16 stem reads 128*64*112^2 and writes 128*64*56^2 elements, plus 128*64*111^2
-    one-byte codes; f+b doubles it); error lines and unknown cases are skipped; the environment is required."""
+    move (checked by hand: the bf16 stem reads 128*64*112^2 and writes 128*64*56^2 elements; f+b doubles that and
+    adds the 128*64*111^2 one-byte codes, written and read once, which a forward alone does not form); error lines
+    and unknown cases are skipped; the environment is required."""
     import json
 
     from ktkernels.bench.__main__ import main
@@ -633,10 +640,10 @@ def test_bench_table_from_cut_off_log(tmp_path):
     main(["blurpool", "--from-log", str(log), "--copy-gbps", "1000", "--out", str(tmp_path)]
          + [f"--env={e}" for e in env])  # fmt: skip
     rows = json.loads((tmp_path / "blurpool_test_gpu.json").read_text())["rows"]
-    stem = (128 * 64 * 112 * 112 + 128 * 64 * 56 * 56) * 2 + 128 * 64 * 111 * 111
+    stem, codes = (128 * 64 * 112 * 112 + 128 * 64 * 56 * 56) * 2, 128 * 64 * 111 * 111
     assert [(r["impl"], r["bytes"]) for r in rows] == [
         ("ktk-triton", stem),
-        ("ktk-cuda", 2 * stem),
+        ("ktk-cuda", 2 * (stem + codes)),
         ("pytorch+compile", (128 * 256 * 56 * 56 + 128 * 256 * 28 * 28) * 4),
     ]
     assert rows[0]["pct_copy"] == pytest.approx(100 * stem / 0.345 / 1e6 / 1000)
@@ -906,6 +913,7 @@ def test_opcheck(target):
         for t in (x, xl):
             torch.library.opcheck(op.blur_pool2d, (t, 4, 2, [1, 2, 1, 2], "reflect"))
             torch.library.opcheck(op.max_blur_pool2d, (t, 2, 0, 4, 2, [1, 2, 1, 2], "zero"))
+            torch.library.opcheck(op.max_blur_pool2d_inference, (t.detach(), 3, 1, 3, 2, [1, 1, 1, 1], "reflect"))
         torch.library.opcheck(op.blur_pool2d_backward, (g, [9, 8], 4, 2, [1, 2, 1, 2], "reflect", False))
         torch.library.opcheck(op.blur_pool1d, (x1, 3, 2, [1, 1], "replicate"))
         g1 = torch.randn(2, 3, 6, device=device)

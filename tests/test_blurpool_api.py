@@ -236,3 +236,30 @@ def test_a_missing_batch_dim_is_a_rank_error_not_a_channel_mismatch():
     ]:
         with pytest.raises(ValueError, match=rf"expects a {rank} input .* got shape"):
             layer(x)
+
+
+def test_max_blur_forms_codes_only_when_a_backward_can_come(monkeypatch):
+    """The layers and the functional form call the op with codes only when the input requires grad with grad mode
+    on; otherwise the one that neither forms nor stores them (no_grad, inference_mode, evaluation)."""
+    from ktkernels.blurpool import op
+
+    calls = []
+
+    def spy(name):
+        run = getattr(op, name)
+        return lambda *args: calls.append(name) or run(*args)
+
+    for name in ("max_blur_pool2d", "max_blur_pool2d_inference"):
+        monkeypatch.setattr(op, name, spy(name))
+    x = torch.randn(2, 3, 10, 9)
+    layer = ktkernels.MaxBlurPool2d(3)
+    expected = layer(x.requires_grad_()).detach()
+    assert calls == ["max_blur_pool2d"]
+    for context in (torch.no_grad(), torch.inference_mode()):
+        with context:
+            calls.clear()
+            assert torch.equal(layer(x), expected) and torch.equal(ktkernels.max_blur_pool2d(x), expected)
+            assert calls == ["max_blur_pool2d_inference"] * 2
+    calls.clear()
+    assert torch.equal(layer(x.detach()), expected)
+    assert calls == ["max_blur_pool2d_inference"]

@@ -162,6 +162,21 @@ def test_max_blur_issue_time_against_its_byte_time(kernels, layout, dtype, size,
         assert record["spill_bytes"] == 0 and record["warps_per_sm"] >= 12, record
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_max_blur_without_codes_drops_the_argmax(kernels, layout, dtype):
+    """With no backward to come the forward neither forms nor stores codes: no uint8 stores, and the argmax's
+    instructions and registers go (sm_90, triton 3.8: 0.60-0.63x the instructions, 16-20 -> 24-28 warps/SM)."""
+    full = _find(kernels, f"maxblur k4 stem, {dtype} {layout}", "_rolling_max_blur_kernel")
+    inference = _find(kernels, f"maxblur k4 stem inference, {dtype} {layout}", "_rolling_max_blur_kernel")
+    assert "CODES=True" in full["constexprs"] and "CODES=False" in inference["constexprs"]
+    assert "STG.E.U8" not in inference["memory"] and sum(
+        v for k, v in full["memory"].items() if k.startswith("STG")
+    ) > (sum(v for k, v in inference["memory"].items() if k.startswith("STG"))), (full, inference)
+    assert inference["instructions"] <= 0.75 * full["instructions"], (full, inference)
+    assert inference["warps_per_sm"] > full["warps_per_sm"] and inference["spill_bytes"] == 0, (full, inference)
+
+
 def test_every_tested_geometry_compiles_without_spills(geometries):
     """The interpreter runs kernel variants that the GPU compiler may reject (it is stricter about constants).
 

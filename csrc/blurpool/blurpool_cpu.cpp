@@ -39,6 +39,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <optional>
 #include <cstring>
 #include <initializer_list>
 #include <type_traits>
@@ -903,7 +904,8 @@ void maxfwd_planar_chunk(const MaxFwdArgs<scalar_t>& a, int64_t begin, int64_t e
     auto row_ptr = [&](int64_t r) -> const acc_t* {
       return cache.get(p * a.Hm + r, [&](acc_t* m) {
         const int64_t owner_task = p * a.Ho + a.owner[r];
-        uint8_t* cp = (owner_task >= begin && owner_task < end) ? a.codes + n * a.kN + c * a.kC + r * a.kH : nullptr;
+        uint8_t* cp = (a.codes && owner_task >= begin && owner_task < end) ? a.codes + n * a.kN + c * a.kC + r * a.kH
+                                                                          : nullptr;
         max_row_planar(base, a.sH, a.sW, a.H, a.W, a.kmax, a.pmax, r, a.Wm, m, cp, a.kW, code_tmp.data());
       });
     };
@@ -930,7 +932,8 @@ void maxfwd_channels_chunk(const MaxFwdArgs<scalar_t>& a, int64_t begin, int64_t
     auto row_ptr = [&](int64_t r) -> const acc_t* {
       return cache.get(nb * a.Hm + r, [&](acc_t* m) {
         const int64_t owner_task = nb * a.Ho + a.owner[r];
-        uint8_t* cp = (owner_task >= begin && owner_task < end) ? a.codes + n * a.kN + c0 * a.kC + r * a.kH : nullptr;
+        uint8_t* cp = (a.codes && owner_task >= begin && owner_task < end) ? a.codes + n * a.kN + c0 * a.kC + r * a.kH
+                                                                          : nullptr;
         max_row_channels(base, a.sH, a.sW, a.H, a.W, a.kmax, a.pmax, r, a.Wm, cb, m, cb_max, cp, a.kW, a.kC,
                          code_buf.data());
       });
@@ -977,12 +980,15 @@ KTK_DEFINE_RUNNER(maxfwd_channels_chunk, MaxFwdArgs, ktk_cpu::kCloneFloat)
 KTK_DEFINE_RUNNER(maxcodes_planar_chunk, MaxFwdArgs, ktk_cpu::kCloneFloat)
 KTK_DEFINE_RUNNER(maxcodes_channels_chunk, MaxFwdArgs, ktk_cpu::kCloneFloat)
 
+// codes undefined: no backward to come, so no codes are formed or written (and the rows no output reads
+// are not visited).
 template <typename scalar_t>
 void max_blur_forward_kernel(const Tensor& x, int kmax, int pmax, const Tensor& row_idx, const Tensor& row_w,
                              const Tensor& col_idx, const Tensor& col_w, const Tensor& out, const Tensor& codes) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t Hm = codes.size(2), Wm = codes.size(3);
+  const int64_t Hm = H + 2 * pmax - kmax + 1, Wm = W + 2 * pmax - kmax + 1;
+  const bool with_codes = codes.defined();
   const int64_t Ho = out.size(2), Wo = out.size(3);
   const Table<acc_t> rt = compact_table<acc_t>(row_idx, row_w, Hm, 0, "max_blur_forward_: row table");
   const Table<acc_t> ct =
@@ -994,18 +1000,20 @@ void max_blur_forward_kernel(const Tensor& x, int kmax, int pmax, const Tensor& 
     return;
   }
   advise_huge_pages(out);
-  advise_huge_pages(codes);
+  if (with_codes) advise_huge_pages(codes);
 
   const std::vector<int64_t> owner = first_reader(rt, Hm);
   std::vector<int64_t> orphans;
-  for (int64_t r = 0; r < Hm; ++r) {
+  for (int64_t r = 0; r < Hm && with_codes; ++r) {
     if (owner[r] < 0) orphans.push_back(r);
   }
-  MaxFwdArgs<scalar_t> a{x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), codes.data_ptr<uint8_t>(),
+  MaxFwdArgs<scalar_t> a{x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                         with_codes ? codes.data_ptr<uint8_t>() : nullptr,
                          C, H, W, Hm, Wm, Ho, Wo, kmax, pmax,
                          x.stride(0), x.stride(1), x.stride(2), x.stride(3),
                          out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-                         codes.stride(0), codes.stride(1), codes.stride(2), codes.stride(3),
+                         with_codes ? codes.stride(0) : 0, with_codes ? codes.stride(1) : 0,
+                         with_codes ? codes.stride(2) : 0, with_codes ? codes.stride(3) : 0,
                          &rt, &ct, owner.data(), orphans.data(), static_cast<int64_t>(orphans.size()),
                          1, 1, nullptr};
   const int64_t window = static_cast<int64_t>(kmax) * kmax;
@@ -1294,28 +1302,33 @@ void blur_gather_cpu(const Tensor& x, const Tensor& row_idx, const Tensor& row_w
 
 void max_blur_forward_cpu(const Tensor& x, int64_t kmax, int64_t pmax, int64_t stride_h, int64_t stride_w,
                           const Tensor& row_idx, const Tensor& row_w, const Tensor& col_idx, const Tensor& col_w,
-                          const Tensor& out, const Tensor& codes) {
+                          const Tensor& out, const std::optional<Tensor>& maybe_codes) {
   (void)stride_h;  // only the GPU kernels use the strides (ownership of codes)
   (void)stride_w;
   const char* op = "max_blur_forward_";
+  const Tensor codes = maybe_codes.value_or(Tensor());
   check_4d(op, "x", x);
   check_4d(op, "out", out);
-  check_4d(op, "codes", codes);
   check_float_pair(op, x, "x", out, "out");
   check_kmax(op, kmax, pmax);
-  TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
   check_max_input(op, "x", x);
   const int64_t hm = std::max<int64_t>(x.size(2) + 2 * pmax - kmax + 1, 0);
   const int64_t wm = std::max<int64_t>(x.size(3) + 2 * pmax - kmax + 1, 0);
   TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == x.size(1), op, ": out has shape ", out.sizes(),
               " but x has shape ", x.sizes(), " (N and C must match)");
-  TORCH_CHECK(codes.size(0) == x.size(0) && codes.size(1) == x.size(1) && codes.size(2) == hm && codes.size(3) == wm,
-              op, ": codes must have shape (", x.size(0), ", ", x.size(1), ", ", hm, ", ", wm, "), got ",
-              codes.sizes());
+  if (codes.defined()) {
+    check_4d(op, "codes", codes);
+    TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
+    TORCH_CHECK(
+        codes.size(0) == x.size(0) && codes.size(1) == x.size(1) && codes.size(2) == hm && codes.size(3) == wm, op,
+        ": codes must have shape (", x.size(0), ", ", x.size(1), ", ", hm, ", ", wm, "), got ", codes.sizes());
+    check_output(out, {&x, &codes});
+    check_output(codes, {&x});
+  } else {
+    check_output(out, {&x});
+  }
   check_table(op, "row", row_idx, row_w, out.size(2));
   check_table(op, "col", col_idx, col_w, out.size(3));
-  check_output(out, {&x, &codes});
-  check_output(codes, {&x});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_blur_forward_cpu", [&] {
     max_blur_forward_kernel<scalar_t>(x, static_cast<int>(kmax), static_cast<int>(pmax), row_idx, row_w, col_idx,
                                       col_w, out, codes);

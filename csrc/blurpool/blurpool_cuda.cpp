@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <optional>
 
 #include "../common/cuda_torch.h"
 #include "blurpool_cuda.h"
@@ -96,41 +97,49 @@ void check_max_input(const at::Tensor& t, const char* name, const char* op) {
 
 void max_blur_forward_cuda(const at::Tensor& x, int64_t kmax, int64_t pmax, int64_t stride_h, int64_t stride_w,
                            const at::Tensor& row_idx, const at::Tensor& row_w, const at::Tensor& col_idx,
-                           const at::Tensor& col_w, const at::Tensor& out, const at::Tensor& codes) {
+                           const at::Tensor& col_w, const at::Tensor& out, const std::optional<at::Tensor>& maybe_codes) {
   const char* op = "ktkernels_C::max_blur_forward_";
+  const at::Tensor codes = maybe_codes.value_or(at::Tensor());  // undefined: no backward to come, no codes
   check_max_params(kmax, pmax, op);
   TORCH_CHECK(stride_h >= 1 && stride_w >= 1 && stride_h <= kIntMax && stride_w <= kIntMax, op,
               ": strides must be >= 1");
   check_4d(x, "x", x, op);
   check_4d(out, "out", x, op);
-  check_4d(codes, "codes", x, op);
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": out dtype ", out.scalar_type(), " != x dtype ",
               x.scalar_type());
-  TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8");
   check_max_input(x, "x", op);
   const kc::DType dtype = dtype_of(x, op);
   check_table(row_idx, row_w, x, "row", op);
   check_table(col_idx, col_w, x, "col", op);
   const int64_t hm = x.size(2) + 2 * pmax - kmax + 1;
   const int64_t wm = x.size(3) + 2 * pmax - kmax + 1;
-  TORCH_CHECK(codes.size(0) == x.size(0) && codes.size(1) == x.size(1) && codes.size(2) == hm && codes.size(3) == wm,
-              op, ": codes must be (", x.size(0), ", ", x.size(1), ", ", hm, ", ", wm, "), got ", codes.sizes());
+  if (codes.defined()) {
+    check_4d(codes, "codes", x, op);
+    TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8");
+    TORCH_CHECK(
+        codes.size(0) == x.size(0) && codes.size(1) == x.size(1) && codes.size(2) == hm && codes.size(3) == wm, op,
+        ": codes must be (", x.size(0), ", ", x.size(1), ", ", hm, ", ", wm, "), got ", codes.sizes());
+  }
   TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == x.size(1), op, ": out must be (", x.size(0), ", ",
               x.size(1), ", H_out, W_out), got ", out.sizes());
   TORCH_CHECK(out.size(2) == row_idx.size(0) && out.size(3) == col_idx.size(0), op, ": out spatial size ",
               out.sizes(), " does not match the tables (", row_idx.size(0), ", ", col_idx.size(0), ")");
   check_output(out, "out", op);
-  check_output(codes, "codes", op);
+  if (codes.defined()) check_output(codes, "codes", op);
   if (out.numel() == 0) return;
   at::assert_no_overlap(out, x);
-  at::assert_no_overlap(codes, x);
-  at::assert_no_overlap(codes, out);
+  ktk_cuda::Tensor4 codes4{nullptr, {x.size(0), x.size(1), hm, wm}, {0, 0, 0, 0}};  // sizes only: no stores
+  if (codes.defined()) {
+    at::assert_no_overlap(codes, x);
+    at::assert_no_overlap(codes, out);
+    codes4 = out4(codes);
+  }
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   raise_if(kc::max_blur_forward(dtype, in4(x), static_cast<int>(kmax), static_cast<int>(pmax),
                                 static_cast<int>(stride_h), static_cast<int>(stride_w), table_of(row_idx, row_w),
-                                table_of(col_idx, col_w), out4(out), out4(codes), stream),
+                                table_of(col_idx, col_w), out4(out), codes4, stream),
            op);
 }
 

@@ -533,7 +533,8 @@ __global__ void __launch_bounds__(kThreads) max_blur_fwd_kernel(const MaxFwdArgs
         hk[s] = row_max<T, KMAX>(xl, rb - a.pmax + s, a.H, a.xs2, xcoff, xcok, hv[s], hb[s]);
       }
       const bool own_c = c >= own_c0 && c < own_c1;
-      uint8_t* code_col = a.codes + cbase[lane] + static_cast<int64_t>(c) * a.cs3;
+      // No codes (a.codes null): a forward with no backward to come.
+      uint8_t* code_col = a.codes ? a.codes + cbase[lane] + static_cast<int64_t>(c) * a.cs3 : nullptr;
       T* m_col = mt + lane * ls + mc * cs;
       for (int r = rb; r < re; ++r) {
         hk[KMAX - 1] = row_max<T, KMAX>(xl, r - a.pmax + KMAX - 1, a.H, a.xs2, xcoff, xcok, hv[KMAX - 1], hb[KMAX - 1]);
@@ -550,7 +551,9 @@ __global__ void __launch_bounds__(kThreads) max_blur_fwd_kernel(const MaxFwdArgs
           }
         }
         if (tiled) m_col[(r - r0) * rs] = best;
-        if (own_c && r >= own_r0 && r < own_r1) code_col[static_cast<int64_t>(r) * a.cs2] = static_cast<uint8_t>(code);
+        if (code_col && own_c && r >= own_r0 && r < own_r1) {
+          code_col[static_cast<int64_t>(r) * a.cs2] = static_cast<uint8_t>(code);
+        }
 #pragma unroll
         for (int s = 0; s < KMAX - 1; ++s) {
           hv[s] = hv[s + 1];

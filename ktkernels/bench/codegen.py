@@ -123,10 +123,14 @@ def _blurpool_cases(dtype: torch.dtype, layout: str) -> dict[str, Callable[[], o
         y = op.max_blur_pool2d(x, 2, 0, 4, 2, [1, 2, 1, 2], "reflect")[0]
         y.backward(torch.empty_like(y))
 
+    def max_blur_inference():  # no backward to come: no argmax codes
+        op.max_blur_pool2d_inference(_input((BATCH, 64, 112, 112), dtype, layout), 2, 0, 4, 2, [1, 2, 1, 2], "reflect")
+
     return {
         "adobe k4 L2 down": blur(256, 56, 4, [1, 2, 1, 2]),
         "timm k3 L2 down": blur(256, 56, 3, [1, 1, 1, 1]),
         "maxblur k4 stem": max_blur,
+        "maxblur k4 stem inference": max_blur_inference,
     }
 
 

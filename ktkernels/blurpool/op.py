@@ -5,6 +5,7 @@ Public ops (all in the ``ktkernels`` namespace):
 - ``blur_pool2d(x, filt_size, stride, padding, pad_mode) -> y`` with padding (left, right, top, bottom)
 - ``blur_pool1d(x, filt_size, stride, padding, pad_mode) -> y`` with padding (left, right)
 - ``max_blur_pool2d(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode) -> (y, codes)``
+- ``max_blur_pool2d_inference(...) -> y``: the same without the codes, for calls that need no gradient
 
 and their ``*_backward`` ops. Backwards save no activations: the blur saves only sizes, the max-blur
 its uint8 argmax codes (one byte per max-map position, not the max map or int64 indices). The blur's
@@ -277,23 +278,22 @@ blur_pool1d, blur_pool1d_backward = _define_blur(1)
 # max_blur_pool2d: max_pool2d(max_kernel, stride=1, max_padding) then the blur pool, in one kernel
 
 
-@torch.library.custom_op("ktkernels::max_blur_pool2d", mutates_args=())
-def max_blur_pool2d(
-    x: Tensor, max_kernel: int, max_padding: int, filt_size: int, stride: int, padding: list[int], pad_mode: str
-) -> tuple[Tensor, Tensor]:
-    """Fused max pool (stride 1) + blur pool of (N, C, H, W). Returns (y, uint8 argmax codes)."""
-    y, codes = _max_blur_pool2d_fake(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)
+def _max_blur_forward(x: Tensor, max_kernel: int, max_padding: int, filt_size: int, stride: int, padding: list[int],
+                      pad_mode: str, y: Tensor, codes: Tensor | None) -> None:  # fmt: skip
+    """Fill ``y`` (and ``codes``, unless None: then no backend forms them) on the chosen backend."""
     if y.numel() == 0:
-        return y, codes
+        return
     name = backend.resolve(MAX_FAMILY, x.device, channels_inner(x))
     if name == "torch":
         ref_y, ref_codes = max_blur_pool2d_reference(
             x, max_kernel, max_padding, filt_size, stride, tuple(padding), pad_mode
         )
         y.copy_(ref_y)
-        codes.copy_(ref_codes)
-        return y, codes
-    axes = blur_plan(tuple(codes.shape[2:]), filt_size, stride, padding, pad_mode, "max_blur_pool2d")
+        if codes is not None:
+            codes.copy_(ref_codes)
+        return
+    sizes = max_map_sizes(tuple(x.shape[2:]), max_kernel, max_padding)
+    axes = blur_plan(sizes, filt_size, stride, padding, pad_mode, "max_blur_pool2d")
     if name == "triton":
         from . import triton as kernels
 
@@ -301,19 +301,45 @@ def max_blur_pool2d(
     else:
         rows, cols = _tables(axes, False, x.device)
         torch.ops.ktkernels_C.max_blur_forward_(x, max_kernel, max_padding, stride, stride, *rows, *cols, y, codes)
+
+
+@torch.library.custom_op("ktkernels::max_blur_pool2d", mutates_args=())
+def max_blur_pool2d(
+    x: Tensor, max_kernel: int, max_padding: int, filt_size: int, stride: int, padding: list[int], pad_mode: str
+) -> tuple[Tensor, Tensor]:
+    """Fused max pool (stride 1) + blur pool of (N, C, H, W). Returns (y, uint8 argmax codes)."""
+    y, codes = _max_blur_pool2d_fake(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)
+    _max_blur_forward(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode, y, codes)
     return y, codes
 
 
 @max_blur_pool2d.register_fake
 def _max_blur_pool2d_fake(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode):
+    y = _max_blur_pool2d_inference_fake(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)
+    hm, wm = max_map_sizes(tuple(x.shape[2:]), max_kernel, max_padding)
+    return y, layout.alloc(x, (x.shape[0], x.shape[1], hm, wm), channels_inner(x), dtype=torch.uint8)
+
+
+@torch.library.custom_op("ktkernels::max_blur_pool2d_inference", mutates_args=())
+def max_blur_pool2d_inference(
+    x: Tensor, max_kernel: int, max_padding: int, filt_size: int, stride: int, padding: list[int], pad_mode: str
+) -> Tensor:
+    """``max_blur_pool2d``'s output alone, for calls with no backward to come: no backend forms or writes the
+    argmax codes (a third of the forward's bytes in bf16, and the argmax's registers and instructions). It has
+    no autograd; :func:`max_blur` takes it when no gradient is needed."""
+    y = _max_blur_pool2d_inference_fake(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)
+    _max_blur_forward(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode, y, None)
+    return y
+
+
+@max_blur_pool2d_inference.register_fake
+def _max_blur_pool2d_inference_fake(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode):
     check_input(x, 2, "max_blur_pool2d")
     check_max(max_kernel, max_padding)
     n, c, h, w = x.shape
     hm, wm = max_map_sizes((h, w), max_kernel, max_padding)
     rows, cols = blur_plan((hm, wm), filt_size, stride, padding, pad_mode, "max_blur_pool2d")
-    shape = (n, c, rows.out_size, cols.out_size)
-    last = channels_inner(x)
-    return layout.alloc(x, shape, last), layout.alloc(x, (n, c, hm, wm), last, dtype=torch.uint8)
+    return layout.alloc(x, (n, c, rows.out_size, cols.out_size), channels_inner(x))
 
 
 @torch.library.custom_op("ktkernels::max_blur_pool2d_backward", mutates_args=())
@@ -428,6 +454,9 @@ def max_blur(
         return max_blur_pool2d(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)[0]  # its TypeError
     x = autocast_input(x)
     if _tangent(x) is None:
-        return max_blur_pool2d(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)[0]
-    _max_blur_pool2d_fake(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)  # validation
+        args = (max_kernel, max_padding, filt_size, stride, padding, pad_mode)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return max_blur_pool2d(x, *args)[0]
+        return max_blur_pool2d_inference(x, *args)  # no backward to come: no argmax codes
+    _max_blur_pool2d_inference_fake(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)  # validation
     return blur(F.max_pool2d(x, max_kernel, 1, max_padding), 2, filt_size, stride, padding, pad_mode)

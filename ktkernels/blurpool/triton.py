@@ -592,13 +592,15 @@ def _rolling_max_blur_kernel(
     T: tl.constexpr,
     NM: tl.constexpr,
     PREFETCH: tl.constexpr,
+    CODES: tl.constexpr,
     ACC: tl.constexpr,
     BC: tl.constexpr,
     R: tl.constexpr,
     BG: tl.constexpr,
 ):
     """out = R_h m R_w^T for the stride-1 KMAX x KMAX max map m of x (padding PMAX, out-of-range excluded), R
-    output rows per program as in ``_rolling_blur_kernel``, and the argmax codes of the max-map positions it owns.
+    output rows per program as in ``_rolling_blur_kernel``, and (CODES) the argmax codes of the max-map positions
+    it owns; without CODES (no backward to come) the argmax is neither formed nor stored.
 
     A thread owns T consecutive outputs j = T*g + t of a row (a column group g): every x column, row maximum and
     max-map value its T windows share is a separate tensor of the (BC, 1, BG) tile, formed once and reused by
@@ -668,14 +670,14 @@ def _rolling_max_blur_kernel(
                 mr = SH * i0 + (OFFSET_H + u - (KMAX - 1))
                 owned = c_ok & (mr >= SH * i0) & ((mr < SH * (i0 + R)) | (i0 + R >= HO)) & (mr < HM)
                 k_row = k_plane + mr * SKH
-                for t in tl.static_range(T):
+                for t in tl.static_range(T if CODES else 0):
                     for p in tl.static_range(S):
                         code = _map_code(
                             row_max, row_arg, (u - (KMAX - 1)) * NM + S * t + p - OFFSET, NM, KMAX, PMAX > 0
                         )
                         mc = S * (T * g + t) + p
                         tl.store(k_row + mc * SKW, code.to(tl.uint8), mask=owned & (T * g + t < WO) & (mc < WM))
-                if S - OFFSET < D:
+                if CODES and S - OFFSET < D:
                     if last_block:
                         for t in tl.static_range(T):
                             for d in tl.static_range(S - OFFSET, D):
@@ -986,11 +988,12 @@ def _max_blur_kernel(
     DH: tl.constexpr,
     DW: tl.constexpr,
     KMAX: tl.constexpr,
+    CODES: tl.constexpr,
     ACC: tl.constexpr,
     BC: tl.constexpr,
     BW: tl.constexpr,
 ):
-    """out[i, j] = sum_e sum_d rband[i, e] cband[j, d] m[rbase[i] + e, cbase[j] + d], and the codes it owns.
+    """out[i, j] = sum_e sum_d rband[i, e] cband[j, d] m[rbase[i] + e, cbase[j] + d], and (CODES) the codes it owns.
 
     m is the stride-1 KMAX x KMAX max map of x (padding PMAX, out-of-range excluded). One output row per
     program: the x rows rbase[i] + e + a - PMAX and columns cbase[j] + d + b - PMAX of the window are loaded
@@ -1027,7 +1030,7 @@ def _max_blur_kernel(
             r = rbase + (rho - (KMAX - 1))
             owned = ok & _owns(r, i, STRIDE_H, HO, HM)
             line, codes = _band_row(row_max, row_arg, col_weights, rho - (KMAX - 1), DW, KMAX)
-            for d in tl.static_range(DW):
+            for d in tl.static_range(DW if CODES else 0):
                 q = cbase + d
                 tl.store(k_base + r * skh + q * skw, codes[d].to(tl.uint8), mask=owned & _owns(q, j, STRIDE_W, WO, WM))
             rw = tl.load(rband_ptr + i * DH + (rho - (KMAX - 1)))
@@ -1280,10 +1283,20 @@ def blur_gather(x: torch.Tensor, rows: tuple, cols: tuple, out: torch.Tensor) ->
     )
 
 
+def _codes_args(x: torch.Tensor, kmax: int, pmax: int, out: torch.Tensor, codes: torch.Tensor | None) -> tuple:
+    """(pointer, (HM, WM), strides) of the codes, or of nothing when there are none (``out`` as a pointer that no
+    store reaches, the max-map sizes, zero strides)."""
+    if codes is not None:
+        return codes, tuple(codes.shape[2:]), codes.stride()
+    h, w = x.shape[2:]
+    return out, (h + 2 * pmax - kmax + 1, w + 2 * pmax - kmax + 1), (0, 0, 0, 0)
+
+
 def max_blur_forward(
-    x: torch.Tensor, kmax: int, pmax: int, axes: tuple[Axis, Axis], out: torch.Tensor, codes: torch.Tensor
+    x: torch.Tensor, kmax: int, pmax: int, axes: tuple[Axis, Axis], out: torch.Tensor, codes: torch.Tensor | None
 ) -> None:
-    """``out = R_rows maxmap(x) R_cols^T`` and the argmax ``codes`` of every max-map position.
+    """``out = R_rows maxmap(x) R_cols^T`` and the argmax ``codes`` of every max-map position (None: a forward with
+    no backward to come, which neither forms nor stores them).
 
     ``axes`` are the blur's (row, column) axes over the max map. Every layout takes the rolling kernel; windows
     wider than ``MAX_WINDOW`` take the banded one (geometry.banded_table).
@@ -1300,10 +1313,11 @@ def max_blur_forward(
     bc, _, bw, warps = _tile(c, 1, wo, _channels_inner(x), MAX_BLUR_PER_THREAD)
     grid = _grid(n, c, ho, wo, bc, 1, bw)
     cbase, cband = device_table("banded", col_axis, x.device)
+    codes_ptr, (hm, wm), codes_strides = _codes_args(x, kmax, pmax, out, codes)
     _max_blur_kernel[grid](
         x,
         out,
-        codes,
+        codes_ptr,
         rbase,
         rband,
         cbase,
@@ -1313,17 +1327,18 @@ def max_blur_forward(
         w,
         ho,
         wo,
-        codes.shape[2],
-        codes.shape[3],
+        hm,
+        wm,
         *x.stride(),
         *out.stride(),
-        *codes.stride(),
+        *codes_strides,
         row_axis.stride,
         col_axis.stride,
         pmax,
         DH=rband.shape[1],
         DW=cband.shape[1],
         KMAX=kmax,
+        CODES=codes is not None,
         ACC=_acc_dtype(x),
         BC=bc,
         BW=bw,
@@ -1341,25 +1356,26 @@ def _rolling_max_blur(x: torch.Tensor, kmax: int, pmax: int, axes: tuple[Axis, A
     # 3 x 3 pools (DenseNet) keep three x rows of the window live: with 7-8 rows per program, triton 3.8's ptxas
     # spills a register in a small bf16 channels_last case (test_codegen), though the stem would issue 17% less.
     r = _rows_per_program(ho, ROWS_PER_PROGRAM if kmax <= 2 else ROWS_PER_PROGRAM // 2)
+    codes_ptr, (hm, wm), codes_strides = _codes_args(x, kmax, pmax, out, codes)
     _rolling_max_blur_kernel[_grid(n, c, ho, triton.cdiv(wo, t), bc, r, bg)](
         x,
         out,
-        codes,
+        codes_ptr,
         rows,
         cols,
         c,
         h,
         ho,
-        codes.shape[2],
+        hm,
         x.stride(0),
         out.stride(0),
-        codes.stride(0),
+        codes_strides[0],
         *x.stride()[1:],
         *out.stride()[1:],
-        *codes.stride()[1:],
+        *codes_strides[1:],
         W=w,
         WO=wo,
-        WM=codes.shape[3],
+        WM=wm,
         SH=row_axis.stride,
         OFFSET_H=offset_h,
         DH=rows.shape[0],
@@ -1373,6 +1389,7 @@ def _rolling_max_blur(x: torch.Tensor, kmax: int, pmax: int, axes: tuple[Axis, A
         T=t,
         NM=col_axis.stride * (t - 1) + cols.shape[0],  # max-map columns of a thread's T windows
         PREFETCH=prefetch,
+        CODES=codes is not None,
         ACC=_acc_dtype(x),
         BC=bc,
         R=r,
