@@ -16,12 +16,13 @@ if ! [ -x "$VENV/bin/python" ]; then
   "$VENV/bin/python" -m pip install -q "torch==$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')" numpy
   "$VENV/bin/python" -m pip install -q --no-deps "triton==$TRITON"  # over the one torch pins: the box's Triton
 fi
-# The GPU tests' kernels too: test_blurpool.py runs the same test bodies at the same shapes under the interpreter
-# (backend "triton-interp") as on the GPU ("triton-gpu"), so its interpreted launches are the GPU tests' launches.
+# The GPU tests' kernels too: test_blurpool.py and test_blurpool_api.py run the same test bodies at the same shapes
+# under the interpreter (backend "triton-interp") as on the GPU ("triton-gpu"), so their interpreted launches are the
+# GPU tests' launches.
 make build > /dev/null
 rm -f build/test-launches.jsonl.*
 KTK_RECORD_TRITON_LAUNCHES="$PWD/build/test-launches.jsonl" .venv/bin/python -m pytest -q -n "${JOBS:-$(nproc)}" \
-  tests/test_blurpool.py -k triton -p no:cacheprovider > build/test-launches.log 2>&1 || { tail -20 build/test-launches.log; exit 1; }
+  tests/test_blurpool.py tests/test_blurpool_api.py -k triton -p no:cacheprovider > build/test-launches.log 2>&1 || { tail -20 build/test-launches.log; exit 1; }
 rm -rf build/triton-cache-sm90 build/triton-cache-sm90.tgz
 PYTHONPATH=. "$VENV/bin/python" -m ktkernels.bench codegen --fill-cache build/triton-cache-sm90 \
   --test-launches build/test-launches.jsonl --jobs "${JOBS:-$(nproc)}"

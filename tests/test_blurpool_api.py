@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -263,3 +264,27 @@ def test_max_blur_forms_codes_only_when_a_backward_can_come(monkeypatch):
     calls.clear()
     assert torch.equal(layer(x.detach()), expected)
     assert calls == ["max_blur_pool2d_inference"]
+
+
+@pytest.mark.parametrize("target", FP64_TARGETS)
+def test_vmap_folds_into_the_batch_and_keeps_gradients(target):
+    """torch.vmap runs each op once on the folded batch (no per-element fallback loop, which torch warns about),
+    with the values and input gradients of a loop over the vmapped dimension, for either vmapped dim."""
+    name, device = target
+    calls = [
+        (ktkernels.blur_pool2d, (2, 3, 9, 8)),
+        (ktkernels.max_blur_pool2d, (2, 3, 9, 8)),
+        (lambda t: ktkernels.blur_pool1d(t, 4, 1, (2, 1), "zero"), (2, 3, 11)),
+    ]
+    for fn, shape in calls:
+        for in_dim in (0, 1):
+            stacked = torch.randn(3, *shape, dtype=torch.float64, device=device).movedim(0, in_dim)
+            batched, looped = stacked.clone().requires_grad_(), stacked.clone().requires_grad_()
+            with ktkernels.use_backend(name), warnings.catch_warnings():
+                warnings.filterwarnings("error", message=".*batching rule.*")
+                y = torch.vmap(fn, in_dims=in_dim)(batched)
+                expected = torch.stack([fn(t) for t in looped.unbind(in_dim)])
+                y.sin().sum().backward()
+                expected.sin().sum().backward()
+            torch.testing.assert_close(y, expected, rtol=0, atol=0)
+            torch.testing.assert_close(batched.grad, looped.grad, rtol=1e-12, atol=1e-12)

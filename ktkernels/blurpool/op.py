@@ -407,6 +407,37 @@ max_blur_pool2d.register_autograd(_max_blur_pool2d_grad, setup_context=_max_blur
 
 
 # ----------------------------------------------------------------------------------------------
+# vmap: every tensor of these ops is (N, C, ...) and each (n, c) plane is independent, so a vmapped dimension
+# folds into N (torch would otherwise loop over it, one op call per element, with a warning).
+
+
+def _fold_vmap_rule(custom_op):
+    def rule(info, in_dims, *args):
+        size = info.batch_size
+        folded = [
+            (a.movedim(d, 0) if d is not None else a.expand(size, *a.shape)).flatten(0, 1)
+            if isinstance(a, Tensor)
+            else a
+            for a, d in zip(args, in_dims, strict=True)
+        ]
+        out = custom_op(*folded)
+
+        def unfold(t: Tensor) -> Tensor:
+            return t.unflatten(0, (size, t.shape[0] // size if size else 0))
+
+        if isinstance(out, tuple):
+            return tuple(unfold(t) for t in out), (0,) * len(out)
+        return unfold(out), 0
+
+    torch.library.register_vmap(custom_op, rule)
+
+
+for _op in (blur_pool2d, blur_pool2d_backward, blur_pool1d, blur_pool1d_backward, max_blur_pool2d,
+            max_blur_pool2d_inference, max_blur_pool2d_backward):  # fmt: skip
+    _fold_vmap_rule(_op)
+
+
+# ----------------------------------------------------------------------------------------------
 # Entry points of the functional API and the modules: autocast and forward-mode AD around the ops
 
 
@@ -445,6 +476,16 @@ def blur(x: Tensor, spatial_dims: int, filt_size: int, stride: int, padding: lis
     return linear(lambda t: forward_op(t, filt_size, stride, padding, pad_mode), autocast_input(x))
 
 
+def _backward_can_come(x: Tensor) -> bool:
+    """Whether a gradient with respect to ``x`` may be asked for: grad mode on and ``x`` requiring grad. A tensor that
+    torch.func wraps (vmap, jvp) does not show the requires_grad of the tensor under it, so it counts as yes."""
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad or torch.compiler.is_compiling():
+        return x.requires_grad
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
 def max_blur(
     x: Tensor, max_kernel: int, max_padding: int, filt_size: int, stride: int, padding: list[int], pad_mode: str
 ) -> Tensor:
@@ -455,8 +496,8 @@ def max_blur(
     x = autocast_input(x)
     if _tangent(x) is None:
         args = (max_kernel, max_padding, filt_size, stride, padding, pad_mode)
-        if torch.is_grad_enabled() and x.requires_grad:
+        if _backward_can_come(x):
             return max_blur_pool2d(x, *args)[0]
-        return max_blur_pool2d_inference(x, *args)  # no backward to come: no argmax codes
+        return max_blur_pool2d_inference(x, *args)  # no argmax codes
     _max_blur_pool2d_inference_fake(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)  # validation
     return blur(F.max_pool2d(x, max_kernel, 1, max_padding), 2, filt_size, stride, padding, pad_mode)
