@@ -13,8 +13,9 @@ backward is differentiable again (its adjoint is the forward), so double backwar
 
 The functional API and the modules call :func:`blur` and :func:`max_blur`, which add what a custom op cannot
 register: autocast (the anchors' blur is a conv, so it runs in the autocast dtype) and forward-mode AD
-(``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``). torch's custom ops are differentiated in
-reverse mode only and drop a forward-mode tangent without an error, so the raw ops do too.
+(``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``), and pick the max-blur op without codes when no
+backward can come. torch's custom ops are differentiated in reverse mode only and drop a forward-mode tangent
+without an error, so the raw ops do too.
 """
 
 from __future__ import annotations
@@ -489,8 +490,9 @@ def _backward_can_come(x: Tensor) -> bool:
 def max_blur(
     x: Tensor, max_kernel: int, max_padding: int, filt_size: int, stride: int, padding: list[int], pad_mode: str
 ) -> Tensor:
-    """``max_blur_pool2d``'s output. With a forward-mode tangent it runs ``max_pool2d`` (which carries the tangent
-    along its argmax) and then the blur: the same values, unfused."""
+    """``max_blur_pool2d``'s output. Where no backward can come it runs ``max_blur_pool2d_inference`` (no argmax
+    codes); with a forward-mode tangent, ``max_pool2d`` (which carries the tangent along its argmax) and then the
+    blur: the same values, unfused."""
     if not isinstance(x, Tensor):
         return max_blur_pool2d(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)[0]  # its TypeError
     x = autocast_input(x)
