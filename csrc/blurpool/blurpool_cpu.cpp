@@ -980,14 +980,14 @@ KTK_DEFINE_RUNNER(maxfwd_channels_chunk, MaxFwdArgs, ktk_cpu::kCloneFloat)
 KTK_DEFINE_RUNNER(maxcodes_planar_chunk, MaxFwdArgs, ktk_cpu::kCloneFloat)
 KTK_DEFINE_RUNNER(maxcodes_channels_chunk, MaxFwdArgs, ktk_cpu::kCloneFloat)
 
-// codes undefined: no backward to come, so no codes are formed or written (and the rows no output reads
-// are not visited).
+// (Hm, Wm): the max map's size. codes undefined: no backward to come, so no codes are formed or written (and the
+// rows no output reads are not visited).
 template <typename scalar_t>
-void max_blur_forward_kernel(const Tensor& x, int kmax, int pmax, const Tensor& row_idx, const Tensor& row_w,
-                             const Tensor& col_idx, const Tensor& col_w, const Tensor& out, const Tensor& codes) {
+void max_blur_forward_kernel(const Tensor& x, int kmax, int pmax, int64_t Hm, int64_t Wm, const Tensor& row_idx,
+                             const Tensor& row_w, const Tensor& col_idx, const Tensor& col_w, const Tensor& out,
+                             const Tensor& codes) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t Hm = H + 2 * pmax - kmax + 1, Wm = W + 2 * pmax - kmax + 1;
   const bool with_codes = codes.defined();
   const int64_t Ho = out.size(2), Wo = out.size(3);
   const Table<acc_t> rt = compact_table<acc_t>(row_idx, row_w, Hm, 0, "max_blur_forward_: row table");
@@ -1003,9 +1003,11 @@ void max_blur_forward_kernel(const Tensor& x, int kmax, int pmax, const Tensor& 
   if (with_codes) advise_huge_pages(codes);
 
   const std::vector<int64_t> owner = first_reader(rt, Hm);
-  std::vector<int64_t> orphans;
-  for (int64_t r = 0; r < Hm && with_codes; ++r) {
-    if (owner[r] < 0) orphans.push_back(r);
+  std::vector<int64_t> orphans;  // max-map rows no output reads: only their codes are wanted
+  if (with_codes) {
+    for (int64_t r = 0; r < Hm; ++r) {
+      if (owner[r] < 0) orphans.push_back(r);
+    }
   }
   MaxFwdArgs<scalar_t> a{x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                          with_codes ? codes.data_ptr<uint8_t>() : nullptr,
@@ -1330,8 +1332,8 @@ void max_blur_forward_cpu(const Tensor& x, int64_t kmax, int64_t pmax, int64_t s
   check_table(op, "row", row_idx, row_w, out.size(2));
   check_table(op, "col", col_idx, col_w, out.size(3));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_blur_forward_cpu", [&] {
-    max_blur_forward_kernel<scalar_t>(x, static_cast<int>(kmax), static_cast<int>(pmax), row_idx, row_w, col_idx,
-                                      col_w, out, codes);
+    max_blur_forward_kernel<scalar_t>(x, static_cast<int>(kmax), static_cast<int>(pmax), hm, wm, row_idx, row_w,
+                                      col_idx, col_w, out, codes);
   });
 }
 

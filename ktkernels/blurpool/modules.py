@@ -34,8 +34,7 @@ def _blur_args(
 
     Types are checked here, before the dispatcher, so bad values raise TypeError/ValueError naming them.
     """
-    filt_size = op.check_int("filt_size", filt_size, 1, MAX_FILT_SIZE)
-    stride = op.check_int("stride", stride, 1, MAX_STRIDE)
+    filt_size, stride, _ = op.check_blur_params(filt_size, stride, [])
     if padding is None:
         pads = list(adobe_pads(filt_size)) * (sides // 2)
     elif isinstance(padding, numbers.Integral) and not isinstance(padding, bool):
@@ -46,7 +45,7 @@ def _blur_args(
             raise ValueError(f"padding must be an int or {sides} ints, got {pads}")
     else:
         raise TypeError(f"padding must be None, an int or {sides} ints, got {padding!r}")
-    return filt_size, stride, [op.check_int("each pad", p, 0) for p in pads]
+    return op.check_blur_params(filt_size, stride, pads)
 
 
 def blur_pool2d(

@@ -80,12 +80,11 @@ def check_input(x: Tensor, spatial_dims: int, op: str) -> None:
         raise TypeError(f"{op} expects a floating-point input, got {x.dtype}")
 
 
-def check_blur_params(filt_size: int, stride: int, padding: list[int]) -> None:
-    """Types and ranges that need no input."""
-    check_int("filt_size", filt_size, 1, MAX_FILT_SIZE)
-    check_int("stride", stride, 1, MAX_STRIDE)
-    for p in padding:
-        check_int("each pad", p, 0)
+def check_blur_params(filt_size: int, stride: int, padding: list[int]) -> tuple[int, int, list[int]]:
+    """Types and ranges that need no input; the values as ints."""
+    filt_size = check_int("filt_size", filt_size, 1, MAX_FILT_SIZE)
+    stride = check_int("stride", stride, 1, MAX_STRIDE)
+    return filt_size, stride, [check_int("each pad", p, 0) for p in padding]
 
 
 def check_blur_args(sizes: tuple, filt_size: int, stride: int, padding: list[int], pad_mode: str, op: str) -> None:

@@ -32,7 +32,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .geometry import MAX_FILT_SIZE, Axis, device_table, window_holes, window_table, window_zero_taps
+from .geometry import (
+    MAX_FILT_SIZE,
+    Axis,
+    device_table,
+    max_pool_output_size,
+    window_holes,
+    window_table,
+    window_zero_taps,
+)
 
 
 def _next_pow2(n: int) -> int:
@@ -1288,8 +1296,7 @@ def _codes_args(x: torch.Tensor, kmax: int, pmax: int, out: torch.Tensor, codes:
     store reaches, the max-map sizes, zero strides)."""
     if codes is not None:
         return codes, tuple(codes.shape[2:]), codes.stride()
-    h, w = x.shape[2:]
-    return out, (h + 2 * pmax - kmax + 1, w + 2 * pmax - kmax + 1), (0, 0, 0, 0)
+    return out, tuple(max_pool_output_size(size, kmax, pmax) for size in x.shape[2:]), (0, 0, 0, 0)
 
 
 def max_blur_forward(
