@@ -474,22 +474,26 @@ __global__ void __launch_bounds__(kThreads) max_blur_fwd_kernel(const MaxFwdArgs
   const int own_c1 = j0 + nJ == a.Wo ? a.Wm : static_cast<int>(min(static_cast<int64_t>(a.sw) * (j0 + nJ), wm));
   int64_t R0 = rng[0], R1 = static_cast<int64_t>(rng[1]) + 1;  // empty when R0 >= R1
   int64_t C0 = rng[2], C1 = static_cast<int64_t>(rng[3]) + 1;
-  if (own_r0 < own_r1) {
+  // Without codes (a forward with no backward to come) the region is only what the blur reads:
+  // the owned max-map rows and columns that no tap weights are neither needed nor computed.
+  const bool with_codes = a.codes != nullptr;
+  if (with_codes && own_r0 < own_r1) {
     R0 = min(R0, static_cast<int64_t>(own_r0));
     R1 = max(R1, static_cast<int64_t>(own_r1));
   }
-  if (own_c0 < own_c1) {
+  if (with_codes && own_c0 < own_c1) {
     C0 = min(C0, static_cast<int64_t>(own_c0));
     C1 = max(C1, static_cast<int64_t>(own_c1));
   }
   const int rh = R0 < R1 ? static_cast<int>(R1 - R0) : 0;
   const int cw_ = C0 < C1 ? static_cast<int>(C1 - C0) : 0;
   const bool tiled = rh <= a.cap_h && cw_ <= a.cap_w;  // block-uniform
-  // Phase-1 region: the whole box when tiled, else only the owned codes.
+  // Phase-1 region: the whole box when tiled, else only the owned codes (none without codes: the
+  // fallback's phase 2 recomputes every max it reads from x).
   const int r0 = tiled ? static_cast<int>(R0 < R1 ? R0 : 0) : own_r0;
-  const int nr = tiled ? rh : own_r1 - own_r0;
+  const int nr = tiled ? rh : (with_codes ? own_r1 - own_r0 : 0);
   const int c0 = tiled ? static_cast<int>(C0 < C1 ? C0 : 0) : own_c0;
-  const int nc = tiled ? cw_ : own_c1 - own_c0;
+  const int nc = tiled ? cw_ : (with_codes ? own_c1 - own_c0 : 0);
   const bool lane_fast = a.lane_fast != 0;
   // smem tile strides: [row][col][lane] (lane-fast) or [lane][row][col].
   const int ls = lane_fast ? 1 : a.cap_h * a.cap_w;
@@ -533,8 +537,7 @@ __global__ void __launch_bounds__(kThreads) max_blur_fwd_kernel(const MaxFwdArgs
         hk[s] = row_max<T, KMAX>(xl, rb - a.pmax + s, a.H, a.xs2, xcoff, xcok, hv[s], hb[s]);
       }
       const bool own_c = c >= own_c0 && c < own_c1;
-      // No codes (a.codes null): a forward with no backward to come.
-      uint8_t* code_col = a.codes ? a.codes + cbase[lane] + static_cast<int64_t>(c) * a.cs3 : nullptr;
+      uint8_t* code_col = with_codes ? a.codes + cbase[lane] + static_cast<int64_t>(c) * a.cs3 : nullptr;
       T* m_col = mt + lane * ls + mc * cs;
       for (int r = rb; r < re; ++r) {
         hk[KMAX - 1] = row_max<T, KMAX>(xl, r - a.pmax + KMAX - 1, a.H, a.xs2, xcoff, xcok, hv[KMAX - 1], hb[KMAX - 1]);
