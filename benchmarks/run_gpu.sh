@@ -34,6 +34,13 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "
 python3 -c "import setuptools; print('setuptools', setuptools.__version__)" > "$OUT/build.log" 2>&1
 MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
 echo "build ok"
+# The carried kernels are found only if no kernel's source or starting line moved since the cache was packed.
+if [ -n "${TRITON_CACHE_DIR:-}" ]; then
+  tree=$(TRITON_INTERPRET=0 python3 -m ktkernels.bench codegen --fingerprint 2>&1 | tail -1)
+  carried=$(cat "$TRITON_CACHE_DIR/KERNELS" 2>/dev/null || echo none)
+  [ "$carried" = "$tree" ] && verdict="match" || verdict="STALE: every kernel compiles here"
+  echo "kernels: carried $carried, this tree $tree ($verdict)" | tee -a "$OUT/triton_cache.txt"
+fi
 # A private libstdc++ inside _C (a static-only compiler runtime) makes C++ error messages segfault; setup.py
 # links torch's libstdc++ to prevent it: say so loudly if it happened anyway.
 copies=$(nm -C --defined-only ktkernels/_C*.so 2>/dev/null | grep -cE "std::locale::|std::codecvt<")

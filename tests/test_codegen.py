@@ -291,3 +291,41 @@ def test_recorded_test_launches_rebuild_with_their_specialisation(tmp_path):
         assert x.dtype == torch.bfloat16 and x.stride() == stride and (x.data_ptr() % 16 == 0) == aligned
     assert not seen[0][0] and seen[1][0]  # the slice is unaligned, the channels_last copy aligned
     assert all(isinstance(a, int) for a in launches[0].args[4:]) and launches[0].kwargs["ACC"] == tl.float32
+
+
+KERNEL_SOURCE = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _scale(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
+"""
+
+
+def test_kernel_fingerprint_follows_source_and_line(tmp_path, monkeypatch):
+    """A carried Triton cache (triton_cache_sm90.sh) is found only while every kernel keeps its source and starting
+    line: the fingerprint that guards it must change with either, and not with a change below the kernels."""
+    import importlib
+
+    from ktkernels.bench import codegen
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the JIT kernels, not the interpreter's stand-ins
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # no .pyc of an earlier variant with the same size and mtime
+    monkeypatch.syspath_prepend(str(tmp_path))
+    variants = {
+        "base": KERNEL_SOURCE,
+        "below": KERNEL_SOURCE + "\n# a comment below the kernel moves nothing\n",
+        "moved": "import math  # one more line above the kernel\n" + KERNEL_SOURCE,
+        "edited": KERNEL_SOURCE.replace("* 2", "* 3"),
+    }
+    prints = {}
+    for name, text in variants.items():
+        (tmp_path / "fp_kernels.py").write_text(text)
+        monkeypatch.delitem(sys.modules, "fp_kernels", raising=False)
+        importlib.invalidate_caches()
+        prints[name] = codegen.kernel_fingerprint(("fp_kernels",))
+    assert prints["below"] == prints["base"], prints
+    assert len({prints["base"], prints["moved"], prints["edited"]}) == 3, prints

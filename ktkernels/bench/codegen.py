@@ -451,6 +451,36 @@ def fill_cache(dtypes: tuple, layouts: tuple, workers: int, test_launches: str |
         return sum(future.result() for future in done)
 
 
+CACHED_KERNEL_MODULES = ("ktkernels.blurpool.triton",)  # the kernels that fill_cache compiles
+
+
+def kernel_fingerprint(modules: tuple[str, ...] = CACHED_KERNEL_MODULES) -> str:
+    """16 hex digits of a hash over the Triton cache key of every kernel defined in ``modules``.
+
+    Triton's key of a compiled kernel starts from ``JITFunction.cache_key``: the kernel's source, its callees' keys,
+    the constexpr globals it reads, and the line it starts on. So a cache that :func:`fill_cache` made finds none of
+    its kernels once any of these changed, even an import that moves every kernel down a line.
+    ``benchmarks/triton_cache_sm90.sh`` stores the fingerprint in the packed cache; ``--check`` there and
+    ``benchmarks/run_gpu.sh`` compare it with the tree's. Run it with the Triton of the box (3.6): the key's
+    recipe may differ between Triton versions, and the interpreter (``TRITON_INTERPRET=1``) has no keys.
+    """
+    import hashlib
+    import importlib
+
+    import triton
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("kernel_fingerprint needs the compiled JIT kernels: unset TRITON_INTERPRET")
+    keys = []
+    for name in modules:
+        for attr, value in sorted(vars(importlib.import_module(name)).items()):
+            if isinstance(value, triton.runtime.JITFunction):
+                keys.append(f"{name}.{attr} {value.cache_key}")
+    if not keys:
+        raise ValueError(f"no Triton kernels in {modules}")
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
 def _short(value: object) -> str:
     return str(value).removeprefix("fp").replace("triton.language.", "")
 
@@ -510,7 +540,16 @@ def main(argv: list[str] | None = None) -> None:
         help="with --fill-cache: also the launches a test run recorded under the interpreter with "
         "KTK_RECORD_TRITON_LAUNCHES=PATH (conftest)",
     )
+    parser.add_argument(
+        "--fingerprint",
+        nargs="*",
+        metavar="MODULE",
+        help="no analysis: print the hash of the Triton cache keys of the kernels in MODULE (default: "
+        f"{', '.join(CACHED_KERNEL_MODULES)}), which a carried cache must match (kernel_fingerprint)",
+    )
     args = parser.parse_args(argv)
+    if args.fingerprint is not None:
+        return print(kernel_fingerprint(tuple(args.fingerprint) or CACHED_KERNEL_MODULES))
     dtypes = tuple(getattr(torch, name) for name in args.dtypes.split(","))
     layouts = tuple(args.layouts.split(","))
     if set(layouts) - {"NCHW", "NHWC"}:
