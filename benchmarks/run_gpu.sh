@@ -38,7 +38,7 @@ echo "build ok"
 if [ -n "${TRITON_CACHE_DIR:-}" ]; then
   tree=$(TRITON_INTERPRET=0 python3 -m ktkernels.bench codegen --fingerprint 2>&1 | tail -1)
   carried=$(cat "$TRITON_CACHE_DIR/KERNELS" 2>/dev/null || echo none)
-  [ "$carried" = "$tree" ] && verdict="match" || verdict="STALE: every kernel compiles here"
+  [ "$carried" = "$tree" ] && verdict="match" || verdict="STALE: each changed or moved kernel compiles here"
   echo "kernels: carried $carried, this tree $tree ($verdict)" | tee -a "$OUT/triton_cache.txt"
 fi
 # A private libstdc++ inside _C (a static-only compiler runtime) makes C++ error messages segfault; setup.py

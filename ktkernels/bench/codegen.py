@@ -458,8 +458,8 @@ def kernel_fingerprint(modules: tuple[str, ...] = CACHED_KERNEL_MODULES) -> str:
     """16 hex digits of a hash over the Triton cache key of every kernel defined in ``modules``.
 
     Triton's key of a compiled kernel starts from ``JITFunction.cache_key``: the kernel's source, its callees' keys,
-    the constexpr globals it reads, and the line it starts on. So a cache that :func:`fill_cache` made finds none of
-    its kernels once any of these changed, even an import that moves every kernel down a line.
+    the constexpr globals it reads, and the line it starts on. So a cache that :func:`fill_cache` made misses every
+    kernel whose key changed since, and one more import line above the kernels moves, and so misses, all of them.
     ``benchmarks/triton_cache_sm90.sh`` stores the fingerprint in the packed cache; ``--check`` there and
     ``benchmarks/run_gpu.sh`` compare it with the tree's. Run it with the Triton of the box (3.6): the key's
     recipe may differ between Triton versions, and the interpreter (``TRITON_INTERPRET=1``) has no keys.
