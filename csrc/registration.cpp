@@ -6,6 +6,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "common/cpu_isa.h"
+
 extern "C" {
 // A bare module: importing ktkernels._C runs the static TORCH_LIBRARY registrations below.
 PyObject* PyInit__C(void) {
@@ -71,4 +75,8 @@ TORCH_LIBRARY(ktkernels_C, m) {
   m.def(
       "soft_target_backward_(Tensor s, Tensor t, float temperature, Tensor rows, Tensor grad_rows, "
       "Tensor(a!) grad_s, Tensor(b!) grad_t) -> ()");
+
+  // Which build of the C++ CPU kernels runs: "avx2" (the AVX2+FMA clones) or "default" (the x86-64 baseline;
+  // ATEN_CPU_CAPABILITY=default or a CPU without AVX2). Read once per process, as ATen reads its own.
+  m.def("cpu_capability() -> str", [] { return std::string(ktk_cpu::use_avx2() ? "avx2" : "default"); });
 }
