@@ -74,6 +74,22 @@ def test_forward_mode_ad_matches_the_reference(target):
         torch.testing.assert_close(leaf.grad.cpu(), x64.grad)
 
 
+def test_forward_mode_ad_validates_as_the_fused_op_does():
+    """With a tangent, max-blur runs max_pool2d and the blur unfused. It must refuse what the fused op refuses, in
+    its name: max_pool2d alone takes a 3-D input as one unbatched image, and the blur would name itself."""
+    x, v = torch.randn(2, 9, 9, dtype=torch.float64), torch.randn(2, 9, 9, dtype=torch.float64)
+    small, tangent = x[None, :, :3, :3], v[None, :, :3, :3]  # 2x2 max map: reflect pads of 2 (filt_size 5) are too wide
+    cases = [
+        (ktkernels.max_blur_pool2d, x, v, "max_blur_pool2d expects a 4-D input"),
+        (ktkernels.MaxBlurPool2d(2, filt_size=5), small, tangent, "max_blur_pool2d: reflect padding needs each pad"),
+    ]
+    for call, primal, direction, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call(primal)
+        with pytest.raises(ValueError, match=message):
+            torch.func.jvp(call, (primal,), (direction,))
+
+
 @pytest.mark.parametrize("target", FP64_TARGETS)
 def test_forward_over_reverse_hessian_vector_product(target):
     """The backward formulas carry the incoming gradient's tangent too (they are linear in it)."""

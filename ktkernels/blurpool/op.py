@@ -332,14 +332,20 @@ def max_blur_pool2d_inference(
     return y
 
 
-@max_blur_pool2d_inference.register_fake
-def _max_blur_pool2d_inference_fake(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode):
+def max_blur_output_size(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode) -> tuple[int, int, int, int]:
+    """The (N, C, H_out, W_out) of ``max_blur_pool2d(x, ...)``, with every argument validated against ``x``."""
     check_input(x, 2, "max_blur_pool2d")
     check_max(max_kernel, max_padding)
     n, c, h, w = x.shape
     hm, wm = max_map_sizes((h, w), max_kernel, max_padding)
     rows, cols = blur_plan((hm, wm), filt_size, stride, padding, pad_mode, "max_blur_pool2d")
-    return layout.alloc(x, (n, c, rows.out_size, cols.out_size), channels_inner(x))
+    return n, c, rows.out_size, cols.out_size
+
+
+@max_blur_pool2d_inference.register_fake
+def _max_blur_pool2d_inference_fake(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode):
+    size = max_blur_output_size(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)
+    return layout.alloc(x, size, channels_inner(x))
 
 
 @torch.library.custom_op("ktkernels::max_blur_pool2d_backward", mutates_args=())
@@ -500,5 +506,5 @@ def max_blur(
         if _backward_can_come(x):
             return max_blur_pool2d(x, *args)[0]
         return max_blur_pool2d_inference(x, *args)  # no argmax codes
-    _max_blur_pool2d_inference_fake(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)  # validation
+    max_blur_output_size(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)  # validation
     return blur(F.max_pool2d(x, max_kernel, 1, max_padding), 2, filt_size, stride, padding, pad_mode)
