@@ -104,30 +104,28 @@ void backward_row(const scalar_t* __restrict sr, const scalar_t* __restrict tr, 
 #if KTK_X86_CLONES
 // The same two rows, eight classes per instruction. Every step is the scalar one's IEEE operation (no FMA
 // contraction), in the same order per lane; only e^x is Sleef's.
-#define KTK_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define KTK_AVX2 __attribute__((target("avx2,fma")))
 
 // Weak: a libtorch_cpu without the symbol leaves it null, and the rows keep the scalar path (use_sleef_avx2).
 extern "C" __attribute__((weak)) KTK_AVX2 __m256 Sleef_expf8_u10(__m256);
 
 bool use_sleef_avx2() { return ktk_cpu::use_avx2() && Sleef_expf8_u10 != nullptr; }
 
-// Eight values from p as float: the first n of them, the rest `fill` (n < 8: a row's last classes).
+// Eight values from p as float: the first n of them, the rest `fill` (n < 8: a row's last classes). Half goes
+// through c10's conversion (no F16C assumed: ktk_cpu::use_avx2 checks AVX2 and FMA only).
 template <typename scalar_t>
 KTK_AVX2 inline __m256 load8(const scalar_t* p, int n = kLanes, float fill = 0.f) {
-  if (n < kLanes) {
-    alignas(32) float v[kLanes];
-    for (int l = 0; l < kLanes; ++l) v[l] = l < n ? static_cast<float>(p[l]) : fill;
-    return _mm256_load_ps(v);
-  }
   if constexpr (std::is_same_v<scalar_t, float>) {
-    return _mm256_loadu_ps(p);
-  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // bf16 is the high half of a float
-    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-  } else {
-    static_assert(std::is_same_v<scalar_t, c10::Half>);
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    if (n == kLanes) return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (n == kLanes) {  // a bf16 is the high half of a float's bits
+      const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+    }
   }
+  alignas(32) float v[kLanes];
+  for (int l = 0; l < kLanes; ++l) v[l] = l < n ? static_cast<float>(p[l]) : fill;
+  return _mm256_load_ps(v);
 }
 
 // The first n of eight floats to p, rounded to scalar_t as static_cast does.
