@@ -641,10 +641,7 @@ std::vector<int64_t> scaled_index(const Table<acc_t>& t, int64_t scale) {
 // Instruction-set variants and page advice
 // ------------------------------------------------------------------------------------------------
 
-// The work functions have AVX2+FMA clones for every dtype (csrc/common/cpu_isa.h). The half types had the
-// baseline build only until 2026-12-07, on the guess that their conversions dominate; with clones the bf16
-// (16,256,56,56) blur runs 1.5-2x faster and the max-blur forward+backward 2.5-5.7x (benchmarks/NOTES.md,
-// "bf16 on the CPU"), for 30 s more compile time of this file.
+// The work functions have AVX2+FMA clones for every dtype (csrc/common/cpu_isa.h).
 
 // Outputs are usually fresh allocations that these kernels touch first. On Linux, advising
 // transparent huge pages for a large output before that first touch replaces thousands of 4 KiB
@@ -729,8 +726,8 @@ void gather_channels_chunk(const GatherArgs<scalar_t>& a, int64_t begin, int64_t
   }
 }
 
-KTK_DEFINE_RUNNER(gather_planar_chunk, GatherArgs, ktk_cpu::kCloneAll)
-KTK_DEFINE_RUNNER(gather_channels_chunk, GatherArgs, ktk_cpu::kCloneAll)
+KTK_DEFINE_RUNNER(gather_planar_chunk, GatherArgs)
+KTK_DEFINE_RUNNER(gather_channels_chunk, GatherArgs)
 
 template <typename scalar_t>
 void blur_gather_kernel(const Tensor& x, const Tensor& row_idx, const Tensor& row_w, const Tensor& col_idx,
@@ -977,10 +974,10 @@ void maxcodes_channels_chunk(const MaxFwdArgs<scalar_t>& a, int64_t begin, int64
   }
 }
 
-KTK_DEFINE_RUNNER(maxfwd_planar_chunk, MaxFwdArgs, ktk_cpu::kCloneAll)
-KTK_DEFINE_RUNNER(maxfwd_channels_chunk, MaxFwdArgs, ktk_cpu::kCloneAll)
-KTK_DEFINE_RUNNER(maxcodes_planar_chunk, MaxFwdArgs, ktk_cpu::kCloneAll)
-KTK_DEFINE_RUNNER(maxcodes_channels_chunk, MaxFwdArgs, ktk_cpu::kCloneAll)
+KTK_DEFINE_RUNNER(maxfwd_planar_chunk, MaxFwdArgs)
+KTK_DEFINE_RUNNER(maxfwd_channels_chunk, MaxFwdArgs)
+KTK_DEFINE_RUNNER(maxcodes_planar_chunk, MaxFwdArgs)
+KTK_DEFINE_RUNNER(maxcodes_channels_chunk, MaxFwdArgs)
 
 // (Hm, Wm): the max map's size. codes undefined: no backward to come, so no codes are formed or written (and the
 // rows no output reads are not visited).
@@ -1198,8 +1195,8 @@ void maxbwd_channels_chunk(const MaxBwdArgs<scalar_t>& a, int64_t begin, int64_t
   }
 }
 
-KTK_DEFINE_RUNNER(maxbwd_planar_chunk, MaxBwdArgs, ktk_cpu::kCloneAll)
-KTK_DEFINE_RUNNER(maxbwd_channels_chunk, MaxBwdArgs, ktk_cpu::kCloneAll)
+KTK_DEFINE_RUNNER(maxbwd_planar_chunk, MaxBwdArgs)
+KTK_DEFINE_RUNNER(maxbwd_channels_chunk, MaxBwdArgs)
 
 template <typename scalar_t>
 void max_blur_backward_kernel(const Tensor& grad, const Tensor& codes, int kmax, int pmax, const Tensor& row_idx,

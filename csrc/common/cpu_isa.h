@@ -8,7 +8,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define KTK_X86_CLONES 1
@@ -32,19 +31,14 @@ inline bool use_avx2() {
   return ok;
 }
 
-// Which dtypes get a clone (each costs compile time): every dtype where the arithmetic runs in float
-// whatever the storage, float and double only where half-type conversions dominate.
-template <typename scalar_t>
-constexpr bool kCloneAll = true;
-template <typename scalar_t>
-constexpr bool kCloneFloat = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
-
 }  // namespace ktk_cpu
 
-// Defines CHUNK_run<scalar_t>(args, begin, end): CHUNK<scalar_t>, or its AVX2+FMA clone for the dtypes
-// where CLONE<scalar_t> (ktk_cpu::kCloneAll or ktk_cpu::kCloneFloat) holds.
+// Defines CHUNK_run<scalar_t>(args, begin, end): CHUNK<scalar_t>, or its AVX2+FMA clone. Every dtype gets a
+// clone. Until 2026-12-07 fp16/bf16 kept the baseline build in the blur-pool and channel-power kernels, on the
+// guess that their conversions dominate. Measured, the clones vectorise the conversions and run 1.5-5.7x faster
+// (benchmarks/NOTES.md, "bf16 on the CPU").
 #if KTK_X86_CLONES
-#define KTK_DEFINE_RUNNER(CHUNK, ARGS, CLONE)                                                            \
+#define KTK_DEFINE_RUNNER(CHUNK, ARGS)                                                                   \
   template <typename scalar_t>                                                                           \
   __attribute__((target("avx2,fma"), flatten)) void CHUNK##_avx2(const ARGS<scalar_t>& a, int64_t begin, \
                                                                   int64_t end) {                         \
@@ -52,13 +46,11 @@ constexpr bool kCloneFloat = std::is_same_v<scalar_t, float> || std::is_same_v<s
   }                                                                                                      \
   template <typename scalar_t>                                                                           \
   void CHUNK##_run(const ARGS<scalar_t>& a, int64_t begin, int64_t end) {                                \
-    if constexpr (CLONE<scalar_t>) {                                                                     \
-      if (::ktk_cpu::use_avx2()) return CHUNK##_avx2<scalar_t>(a, begin, end);                           \
-    }                                                                                                    \
+    if (::ktk_cpu::use_avx2()) return CHUNK##_avx2<scalar_t>(a, begin, end);                             \
     CHUNK<scalar_t>(a, begin, end);                                                                      \
   }
 #else
-#define KTK_DEFINE_RUNNER(CHUNK, ARGS, CLONE)                             \
+#define KTK_DEFINE_RUNNER(CHUNK, ARGS)                                    \
   template <typename scalar_t>                                            \
   void CHUNK##_run(const ARGS<scalar_t>& a, int64_t begin, int64_t end) { \
     CHUNK<scalar_t>(a, begin, end);                                       \

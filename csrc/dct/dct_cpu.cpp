@@ -278,8 +278,8 @@ void basis_channels_chunk(const BasisArgs<scalar_t>& a, int64_t begin, int64_t e
   }
 }
 
-KTK_DEFINE_RUNNER(basis_planar_chunk, BasisArgs, ktk_cpu::kCloneAll)
-KTK_DEFINE_RUNNER(basis_channels_chunk, BasisArgs, ktk_cpu::kCloneAll)
+KTK_DEFINE_RUNNER(basis_planar_chunk, BasisArgs)
+KTK_DEFINE_RUNNER(basis_channels_chunk, BasisArgs)
 
 // Channel block of the channels layout: as many channels (a multiple of 8) as fit the buffer budget,
 // fewer when there would be too few tasks to keep every thread busy; then balanced over the blocks.
@@ -544,10 +544,10 @@ KTK_DCT_MODE_SWITCH(power_bwd_planar_chunk)
 KTK_DCT_MODE_SWITCH(power_bwd_channels_chunk)
 #undef KTK_DCT_MODE_SWITCH
 
-KTK_DEFINE_RUNNER(power_planar_chunk, PowerArgs, ktk_cpu::kCloneFloat)
-KTK_DEFINE_RUNNER(power_channels_chunk, PowerArgs, ktk_cpu::kCloneFloat)
-KTK_DEFINE_RUNNER(power_bwd_planar_chunk, PowerArgs, ktk_cpu::kCloneFloat)
-KTK_DEFINE_RUNNER(power_bwd_channels_chunk, PowerArgs, ktk_cpu::kCloneFloat)
+KTK_DEFINE_RUNNER(power_planar_chunk, PowerArgs)
+KTK_DEFINE_RUNNER(power_channels_chunk, PowerArgs)
+KTK_DEFINE_RUNNER(power_bwd_planar_chunk, PowerArgs)
+KTK_DEFINE_RUNNER(power_bwd_channels_chunk, PowerArgs)
 
 // Mode for the exponent p of the forward; the backward's |x|^(p-1) takes mode 3 when p - 1 is small.
 template <typename scalar_t>

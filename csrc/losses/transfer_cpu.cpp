@@ -401,8 +401,8 @@ void stats_channels_chunk(const StatsArgs<scalar_t>& a, int64_t begin, int64_t e
   }
 }
 
-KTK_DEFINE_RUNNER(stats_planar_chunk, StatsArgs, ktk_cpu::kCloneAll)
-KTK_DEFINE_RUNNER(stats_channels_chunk, StatsArgs, ktk_cpu::kCloneAll)
+KTK_DEFINE_RUNNER(stats_planar_chunk, StatsArgs)
+KTK_DEFINE_RUNNER(stats_channels_chunk, StatsArgs)
 
 // Channel block of the channels layouts: up to kMaxChannelBlock channels, halved (down to 16) while there would
 // be fewer than 4 tasks per thread; then balanced over the blocks (a multiple of 8 unless it is all of C).
@@ -597,8 +597,8 @@ void grad_channels_chunk(const GradArgs<scalar_t>& a, int64_t begin, int64_t end
   }
 }
 
-KTK_DEFINE_RUNNER(grad_planar_chunk, GradArgs, ktk_cpu::kCloneAll)
-KTK_DEFINE_RUNNER(grad_channels_chunk, GradArgs, ktk_cpu::kCloneAll)
+KTK_DEFINE_RUNNER(grad_planar_chunk, GradArgs)
+KTK_DEFINE_RUNNER(grad_channels_chunk, GradArgs)
 
 template <typename scalar_t>
 void transfer_grad_kernel(const Tensor& s, const Tensor& t, const Tensor& basis, const Tensor& pixel_coef,
