@@ -39,9 +39,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <optional>
 #include <cstring>
 #include <initializer_list>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
