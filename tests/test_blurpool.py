@@ -256,15 +256,19 @@ def test_max_blur_pool2d_ties_nan_and_poisoned_outputs(
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize(
     "shape,pads",
-    [((1, 2, 37, 11), [1, 2, 1, 2]), ((1, 2, 12, 12), [5, 5, 5, 5])],
-    ids=["row-blocks", "wide-windows"],
+    [((1, 2, 37, 11), [1, 2, 1, 2]), ((1, 2, 12, 12), [5, 5, 5, 5]), ((1, 53, 11, 41), [1, 2, 1, 2])],
+    ids=["row-blocks", "wide-windows", "long-rows"],
 )
 @pytest.mark.parametrize("kmax,pmax", [(2, 0), (3, 1)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_max_blur_pool2d_row_blocks_and_wide_windows(target, shape, pads, kmax, pmax, layout, monkeypatch):
-    """Ties, NaN, codes and gradient where the rolling kernels need several row blocks (37 rows), and where the
-    pads widen the windows past MAX_WINDOW (16 wide) so the banded/routing kernels take over; outputs poisoned."""
+    """Ties, NaN, codes and gradient where the rolling kernels need several row blocks (37 rows), where the
+    pads widen the windows past MAX_WINDOW (16 wide) so the banded/routing kernels take over, and where rows (41
+    wide) and channel blocks (32 + 21 of 53) are longer than the CPU kernels' 16-wide max-window blocks, the last
+    of which overlaps the one before; outputs poisoned."""
     name, device = target
+    if name == "triton" and shape[3] == 41:
+        pytest.skip("long rows exercise the CPU kernels' blocks; a new shape is a Triton compile on the GPU")
     dtype = torch.float64 if name != "cuda" else torch.float32
     x = torch.randint(-2, 3, shape, generator=torch.Generator().manual_seed(kmax)).double()
     x[0, 1, 4, 5] = x[0, 0, 10, 7] = float("nan")
@@ -730,6 +734,74 @@ def test_max_blur_pool2d_low_precision(target, dtype):
         y = ktkernels.max_blur_pool2d(x)
     exp_y, _ = ref.max_blur_pool2d_reference(x.double().cpu(), 2, 0, 4, 2, (1, 2, 1, 2), "reflect")
     assert_close(y, exp_y, dtype)
+
+
+def _every_half_bit_pattern(dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """All 2^16 bit patterns of a 16-bit float (subnormals, +-inf, NaNs) in a random order, as (1, 16, 64, 64)."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    bits = bits[torch.randperm(bits.numel(), generator=torch.Generator().manual_seed(seed))]
+    return bits.view(dtype).view(1, 16, 64, 64)
+
+
+def _large_finite_values(dtype: torch.dtype, shape: torch.Size, seed: int) -> torch.Tensor:
+    """Finite values of at least a quarter of the dtype's largest, both signs: sums of a few of them overflow."""
+    values = _every_half_bit_pattern(dtype, seed).flatten()
+    values = values[torch.isfinite(values) & (values.abs() >= torch.finfo(dtype).max / 4)]
+    pick = torch.randint(values.numel(), shape, generator=torch.Generator().manual_seed(seed))
+    return values[pick]
+
+
+def _assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Bitwise equal, except that any NaN matches any NaN (payloads are not specified)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(actual), nan), f"{what}: NaN positions differ"
+    a, e = actual[~nan], expected[~nan]
+    bad = (a.view(torch.int16) != e.view(torch.int16)).nonzero().flatten()
+    assert bad.numel() == 0, (
+        f"{what}: {bad.numel()} elements differ, e.g. {a[bad[:4]].tolist()} vs {e[bad[:4]].tolist()}"
+    )
+
+
+HALF_OPS = {
+    "identity": lambda x: ktkernels.blur_pool2d(x, filt_size=1, stride=1, padding=0),
+    "k3-s1-reflect": lambda x: ktkernels.blur_pool2d(x, filt_size=3, stride=1, padding=1),
+    "adobe": lambda x: ktkernels.blur_pool2d(x),
+    "1d": lambda x: ktkernels.blur_pool1d(x.flatten(2), filt_size=5, stride=3, padding=(2, 1), pad_mode="replicate"),
+    "max-blur": lambda x: ktkernels.max_blur_pool2d(x),
+    "max-blur-k3": lambda x: ktkernels.max_blur_pool2d(x, max_kernel=3, max_padding=1, pad_mode="zero"),
+}
+
+
+@pytest.mark.parametrize("op_name", sorted(HALF_OPS))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("grads", ["every-pattern", "large"])
+def test_cpu_half_precision_is_the_fp32_kernel_rounded(grads, dtype, layout, op_name):
+    """The C++ CPU kernels widen 16-bit inputs to fp32, run the fp32 maths and round once at the end, so their
+    outputs and gradients must equal, bit for bit, those of the fp32 kernel on the widened tensors, rounded by
+    torch. Fed every bit pattern as input, and every pattern or large finite values as gradient, this pins the
+    hand-written fp16 conversions of csrc/common/cpu_convert.h: subnormals, round-half-even ties, overflow to inf
+    (the sums of large gradients), inf and NaN."""
+    fn = HALF_OPS[op_name]
+    x = _every_half_bit_pattern(dtype, seed=0)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x = x.requires_grad_()
+    wide = x.detach().float().requires_grad_()
+    with ktkernels.use_backend("cpu"):
+        y = fn(x)
+        y_wide = fn(wide)
+        if grads == "large":
+            grad = _large_finite_values(dtype, y.shape, seed=1)
+        else:
+            grad = _every_half_bit_pattern(dtype, seed=1).flatten()[: y.numel()].view(y.shape)
+        (gx,) = torch.autograd.grad(y, x, grad)
+        (gx_wide,) = torch.autograd.grad(y_wide, wide, grad.float())
+    _assert_same_bits(y, y_wide.to(dtype), "output")
+    _assert_same_bits(gx, gx_wide.to(dtype), "grad_input")
+    if op_name == "identity":
+        _assert_same_bits(y, x.detach(), "identity")
 
 
 @pytest.mark.parametrize("target", KERNEL_TARGETS)

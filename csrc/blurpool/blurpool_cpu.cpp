@@ -45,6 +45,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/cpu_convert.h"
 #include "../common/cpu_isa.h"
 
 #if defined(__linux__)
@@ -54,6 +55,9 @@
 namespace ktkernels {
 namespace blurpool_cpu {
 namespace {
+
+using ktk_cpu::from_acc;
+using ktk_cpu::to_acc;
 
 // torch.max_pool2d's selection rule, scanning a window in row-major order from its first in-range
 // element: a later element wins when it is larger or NaN (so ties keep the first, NaN propagates).
@@ -68,7 +72,7 @@ template <typename scalar_t, typename acc_t, typename code_t>
 inline void fold_window_element(const scalar_t* __restrict src, int64_t n, code_t cv, acc_t* __restrict best,
                                 code_t* __restrict code) {
   for (int64_t j = 0; j < n; ++j) {
-    const acc_t v = static_cast<acc_t>(src[j]);
+    const acc_t v = to_acc<acc_t>(src[j]);
     const bool take = takes_max(v, best[j]);
     best[j] = take ? v : best[j];
     code[j] = take ? cv : code[j];
@@ -243,8 +247,8 @@ inline void vpass_fixed(const in_t* const* rows, const acc_t* w, int64_t len, ac
     }
 #pragma GCC ivdep
     for (int64_t q = 0; q < len; ++q) {
-      acc_t s = wk[0] * static_cast<acc_t>(rp[0][q]);
-      for (int u = 1; u < K; ++u) s += wk[u] * static_cast<acc_t>(rp[u][q]);
+      acc_t s = wk[0] * to_acc<acc_t>(rp[0][q]);
+      for (int u = 1; u < K; ++u) s += wk[u] * to_acc<acc_t>(rp[u][q]);
       tmp[q] = s;
     }
   }
@@ -260,12 +264,12 @@ inline void vpass_any(const in_t* const* rows, const acc_t* w, int k, int64_t le
   {
     const in_t* r = rows[0];
     const acc_t wu = w[0];
-    for (int64_t q = 0; q < len; ++q) tmp[q] = wu * static_cast<acc_t>(r[q * stride]);
+    for (int64_t q = 0; q < len; ++q) tmp[q] = wu * to_acc<acc_t>(r[q * stride]);
   }
   for (int u = 1; u < k; ++u) {
     const in_t* r = rows[u];
     const acc_t wu = w[u];
-    for (int64_t q = 0; q < len; ++q) tmp[q] += wu * static_cast<acc_t>(r[q * stride]);
+    for (int64_t q = 0; q < len; ++q) tmp[q] += wu * to_acc<acc_t>(r[q * stride]);
   }
 }
 
@@ -329,10 +333,6 @@ inline void vpass_block(const in_t* const* rows, const acc_t* w, int k, int64_t 
 // Horizontal pass
 // ------------------------------------------------------------------------------------------------
 
-template <typename out_t, typename acc_t>
-inline out_t to_out(acc_t v) {
-  return static_cast<out_t>(v);
-}
 
 // Planar gather over rows [j0, j1) of the table: out[j * ostride] = sum_v w[j,v] * tmp[idx[j,v]].
 template <int K, typename acc_t, typename out_t>
@@ -343,7 +343,7 @@ inline void hpass_gather_fixed(const acc_t* tmp, const int32_t* idx, const acc_t
     const acc_t* wj = w + j * K;
     acc_t s = wj[0] * tmp[ij[0]];
     for (int v = 1; v < K; ++v) s += wj[v] * tmp[ij[v]];
-    out[j * ostride] = to_out<out_t>(s);
+    out[j * ostride] = from_acc<out_t>(s);
   }
 }
 
@@ -355,7 +355,7 @@ inline void hpass_gather_any(const acc_t* tmp, const int32_t* idx, const acc_t* 
     const acc_t* wj = w + j * k;
     acc_t s = wj[0] * tmp[ij[0]];
     for (int v = 1; v < k; ++v) s += wj[v] * tmp[ij[v]];
-    out[j * ostride] = to_out<out_t>(s);
+    out[j * ostride] = from_acc<out_t>(s);
   }
 }
 
@@ -461,9 +461,9 @@ inline void hpass_planar(const acc_t* tmp, const Table<acc_t>& t, out_t* out, in
   }
   hpass_periodic(tmp, t, rowbuf);
   if (ostride == 1) {
-    for (int64_t j = jb; j < je; ++j) out[j] = to_out<out_t>(rowbuf[j]);
+    for (int64_t j = jb; j < je; ++j) out[j] = from_acc<out_t>(rowbuf[j]);
   } else {
-    for (int64_t j = jb; j < je; ++j) out[j * ostride] = to_out<out_t>(rowbuf[j]);
+    for (int64_t j = jb; j < je; ++j) out[j * ostride] = from_acc<out_t>(rowbuf[j]);
   }
   hpass_gather(tmp, t, 0, jb, out, ostride);
   hpass_gather(tmp, t, je, t.rows, out, ostride);
@@ -487,13 +487,13 @@ inline void hpass_channels_fixed(const acc_t* tmp, const int64_t* sidx, const ac
       for (int64_t c = 0; c < cb; ++c) {
         acc_t s = wk[0] * p[0][c];
         for (int v = 1; v < K; ++v) s += wk[v] * p[v][c];
-        o[c] = to_out<out_t>(s);
+        o[c] = from_acc<out_t>(s);
       }
     } else {
       for (int64_t c = 0; c < cb; ++c) {
         acc_t s = wk[0] * p[0][c];
         for (int v = 1; v < K; ++v) s += wk[v] * p[v][c];
-        o[c * osc] = to_out<out_t>(s);
+        o[c * osc] = from_acc<out_t>(s);
       }
     }
   }
@@ -510,7 +510,7 @@ inline void hpass_channels_any(const acc_t* tmp, const int64_t* sidx, const acc_
       for (int64_t c = 0; c < cb; ++c) acc[c] += wv * p[c];
     }
     out_t* o = out + j * osw;
-    for (int64_t c = 0; c < cb; ++c) o[c * osc] = to_out<out_t>(acc[c]);
+    for (int64_t c = 0; c < cb; ++c) o[c * osc] = from_acc<out_t>(acc[c]);
   }
 }
 
@@ -763,6 +763,56 @@ void blur_gather_kernel(const Tensor& x, const Tensor& row_idx, const Tensor& ro
 // Max map rows
 // ------------------------------------------------------------------------------------------------
 
+// One pass over n running maxima whose whole KMAX x KMAX window is in range: element j's window element (a, b)
+// is src[a * sH + b * sW + j] (planar: j a column, sW = 1; channels: j a channel, sW the column stride). Each max
+// and its code are formed in registers, as the passes of fold_window_element would form them, instead of
+// re-reading and re-writing both once per window element. KMAX is a compile-time constant so the window unrolls
+// and the j loop vectorises; blocks of kBlock elements, the last one shifted left to end at n (the elements it
+// repeats get the same values again), so no scalar tail runs once n >= kBlock.
+template <int KMAX, bool kCodes, typename scalar_t, typename acc_t, typename code_t>
+inline void max_window_scan(const scalar_t* __restrict src, int64_t sH, int64_t sW, int64_t n, acc_t* __restrict best,
+                            code_t* __restrict code) {
+  constexpr int64_t kBlock = 16;
+  auto block = [&](int64_t j0, int64_t len) {
+    // No run-time alias checks: with 9 window rows and 2 outputs there are more than GCC versions a loop for
+    // (10), and the kmax-3 channels_last scan then ran scalar, 11x slower.
+#pragma GCC ivdep
+    for (int64_t j = j0; j < j0 + len; ++j) {
+      acc_t b = to_acc<acc_t>(src[j]);
+      code_t cv = code_t(0);
+      // One flat loop, fully unrolled before the vectoriser runs (two nested ones were not, for bf16).
+#pragma GCC unroll 16
+      for (int e = 1; e < KMAX * KMAX; ++e) {
+        const acc_t v = to_acc<acc_t>(src[(e / KMAX) * sH + (e % KMAX) * sW + j]);
+        const bool take = takes_max(v, b);
+        b = take ? v : b;
+        if constexpr (kCodes) cv = take ? static_cast<code_t>(e) : cv;
+      }
+      best[j] = b;
+      if constexpr (kCodes) code[j] = cv;
+    }
+  };
+  if (n < kBlock) return block(0, n);
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) block(std::min(j0, n - kBlock), kBlock);
+}
+
+// max_window_scan for a run-time kmax of 2 or 3 (the stems' windows); false for other sizes.
+template <typename scalar_t, typename acc_t, typename code_t>
+inline bool max_window_scan_any(int kmax, bool with_codes, const scalar_t* src, int64_t sH, int64_t sW, int64_t n,
+                                acc_t* best, code_t* code) {
+  if (kmax == 2) {
+    with_codes ? max_window_scan<2, true>(src, sH, sW, n, best, code)
+               : max_window_scan<2, false>(src, sH, sW, n, best, code);
+    return true;
+  }
+  if (kmax == 3) {
+    with_codes ? max_window_scan<3, true>(src, sH, sW, n, best, code)
+               : max_window_scan<3, false>(src, sH, sW, n, best, code);
+    return true;
+  }
+  return false;
+}
+
 // Planar: m[c'] = max over the window of max-map element (r, c'), c' < Wm, for the plane at xp.
 // codes (if not null) receives a*kmax+b at codes[c' * code_stride]. code_tmp: Wm scratch elements.
 // Columns whose window lies inside the row run as a vectorised scan (unit stride); the others, and
@@ -777,11 +827,11 @@ void max_row_planar(const scalar_t* xp, int64_t sH, int64_t sW, int64_t H, int64
     const int b_hi = static_cast<int>(std::min<int64_t>(kmax, W + pmax - c));
     // Offset of window element (0, 0); only in-range elements (a, b) are ever addressed.
     const int64_t win = (r - pmax) * sH + (c - pmax) * sW;
-    acc_t best = static_cast<acc_t>(xp[win + a_lo * sH + b_lo * sW]);
+    acc_t best = to_acc<acc_t>(xp[win + a_lo * sH + b_lo * sW]);
     int code = a_lo * kmax + b_lo;
     for (int a = a_lo; a < a_hi; ++a) {
       for (int b = (a == a_lo ? b_lo + 1 : b_lo); b < b_hi; ++b) {
-        const acc_t v = static_cast<acc_t>(xp[win + a * sH + b * sW]);
+        const acc_t v = to_acc<acc_t>(xp[win + a * sH + b * sW]);
         if (takes_max(v, best)) {
           best = v;
           code = a * kmax + b;
@@ -800,15 +850,22 @@ void max_row_planar(const scalar_t* xp, int64_t sH, int64_t sW, int64_t H, int64
   }
   for (int64_t c = 0; c < c_lo; ++c) scalar_column(c);
   const int64_t n = c_hi - c_lo;
-  if (n > 0) {
-    const int64_t base = (r - pmax) * sH + (c_lo - pmax);
+  const int64_t base = (r - pmax) * sH + (c_lo - pmax);
+  const bool full_window = a_lo == 0 && a_hi == kmax;
+  if (n > 0 && full_window &&
+      max_window_scan_any(kmax, codes != nullptr, xp + base, sH, int64_t(1), n, m + c_lo, code_tmp + c_lo)) {
+    if (codes) {
+      uint8_t* cp = codes + c_lo * code_stride;
+      for (int64_t j = 0; j < n; ++j) cp[j * code_stride] = static_cast<uint8_t>(code_tmp[c_lo + j]);
+    }
+  } else if (n > 0) {
     acc_t* __restrict best = m + c_lo;
     acc_t* __restrict code = code_tmp + c_lo;
     {
       const scalar_t* src = xp + (base + a_lo * sH);
       const acc_t c0 = static_cast<acc_t>(a_lo * kmax);
       for (int64_t j = 0; j < n; ++j) {
-        best[j] = static_cast<acc_t>(src[j]);
+        best[j] = to_acc<acc_t>(src[j]);
         code[j] = c0;
       }
     }
@@ -830,7 +887,7 @@ void max_row_planar(const scalar_t* xp, int64_t sH, int64_t sW, int64_t H, int64
 template <typename scalar_t, typename acc_t>
 void max_row_channels(const scalar_t* xp, int64_t sH, int64_t sW, int64_t H, int64_t W, int kmax, int pmax,
                       int64_t r, int64_t Wm, int64_t cb, acc_t* m, int64_t tstride, uint8_t* codes, int64_t code_sw,
-                      int64_t code_sc, uint8_t* code_buf) {
+                      int64_t code_sc, acc_t* code_buf) {
   const int a_lo = static_cast<int>(std::max<int64_t>(0, pmax - r));
   const int a_hi = static_cast<int>(std::min<int64_t>(kmax, H + pmax - r));
   for (int64_t c = 0; c < Wm; ++c) {
@@ -838,27 +895,24 @@ void max_row_channels(const scalar_t* xp, int64_t sH, int64_t sW, int64_t H, int
     const int b_hi = static_cast<int>(std::min<int64_t>(kmax, W + pmax - c));
     const int64_t win = (r - pmax) * sH + (c - pmax) * sW;  // offset of window element (0, 0)
     acc_t* __restrict best = m + c * tstride;
-    uint8_t* __restrict code = code_buf;
-    {
+    acc_t* __restrict code = code_buf;
+    const bool full_window = a_lo == 0 && a_hi == kmax && b_lo == 0 && b_hi == kmax;
+    if (!full_window || !max_window_scan_any(kmax, codes != nullptr, xp + win, sH, sW, cb, best, code)) {
       const scalar_t* src = xp + (win + a_lo * sH + b_lo * sW);
-      const uint8_t c0 = static_cast<uint8_t>(a_lo * kmax + b_lo);
+      const acc_t c0 = static_cast<acc_t>(a_lo * kmax + b_lo);
       for (int64_t ch = 0; ch < cb; ++ch) {
-        best[ch] = static_cast<acc_t>(src[ch]);
+        best[ch] = to_acc<acc_t>(src[ch]);
         code[ch] = c0;
       }
-    }
-    for (int a = a_lo; a < a_hi; ++a) {
-      for (int b = (a == a_lo ? b_lo + 1 : b_lo); b < b_hi; ++b) {
-        fold_window_element(xp + (win + a * sH + b * sW), cb, static_cast<uint8_t>(a * kmax + b), best, code);
+      for (int a = a_lo; a < a_hi; ++a) {
+        for (int b = (a == a_lo ? b_lo + 1 : b_lo); b < b_hi; ++b) {
+          fold_window_element(xp + (win + a * sH + b * sW), cb, static_cast<acc_t>(a * kmax + b), best, code);
+        }
       }
     }
     if (codes) {
       uint8_t* cp = codes + c * code_sw;
-      if (code_sc == 1) {
-        std::copy(code, code + cb, cp);
-      } else {
-        for (int64_t ch = 0; ch < cb; ++ch) cp[ch * code_sc] = code[ch];
-      }
+      for (int64_t ch = 0; ch < cb; ++ch) cp[ch * code_sc] = static_cast<uint8_t>(code[ch]);
     }
   }
 }
@@ -920,7 +974,7 @@ void maxfwd_channels_chunk(const MaxFwdArgs<scalar_t>& a, int64_t begin, int64_t
   const int64_t cb_max = a.cb_max;
   std::vector<acc_t> tmp(static_cast<size_t>((a.Wm + 1) * cb_max), acc_t(0));
   std::vector<acc_t> acc(static_cast<size_t>(cb_max));
-  std::vector<uint8_t> code_buf(static_cast<size_t>(cb_max));
+  std::vector<acc_t> code_buf(static_cast<size_t>(cb_max));
   RowCache<acc_t> cache(a.Wm * cb_max, a.rt->width + 1);
   for (int64_t t = begin; t < end; ++t) {
     const int64_t i = t % a.Ho;
@@ -963,7 +1017,7 @@ void maxcodes_channels_chunk(const MaxFwdArgs<scalar_t>& a, int64_t begin, int64
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t cb_max = a.cb_max;
   std::vector<acc_t> m(static_cast<size_t>(a.Wm * cb_max));
-  std::vector<uint8_t> code_buf(static_cast<size_t>(cb_max));
+  std::vector<acc_t> code_buf(static_cast<size_t>(cb_max));
   for (int64_t t = begin; t < end; ++t) {
     const int64_t r = a.orphans[t % a.n_orphans];
     const int64_t nb = t / a.n_orphans;
@@ -1129,9 +1183,9 @@ void maxbwd_planar_chunk(const MaxBwdArgs<scalar_t>& a, int64_t begin, int64_t e
     for (int64_t q = q_hi; q < W; ++q) scalar_column(q);
     scalar_t* orow = a.gi + n * a.iN + c * a.iC + p * a.iH;
     if (a.iW == 1) {
-      for (int64_t q = 0; q < W; ++q) orow[q] = static_cast<scalar_t>(s[q]);
+      for (int64_t q = 0; q < W; ++q) orow[q] = from_acc<scalar_t>(s[q]);
     } else {
-      for (int64_t q = 0; q < W; ++q) orow[q * a.iW] = static_cast<scalar_t>(s[q]);
+      for (int64_t q = 0; q < W; ++q) orow[q * a.iW] = from_acc<scalar_t>(s[q]);
     }
   }
 }
@@ -1187,9 +1241,9 @@ void maxbwd_channels_chunk(const MaxBwdArgs<scalar_t>& a, int64_t begin, int64_t
       }
       scalar_t* o = orow + q * a.iW;
       if (iC == 1) {
-        for (int64_t ch = 0; ch < cb; ++ch) o[ch] = static_cast<scalar_t>(acc[ch]);
+        for (int64_t ch = 0; ch < cb; ++ch) o[ch] = from_acc<scalar_t>(acc[ch]);
       } else {
-        for (int64_t ch = 0; ch < cb; ++ch) o[ch * iC] = static_cast<scalar_t>(acc[ch]);
+        for (int64_t ch = 0; ch < cb; ++ch) o[ch * iC] = from_acc<scalar_t>(acc[ch]);
       }
     }
   }

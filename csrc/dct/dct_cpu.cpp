@@ -39,12 +39,16 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/cpu_convert.h"
 #include "../common/cpu_isa.h"
 #include "dct_checks.h"
 
 namespace ktkernels {
 namespace dct_cpu {
 namespace {
+
+using ktk_cpu::from_acc;
+using ktk_cpu::to_acc;
 
 using at::Tensor;
 
@@ -201,9 +205,9 @@ void basis_planar_chunk(const BasisArgs<scalar_t>& a, int64_t begin, int64_t end
       const scalar_t* xr = xp + h * a.sH;
       acc_t* d = xb.data() + h * Wp;
       if (a.sW == 1) {
-        for (int64_t w = 0; w < W; ++w) d[w] = static_cast<acc_t>(xr[w]);
+        for (int64_t w = 0; w < W; ++w) d[w] = to_acc<acc_t>(xr[w]);
       } else {
-        for (int64_t w = 0; w < W; ++w) d[w] = static_cast<acc_t>(xr[w * a.sW]);
+        for (int64_t w = 0; w < W; ++w) d[w] = to_acc<acc_t>(xr[w * a.sW]);
       }
     }
     if (a.w_first) {
@@ -218,9 +222,9 @@ void basis_planar_chunk(const BasisArgs<scalar_t>& a, int64_t begin, int64_t end
       scalar_t* orow = op + i * a.oH;
       const acc_t* s = ob.data() + i * Wop;
       if (a.oW == 1) {
-        for (int64_t j = 0; j < Wo; ++j) orow[j] = static_cast<scalar_t>(s[j]);
+        for (int64_t j = 0; j < Wo; ++j) orow[j] = from_acc<scalar_t>(s[j]);
       } else {
-        for (int64_t j = 0; j < Wo; ++j) orow[j * a.oW] = static_cast<scalar_t>(s[j]);
+        for (int64_t j = 0; j < Wo; ++j) orow[j * a.oW] = from_acc<scalar_t>(s[j]);
       }
     }
   }
@@ -246,9 +250,9 @@ void basis_channels_chunk(const BasisArgs<scalar_t>& a, int64_t begin, int64_t e
         const scalar_t* xv = xp + h * a.sH + w * a.sW;
         acc_t* d = xb.data() + (h * W + w) * cbp;
         if (a.sC == 1) {
-          for (int64_t ch = 0; ch < cb; ++ch) d[ch] = static_cast<acc_t>(xv[ch]);
+          for (int64_t ch = 0; ch < cb; ++ch) d[ch] = to_acc<acc_t>(xv[ch]);
         } else {
-          for (int64_t ch = 0; ch < cb; ++ch) d[ch] = static_cast<acc_t>(xv[ch * a.sC]);
+          for (int64_t ch = 0; ch < cb; ++ch) d[ch] = to_acc<acc_t>(xv[ch * a.sC]);
         }
       }
     }
@@ -269,9 +273,9 @@ void basis_channels_chunk(const BasisArgs<scalar_t>& a, int64_t begin, int64_t e
         scalar_t* ov = op + i * a.oH + j * a.oW;
         const acc_t* s = ob.data() + (i * Wo + j) * cbp;
         if (a.oC == 1) {
-          for (int64_t ch = 0; ch < cb; ++ch) ov[ch] = static_cast<scalar_t>(s[ch]);
+          for (int64_t ch = 0; ch < cb; ++ch) ov[ch] = from_acc<scalar_t>(s[ch]);
         } else {
-          for (int64_t ch = 0; ch < cb; ++ch) ov[ch * a.oC] = static_cast<scalar_t>(s[ch]);
+          for (int64_t ch = 0; ch < cb; ++ch) ov[ch * a.oC] = from_acc<scalar_t>(s[ch]);
         }
       }
     }
@@ -425,9 +429,9 @@ void power_planar_chunk_mode(const PowerArgs<scalar_t>& a, int64_t begin, int64_
     for (int64_t c = 0; c < a.C; ++c) {
       const scalar_t* __restrict xr = xp + c * a.sC;
       if (a.step == 1) {
-        for (int64_t q = 0; q < len; ++q) o[q] += power_of<MODE>(static_cast<acc_t>(xr[q]), a.p, a.k);
+        for (int64_t q = 0; q < len; ++q) o[q] += power_of<MODE>(to_acc<acc_t>(xr[q]), a.p, a.k);
       } else {
-        for (int64_t q = 0; q < len; ++q) o[q] += power_of<MODE>(static_cast<acc_t>(xr[q * a.step]), a.p, a.k);
+        for (int64_t q = 0; q < len; ++q) o[q] += power_of<MODE>(to_acc<acc_t>(xr[q * a.step]), a.p, a.k);
       }
     }
     for (int64_t q = 0; q < len; ++q) o[q] *= a.scale;
@@ -455,9 +459,9 @@ void power_channels_chunk_mode(const PowerArgs<scalar_t>& a, int64_t begin, int6
         const int64_t len = std::min(kChunk, C - c0);
         const scalar_t* xc = xv + c0 * a.sC;
         if (a.sC == 1) {
-          for (int64_t q = 0; q < len; ++q) tmp[q] = power_of<MODE>(static_cast<acc_t>(xc[q]), a.p, a.k);
+          for (int64_t q = 0; q < len; ++q) tmp[q] = power_of<MODE>(to_acc<acc_t>(xc[q]), a.p, a.k);
         } else {
-          for (int64_t q = 0; q < len; ++q) tmp[q] = power_of<MODE>(static_cast<acc_t>(xc[q * a.sC]), a.p, a.k);
+          for (int64_t q = 0; q < len; ++q) tmp[q] = power_of<MODE>(to_acc<acc_t>(xc[q * a.sC]), a.p, a.k);
         }
         const int64_t lenp = (len + kLanes - 1) / kLanes * kLanes;
         for (int64_t q = len; q < lenp; ++q) tmp[q] = acc_t(0);
@@ -491,12 +495,12 @@ void power_bwd_planar_chunk_mode(const PowerArgs<scalar_t>& a, int64_t begin, in
     scalar_t* __restrict o = a.gx + n * a.gN + c * a.gC + r * a.gH + q0 * a.gstep;
     if (a.step == 1 && a.gstep == 1) {
       for (int64_t q = 0; q < len; ++q) {
-        o[q] = static_cast<scalar_t>(s * power_slope<MODE>(static_cast<acc_t>(xr[q]), pm1, a.k) * gr[q]);
+        o[q] = from_acc<scalar_t>(s * power_slope<MODE>(to_acc<acc_t>(xr[q]), pm1, a.k) * gr[q]);
       }
     } else {
       for (int64_t q = 0; q < len; ++q) {
-        const acc_t v = static_cast<acc_t>(xr[q * a.step]);
-        o[q * a.gstep] = static_cast<scalar_t>(s * power_slope<MODE>(v, pm1, a.k) * gr[q]);
+        const acc_t v = to_acc<acc_t>(xr[q * a.step]);
+        o[q * a.gstep] = from_acc<scalar_t>(s * power_slope<MODE>(v, pm1, a.k) * gr[q]);
       }
     }
   }
@@ -516,11 +520,11 @@ void power_bwd_channels_chunk_mode(const PowerArgs<scalar_t>& a, int64_t begin, 
       const acc_t gs = a.scale * gr[w];
       if (a.sC == 1 && a.gC == 1) {
         for (int64_t c = 0; c < a.C; ++c) {
-          o[c] = static_cast<scalar_t>(power_slope<MODE>(static_cast<acc_t>(xv[c]), pm1, a.k) * gs);
+          o[c] = from_acc<scalar_t>(power_slope<MODE>(to_acc<acc_t>(xv[c]), pm1, a.k) * gs);
         }
       } else {
         for (int64_t c = 0; c < a.C; ++c) {
-          o[c * a.gC] = static_cast<scalar_t>(power_slope<MODE>(static_cast<acc_t>(xv[c * a.sC]), pm1, a.k) * gs);
+          o[c * a.gC] = from_acc<scalar_t>(power_slope<MODE>(to_acc<acc_t>(xv[c * a.sC]), pm1, a.k) * gs);
         }
       }
     }

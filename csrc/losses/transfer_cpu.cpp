@@ -32,12 +32,16 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/cpu_convert.h"
 #include "../common/cpu_isa.h"
 #include "transfer_checks.h"
 
 namespace ktkernels {
 namespace losses_cpu {
 namespace {
+
+using ktk_cpu::from_acc;
+using ktk_cpu::to_acc;
 
 using at::Tensor;
 
@@ -156,9 +160,9 @@ inline void load_segment(const scalar_t* base, const Plane& p, int64_t H, int64_
     const scalar_t* __restrict src = base + off;
     acc_t* __restrict d = dst + at;
     if (step == 1) {
-      for (int64_t i = 0; i < run; ++i) d[i] = static_cast<acc_t>(src[i]);
+      for (int64_t i = 0; i < run; ++i) d[i] = to_acc<acc_t>(src[i]);
     } else {
-      for (int64_t i = 0; i < run; ++i) d[i] = static_cast<acc_t>(src[i * step]);
+      for (int64_t i = 0; i < run; ++i) d[i] = to_acc<acc_t>(src[i * step]);
     }
   });
 }
@@ -170,9 +174,9 @@ inline void store_segment(scalar_t* base, const Plane& p, int64_t H, int64_t W, 
     scalar_t* __restrict d = base + off;
     const acc_t* __restrict v = src + at;
     if (step == 1) {
-      for (int64_t i = 0; i < run; ++i) d[i] = static_cast<scalar_t>(v[i]);
+      for (int64_t i = 0; i < run; ++i) d[i] = from_acc<scalar_t>(v[i]);
     } else {
-      for (int64_t i = 0; i < run; ++i) d[i * step] = static_cast<scalar_t>(v[i]);
+      for (int64_t i = 0; i < run; ++i) d[i * step] = from_acc<scalar_t>(v[i]);
     }
   });
 }
@@ -324,8 +328,8 @@ inline void channels_pass(const StatsArgs<scalar_t>& a, const scalar_t* sp, cons
       }
       if (!direct) {
         for (int64_t k = 0; k < nch; ++k) {
-          bs[k] = static_cast<acc_t>(sv[k * a.sC]);
-          bt[k] = static_cast<acc_t>(tv[k * a.tC]);
+          bs[k] = to_acc<acc_t>(sv[k * a.sC]);
+          bt[k] = to_acc<acc_t>(tv[k * a.tC]);
         }
         s = *reinterpret_cast<const V*>(bs);
         t = *reinterpret_cast<const V*>(bt);
@@ -556,13 +560,13 @@ void grad_channels_chunk(const GradArgs<scalar_t>& a, int64_t begin, int64_t end
       scalar_t* __restrict gv = a.g + n * a.gN + h * a.gH + w * a.gW;
       if (a.sC == 1 && a.tC == 1) {
         for (int64_t c = 0; c < C; ++c) {
-          v[c] = static_cast<acc_t>(sv[c]);
-          u[c] = static_cast<acc_t>(tv[c]);
+          v[c] = to_acc<acc_t>(sv[c]);
+          u[c] = to_acc<acc_t>(tv[c]);
         }
       } else {
         for (int64_t c = 0; c < C; ++c) {
-          v[c] = static_cast<acc_t>(sv[c * a.sC]);
-          u[c] = static_cast<acc_t>(tv[c * a.tC]);
+          v[c] = to_acc<acc_t>(sv[c * a.sC]);
+          u[c] = to_acc<acc_t>(tv[c * a.tC]);
         }
       }
       {
@@ -589,9 +593,9 @@ void grad_channels_chunk(const GradArgs<scalar_t>& a, int64_t begin, int64_t end
         for (int64_t c = 0; c < C; ++c) vr[c] += cj[c] * bj;
       }
       if (a.gC == 1) {
-        for (int64_t c = 0; c < C; ++c) gv[c] = static_cast<scalar_t>(v[c]);
+        for (int64_t c = 0; c < C; ++c) gv[c] = from_acc<scalar_t>(v[c]);
       } else {
-        for (int64_t c = 0; c < C; ++c) gv[c * a.gC] = static_cast<scalar_t>(v[c]);
+        for (int64_t c = 0; c < C; ++c) gv[c * a.gC] = from_acc<scalar_t>(v[c]);
       }
     }
   }
