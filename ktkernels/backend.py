@@ -193,6 +193,15 @@ def resolve_for(family: str, x: torch.Tensor, triton_fp64: bool = True) -> str:
     return name
 
 
+def triton_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The context a Triton launch for ``x`` runs in: ``x``'s CUDA device made current.
+
+    Triton launches on the *current* CUDA device and its stream, not on its arguments' device (the C++ CUDA
+    kernels take a ``CUDAGuard`` of their own), so a tensor on ``cuda:1`` while ``cuda:0`` is current would be
+    read by a kernel on the wrong device. A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 @functools.cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)

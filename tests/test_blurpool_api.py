@@ -304,3 +304,22 @@ def test_vmap_folds_into_the_batch_and_keeps_gradients(target):
                 expected.sin().sum().backward()
             torch.testing.assert_close(y, expected, rtol=0, atol=0)
             torch.testing.assert_close(batched.grad, looped.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not backend.has_triton(), reason="needs triton")
+def test_triton_refuses_images_past_its_32_bit_offsets():
+    """An image spanning 2^31 elements or more raises before any Triton kernel runs (they would read wrapped
+    addresses). The storage is 4 GiB of untouched virtual memory: no kernel reads it."""
+    from ktkernels.blurpool import op
+
+    storage = torch.empty(2**31 + 2, dtype=torch.float16)
+    fits = storage.as_strided((1, 1, 2, 2), (0, 0, 2**31 - 2, 1))  # last element at offset 2^31 - 1
+    op._check_triton_span("blur_pool", fits)
+    too_far = storage.as_strided((1, 1, 2, 2), (0, 0, 2**31 - 1, 1))
+    with pytest.raises(ValueError, match=r"spans 2147483649 elements.*backend 'cuda' or 'torch'"):
+        op._check_triton_span("blur_pool", too_far)
+    if backend.triton_interpreter():  # through the ops (CPU tensors run Triton only under the interpreter)
+        with ktkernels.use_backend("triton"):
+            for fn in (ktkernels.blur_pool2d, ktkernels.max_blur_pool2d):
+                with pytest.raises(ValueError, match="32-bit offsets"):
+                    fn(too_far, filt_size=1, stride=1, padding=0)

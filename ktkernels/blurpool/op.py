@@ -170,13 +170,30 @@ def _tables(axes: tuple[Axis, Axis], adjoint: bool, device: torch.device) -> tup
 # ----------------------------------------------------------------------------------------------
 # Kernel dispatch
 
+TRITON_MAX_IMAGE_SPAN = 2**31 - 1
+
+
+def _check_triton_span(op: str, *tensors: Tensor) -> None:
+    """The Triton kernels add an image's row and column offsets in int32 (its batch term is int64), so one image
+    must span fewer than 2^31 elements; larger ones would be read at wrapped addresses. The CUDA C++ kernels
+    index in int64."""
+    for t in tensors:
+        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
+        if span > TRITON_MAX_IMAGE_SPAN:
+            raise ValueError(
+                f"{op}: one image of the {tuple(t.shape)} tensor with strides {t.stride()} spans {span + 1} "
+                f"elements, more than the Triton kernels' 32-bit offsets reach (2^31); use backend 'cuda' or 'torch'"
+            )
+
 
 def _gather(name: str, x: Tensor, axes: tuple[Axis, Axis], adjoint: bool, out: Tensor) -> None:
     x, out = _as4d(x), _as4d(out)
     if name == "triton":
         from . import triton as kernels
 
-        kernels.blur(x, axes, adjoint, out)
+        _check_triton_span("blur_pool", x, out)
+        with backend.triton_device(x):
+            kernels.blur(x, axes, adjoint, out)
     else:
         rows, cols = _tables(axes, adjoint, x.device)
         torch.ops.ktkernels_C.blur_gather_(x, *rows, *cols, out)
@@ -297,7 +314,9 @@ def _max_blur_forward(x: Tensor, max_kernel: int, max_padding: int, filt_size: i
     if name == "triton":
         from . import triton as kernels
 
-        kernels.max_blur_forward(x, max_kernel, max_padding, axes, y, codes)
+        _check_triton_span("max_blur_pool2d", x, y, *([] if codes is None else [codes]))
+        with backend.triton_device(x):
+            kernels.max_blur_forward(x, max_kernel, max_padding, axes, y, codes)
     else:
         rows, cols = _tables(axes, False, x.device)
         torch.ops.ktkernels_C.max_blur_forward_(x, max_kernel, max_padding, stride, stride, *rows, *cols, y, codes)
@@ -381,7 +400,9 @@ def max_blur_pool2d_backward(
     if name == "triton":
         from . import triton as kernels
 
-        kernels.max_blur_backward(grad, codes, max_kernel, max_padding, axes, gx)
+        _check_triton_span("max_blur_pool2d_backward", grad, codes, gx)
+        with backend.triton_device(grad):
+            kernels.max_blur_backward(grad, codes, max_kernel, max_padding, axes, gx)
     else:
         rows, cols = _tables(axes, True, grad.device)
         torch.ops.ktkernels_C.max_blur_backward_(grad, codes, max_kernel, max_padding, *rows, *cols, gx)

@@ -98,7 +98,8 @@ def dct_transform(x: Tensor, kind: str, norm: str, out_size: list[int], adjoint:
     if name == "triton":
         from . import triton as kernels
 
-        kernels.basis2d(maps, mats[0], mats[1], out_maps)
+        with backend.triton_device(maps):
+            kernels.basis2d(maps, mats[0], mats[1], out_maps)
     else:
         torch.ops.ktkernels_C.dct_basis2d_(maps, mats[0], mats[1], out_maps)
     return out
@@ -161,7 +162,8 @@ def channel_power_mean(x: Tensor, p: float) -> Tensor:
     elif name == "triton":
         from . import triton as kernels
 
-        kernels.power_mean(x, p, out)
+        with backend.triton_device(x):
+            kernels.power_mean(x, p, out)
     else:
         torch.ops.ktkernels_C.channel_power_mean_(x, p, out)
     return out
@@ -187,7 +189,8 @@ def channel_power_mean_backward(x: Tensor, grad_map: Tensor, p: float) -> Tensor
     elif name == "triton":
         from . import triton as kernels
 
-        kernels.power_mean_backward(x, grad_map, p, grad_x)
+        with backend.triton_device(x):
+            kernels.power_mean_backward(x, grad_map, p, grad_x)
     else:
         torch.ops.ktkernels_C.channel_power_mean_backward_(x, grad_map, p, grad_x)
     return grad_x

@@ -83,7 +83,8 @@ def pixel_global_terms(s: Tensor, t: Tensor, global_mode: str, keep: int) -> tup
     else:
         sq = layout.alloc(s, (n, c), False, acc_dtype(s))
         if name == "triton":
-            _kernels().transfer_stats(s, t, basis, sq, proj)
+            with backend.triton_device(s):
+                _kernels().transfer_stats(s, t, basis, sq, proj)
         else:
             torch.ops.ktkernels_C.transfer_stats_(s, t, basis, sq, proj)
     terms[0] = sq.sum() / s.numel()
@@ -115,7 +116,8 @@ def transfer_grad(s: Tensor, t: Tensor, pixel_coef: Tensor, coef: Tensor, global
     if name == "torch":
         grad.copy_(reference.transfer_grad(s, t, basis, pixel_coef, coef))
     elif name == "triton":
-        _kernels().transfer_grad(s, t, basis, pixel_coef, coef, grad)
+        with backend.triton_device(s):
+            _kernels().transfer_grad(s, t, basis, pixel_coef, coef, grad)
     else:
         torch.ops.ktkernels_C.transfer_grad_(s, t, basis, pixel_coef, coef, grad)
     return grad
@@ -202,7 +204,8 @@ def attention_map_distance(map_s: Tensor, map_t: Tensor, kind: str) -> Tensor:
         return dist
     left, right = map_tables(kind, ms.shape[1], ms.shape[2], ms.dtype, ms.device)
     if name == "triton":
-        _kernels().map_distance(ms, mt, MAP_KINDS.index(kind), left, right, dist)
+        with backend.triton_device(ms):
+            _kernels().map_distance(ms, mt, MAP_KINDS.index(kind), left, right, dist)
     else:
         torch.ops.ktkernels_C.attention_map_distance_(ms, mt, MAP_KINDS.index(kind), left, right, dist)
     return dist
@@ -230,7 +233,8 @@ def attention_map_distance_backward(map_s: Tensor, map_t: Tensor, grad_dist: Ten
         return grad
     left, right = map_tables(kind, ms.shape[1], ms.shape[2], ms.dtype, ms.device)
     if name == "triton":
-        _kernels().map_distance_backward(ms, mt, g, MAP_KINDS.index(kind), left, right, grad)
+        with backend.triton_device(ms):
+            _kernels().map_distance_backward(ms, mt, g, MAP_KINDS.index(kind), left, right, grad)
     else:
         torch.ops.ktkernels_C.attention_map_distance_backward_(ms, mt, g, MAP_KINDS.index(kind), left, right, grad)
     return grad
@@ -301,7 +305,8 @@ def soft_target_kl(s: Tensor, t: Tensor, temperature: float) -> tuple[Tensor, Te
     else:
         rows = layout.alloc(s, (s.shape[0], 3), False, acc_dtype(s))
         if name == "triton":
-            _kernels().soft_target_forward(s, t, temperature, rows)
+            with backend.triton_device(s):
+                _kernels().soft_target_forward(s, t, temperature, rows)
         else:
             torch.ops.ktkernels_C.soft_target_forward_(s, t, temperature, rows)
     kl.copy_(rows[:, 0])
@@ -335,7 +340,8 @@ def soft_target_kl_backward(
         if need_t:
             grad_t.copy_(ref_t)
     elif name == "triton":
-        _kernels().soft_target_backward(s, t, temperature, rows, g, grad_s, grad_t)
+        with backend.triton_device(s):
+            _kernels().soft_target_backward(s, t, temperature, rows, g, grad_s, grad_t)
     else:
         torch.ops.ktkernels_C.soft_target_backward_(s, t, temperature, rows, g, grad_s, grad_t)
     return grad_s, grad_t
