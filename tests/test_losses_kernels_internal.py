@@ -479,3 +479,46 @@ def test_soft_target_many_rows_threads():
         n, k = rng.randint(50, 300), rng.randint(2, 40)
         s, t = make_logits(n, k, torch.float32, "cpu"), make_logits(n, k, torch.float32, "cpu")
         check_backward(s, t, 2.0, check_forward(s, t, 2.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# fp16 on the CPU: widened exactly, then the fp32 kernels
+
+
+def every_finite_half(shape, seed: int) -> torch.Tensor:
+    """Every finite fp16 value (subnormals and +-65504 included), shuffled and repeated to fill ``shape``."""
+    values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    values = values[torch.isfinite(values)]
+    values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(seed))]
+    n = math.prod(shape)
+    return values.repeat(-(-n // values.numel()))[:n].view(shape)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpu_fp16_runs_the_fp32_kernels_on_exactly_widened_inputs(layout):
+    """The CPU kernels widen fp16 exactly (eight lanes at a time in the vector paths: csrc/common/cpu_convert.h)
+    and then run the fp32 maths in the same order, so on every finite fp16 value the statistics equal those of
+    the fp32 kernels on the widened tensors bit for bit, and the fp16 gradients equal the fp32 ones rounded."""
+    s, t = every_finite_half((4, 16, 32, 32), 0), every_finite_half((4, 16, 32, 32), 1)
+    if layout == "channels_last":  # 16 contiguous channels: the eight-lane path
+        s, t = s.to(memory_format=torch.channels_last), t.to(memory_format=torch.channels_last)
+    basis = make_basis(4, 32 * 32, torch.float16, "cpu")
+    stats = []
+    for a, b in ((s, t), (s.float(), t.float())):
+        sq, proj = torch.empty(4, 16), torch.empty(2, 4, 16, 4)
+        ops.transfer_stats_(a, b, basis, sq, proj)
+        stats.append((sq, proj))
+    assert torch.equal(stats[0][0], stats[1][0]) and torch.equal(stats[0][1], stats[1][1])
+
+    logits_s, logits_t = every_finite_half((16, 1003), 2), every_finite_half((16, 1003), 3)  # 1003: a lane tail
+    grad_rows = torch.randn(16)
+    results = []
+    for a, b in ((logits_s, logits_t), (logits_s.float(), logits_t.float())):
+        rows = soft_forward(a, b, 4000.0)  # a temperature that keeps most of the row in play
+        gs, gt = torch.empty_like(a), torch.empty_like(b)
+        ops.soft_target_backward_(a, b, 4000.0, rows, grad_rows, gs, gt)
+        results.append((rows, gs, gt))
+    (rows16, gs16, gt16), (rows32, gs32, gt32) = results
+    assert torch.isfinite(rows32).all()
+    assert torch.equal(rows16, rows32)
+    assert torch.equal(gs16, gs32.half()) and torch.equal(gt16, gt32.half())

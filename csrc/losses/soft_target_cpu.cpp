@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -32,6 +33,7 @@
 #include <immintrin.h>
 #endif
 
+#include "../common/cpu_convert.h"
 #include "../common/cpu_isa.h"
 #include "soft_target_checks.h"
 
@@ -111,8 +113,9 @@ extern "C" __attribute__((weak)) KTK_AVX2 __m256 Sleef_expf8_u10(__m256);
 
 bool use_sleef_avx2() { return ktk_cpu::use_avx2() && Sleef_expf8_u10 != nullptr; }
 
-// Eight values from p as float: the first n of them, the rest `fill` (n < 8: a row's last classes). Half goes
-// through c10's conversion (no F16C assumed: ktk_cpu::use_avx2 checks AVX2 and FMA only).
+// Eight values from p as float: the first n of them, the rest `fill` (n < 8: a row's last classes). Eight halves
+// widen in registers (cpu_convert.h: no F16C assumed, ktk_cpu::use_avx2 checks AVX2 and FMA only); a short
+// tail goes through c10's scalar conversion, whose branches are cheaper one lane at a time.
 template <typename scalar_t>
 KTK_AVX2 inline __m256 load8(const scalar_t* p, int n = kLanes, float fill = 0.f) {
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -121,6 +124,12 @@ KTK_AVX2 inline __m256 load8(const scalar_t* p, int n = kLanes, float fill = 0.f
     if (n == kLanes) {  // a bf16 is the high half of a float's bits
       const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
       return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+    }
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (n == kLanes) {
+      ktk_cpu::U16x8 bits;
+      std::memcpy(&bits, p, sizeof(bits));
+      return reinterpret_cast<__m256>(ktk_cpu::half8_to_float8(bits));
     }
   }
   alignas(32) float v[kLanes];

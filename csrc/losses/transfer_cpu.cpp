@@ -298,9 +298,10 @@ inline void channels_pass(const StatsArgs<scalar_t>& a, const scalar_t* sp, cons
   for (int r = 0; r < RR; ++r) run_s[r] = run_t[r] = tot_s[r] = tot_t[r] = V{};
   alignas(32) acc_t bs[L], bt[L];  // converted channels, zero past nch
   for (int64_t k = 0; k < L; ++k) bs[k] = bt[k] = acc_t(0);
-  // direct: L contiguous channels, loaded as one vector (float) or widened in registers (bfloat16); otherwise
+  // direct: L contiguous channels, loaded as one vector (float) or widened in registers (bf16, fp16); otherwise
   // converted one by one through bs/bt.
-  constexpr bool kWidenable = std::is_same_v<scalar_t, acc_t> || std::is_same_v<scalar_t, c10::BFloat16>;
+  constexpr bool kWidenable = std::is_same_v<scalar_t, acc_t> || std::is_same_v<scalar_t, c10::BFloat16> ||
+                              std::is_same_v<scalar_t, c10::Half>;
   const bool direct = kWidenable && nch == L && a.sC == 1 && a.tC == 1;
   const acc_t* basis = a.basis + j0 * a.HW;
   int64_t q = 0;
@@ -322,6 +323,15 @@ inline void channels_pass(const StatsArgs<scalar_t>& a, const scalar_t* sp, cons
           std::memcpy(&hs, sv, sizeof(hs));
           std::memcpy(&ht, tv, sizeof(ht));
           const Bits32 ws = __builtin_convertvector(hs, Bits32) << 16, wt = __builtin_convertvector(ht, Bits32) << 16;
+          std::memcpy(&s, &ws, sizeof(s));
+          std::memcpy(&t, &wt, sizeof(t));
+        }
+      } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+        if (direct) {  // exact, as to_acc (cpu_convert.h)
+          ktk_cpu::U16x8 hs, ht;
+          std::memcpy(&hs, sv, sizeof(hs));
+          std::memcpy(&ht, tv, sizeof(ht));
+          const ktk_cpu::F32x8 ws = ktk_cpu::half8_to_float8(hs), wt = ktk_cpu::half8_to_float8(ht);
           std::memcpy(&s, &ws, sizeof(s));
           std::memcpy(&t, &wt, sizeof(t));
         }
