@@ -26,8 +26,9 @@
 // max-map rows that no output reads are covered by a separate codes-only pass. The backward is a
 // pure gather (one writer per grad_input element), hence deterministic.
 //
-// Speed: the work functions also have AVX2+FMA clones chosen at run time (csrc/common/cpu_isa.h), and large
-// fresh outputs get transparent huge pages before their first touch (see advise_huge_pages).
+// Speed: the work functions also have AVX2+FMA clones chosen at run time (csrc/common/cpu_isa.h), fp16
+// elements convert through code that vectorises (csrc/common/cpu_convert.h), and large fresh outputs get
+// transparent huge pages before their first touch (see advise_huge_pages).
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
@@ -332,7 +333,6 @@ inline void vpass_block(const in_t* const* rows, const acc_t* w, int k, int64_t 
 // ------------------------------------------------------------------------------------------------
 // Horizontal pass
 // ------------------------------------------------------------------------------------------------
-
 
 // Planar gather over rows [j0, j1) of the table: out[j * ostride] = sum_v w[j,v] * tmp[idx[j,v]].
 template <int K, typename acc_t, typename out_t>
