@@ -113,24 +113,15 @@ extern "C" __attribute__((weak)) KTK_AVX2 __m256 Sleef_expf8_u10(__m256);
 
 bool use_sleef_avx2() { return ktk_cpu::use_avx2() && Sleef_expf8_u10 != nullptr; }
 
-// Eight values from p as float: the first n of them, the rest `fill` (n < 8: a row's last classes). Eight halves
-// widen in registers (cpu_convert.h: no F16C assumed, ktk_cpu::use_avx2 checks AVX2 and FMA only); a short
-// tail goes through c10's scalar conversion, whose branches are cheaper one lane at a time.
+// Eight values from p as float: the first n of them, the rest `fill` (n < 8: a row's last classes). Eight bf16 or
+// fp16 values widen in registers (cpu_convert.h: no F16C assumed, ktk_cpu::use_avx2 checks AVX2 and FMA only); a
+// short tail goes through c10's scalar conversion, whose branches are cheaper one lane at a time.
 template <typename scalar_t>
 KTK_AVX2 inline __m256 load8(const scalar_t* p, int n = kLanes, float fill = 0.f) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (n == kLanes) return _mm256_loadu_ps(p);
-  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (n == kLanes) {  // a bf16 is the high half of a float's bits
-      const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-    }
-  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    if (n == kLanes) {
-      ktk_cpu::U16x8 bits;
-      std::memcpy(&bits, p, sizeof(bits));
-      return reinterpret_cast<__m256>(ktk_cpu::half8_to_float8(bits));
-    }
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>) {
+    if (n == kLanes) return reinterpret_cast<__m256>(ktk_cpu::widen8(p));
   }
   alignas(32) float v[kLanes];
   for (int l = 0; l < kLanes; ++l) v[l] = l < n ? static_cast<float>(p[l]) : fill;

@@ -300,9 +300,7 @@ inline void channels_pass(const StatsArgs<scalar_t>& a, const scalar_t* sp, cons
   for (int64_t k = 0; k < L; ++k) bs[k] = bt[k] = acc_t(0);
   // direct: L contiguous channels, loaded as one vector (float) or widened in registers (bf16, fp16); otherwise
   // converted one by one through bs/bt.
-  constexpr bool kWidenable = std::is_same_v<scalar_t, acc_t> || std::is_same_v<scalar_t, c10::BFloat16> ||
-                              std::is_same_v<scalar_t, c10::Half>;
-  const bool direct = kWidenable && nch == L && a.sC == 1 && a.tC == 1;
+  const bool direct = nch == L && a.sC == 1 && a.tC == 1;
   const acc_t* basis = a.basis + j0 * a.HW;
   int64_t q = 0;
   for (int64_t h = 0; h < a.H; ++h) {
@@ -315,26 +313,10 @@ inline void channels_pass(const StatsArgs<scalar_t>& a, const scalar_t* sp, cons
           s = *reinterpret_cast<const V*>(sv);
           t = *reinterpret_cast<const V*>(tv);
         }
-      } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        if (direct) {  // a bfloat16 is the high half of a float's bits (exact, as static_cast<float>)
-          typedef uint16_t Bits16 __attribute__((vector_size(16)));  // L = 8 floats
-          typedef uint32_t Bits32 __attribute__((vector_size(32)));
-          Bits16 hs, ht;
-          std::memcpy(&hs, sv, sizeof(hs));
-          std::memcpy(&ht, tv, sizeof(ht));
-          const Bits32 ws = __builtin_convertvector(hs, Bits32) << 16, wt = __builtin_convertvector(ht, Bits32) << 16;
-          std::memcpy(&s, &ws, sizeof(s));
-          std::memcpy(&t, &wt, sizeof(t));
-        }
-      } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-        if (direct) {  // exact, as to_acc (cpu_convert.h)
-          ktk_cpu::U16x8 hs, ht;
-          std::memcpy(&hs, sv, sizeof(hs));
-          std::memcpy(&ht, tv, sizeof(ht));
-          const ktk_cpu::F32x8 ws = ktk_cpu::half8_to_float8(hs), wt = ktk_cpu::half8_to_float8(ht);
-          std::memcpy(&s, &ws, sizeof(s));
-          std::memcpy(&t, &wt, sizeof(t));
-        }
+      } else if (direct) {  // bf16, fp16: eight channels widened in registers, exactly (cpu_convert.h)
+        const ktk_cpu::F32x8 ws = ktk_cpu::widen8(sv), wt = ktk_cpu::widen8(tv);
+        std::memcpy(&s, &ws, sizeof(s));
+        std::memcpy(&t, &wt, sizeof(t));
       }
       if (!direct) {
         for (int64_t k = 0; k < nch; ++k) {
