@@ -254,6 +254,58 @@ def test_max_blur_pool2d_ties_nan_and_poisoned_outputs(
 
 
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("kmax,pmax", [(2, 0), (3, 1)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_max_blur_pool2d_backward_sums_signed_zeros_as_torch(target, kmax, pmax, layout, monkeypatch):
+    """A gradient of -0 everywhere gives +0 everywhere, as torch.max_pool2d's backward (zeros, then adds) does:
+    an input that is the maximum of several windows sums several -0 terms, and the sum must still start from
+    +0. Random inputs make such local maxima; 41 columns give the CPU kernel's interior scan a long run."""
+    name, device = target
+    dtype = torch.float64 if name != "cuda" else torch.float32
+    shape = (2, 3, 9, 41) if name != "triton" else (2, 3, 9, 10)
+    x = make_input(shape, dtype, device, layout).copy_(torch.randn(shape, dtype=torch.float64)).requires_grad_()
+    poison_outputs(monkeypatch)
+    with ktkernels.use_backend(name):
+        y = ktkernels.max_blur_pool2d(x, max_kernel=kmax, max_padding=pmax)
+        y.backward(torch.full_like(y, -0.0))
+    _, argmax = torch.nn.functional.max_pool2d(x.detach().cpu().contiguous(), kmax, 1, pmax, return_indices=True)
+    wins = torch.stack([torch.bincount(a.flatten(), minlength=shape[2] * shape[3]) for a in argmax.flatten(0, 1)])
+    assert int(wins.max()) == kmax * kmax, "no input is the maximum of all its windows: the test could not fail"
+    assert torch.equal(x.grad, torch.zeros_like(x.grad)), "the gradient of a zero gradient is not zero"
+    assert not torch.signbit(x.grad).any(), "a sum of -0 terms kept the sign: the sum did not start from +0"
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("codes_layout", ["channels_last", "strided", "transposed"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_max_blur_pool2d_backward_takes_codes_in_any_layout(target, codes_layout, layout, monkeypatch):
+    """The public backward op accepts argmax codes with any strides (a user may store them), not only the ones its
+    forward returns: the gradient equals the one from contiguous codes, bit for bit."""
+    name, device = target
+    dtype = torch.float64 if name != "cuda" else torch.float32
+    shape, kmax, pmax = (2, 3, 9, 10), 2, 0
+    x = make_input(shape, dtype, device, layout)
+    with ktkernels.use_backend(name):
+        y, codes = op.max_blur_pool2d(x, kmax, pmax, 4, 2, [1, 2, 1, 2], "reflect")
+    grad = make_input(y.shape, dtype, device, layout)
+    codes = codes.contiguous()
+    if codes_layout == "channels_last":
+        stored = codes.to(memory_format=torch.channels_last)
+    elif codes_layout == "strided":
+        stored = torch.zeros(*codes.shape[:3], 2 * codes.shape[3], dtype=codes.dtype, device=device)[..., ::2]
+        stored.copy_(codes)
+    else:
+        stored = codes.transpose(2, 3).contiguous().transpose(2, 3)
+    assert stored.stride() != codes.stride() and torch.equal(stored, codes)
+    poison_outputs(monkeypatch)
+    args = (list(shape[2:]), kmax, pmax, 4, 2, [1, 2, 1, 2], "reflect", layout == "channels_last")
+    with ktkernels.use_backend(name):
+        expected = op.max_blur_pool2d_backward(grad, codes, *args)
+        got = op.max_blur_pool2d_backward(grad, stored, *args)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize(
     "shape,pads",
     [((1, 2, 37, 11), [1, 2, 1, 2]), ((1, 2, 12, 12), [5, 5, 5, 5]), ((1, 53, 11, 41), [1, 2, 1, 2])],

@@ -102,10 +102,12 @@ struct Table {
   std::vector<int32_t> count;
 
   // Periodic run for the planar horizontal pass: rows j = per_begin + P*m + f (f < P, m < per_periods)
-  // are idx = per_base + D*m + per_off[f][v], w = per_w[f][v] (v < width). A forward table is
+  // are idx = per_base + D*m + per_off[f][v], w = per_w[f][v] (v < per_K). A forward table is
   // periodic with P = 1, D = stride; an adjoint table with P = stride, D = 1. per_periods == 0: none.
+  // per_K can be less than width: reflection at a border merges taps, so an adjoint table of an odd
+  // size has a border row with one tap more than the interior (111 columns: 3 taps there, 2 inside).
   int64_t per_begin = 0, per_periods = 0, per_base = 0;
-  int per_P = 1, per_D = 1;
+  int per_P = 1, per_D = 1, per_K = 1;
   std::vector<int32_t> per_off;
   std::vector<acc_t> per_w;
 };
@@ -118,15 +120,16 @@ inline bool periodic_supported(int P, int D, int K) {
   return (P == 1 && D >= 1 && D <= 2 && K <= 7) || (P == 2 && D == 1 && K <= 4);
 }
 
-// Finds the longest periodic run of full rows (see Table::per_*); prefers the smallest period.
+// Finds the longest periodic run (rows with the same tap count, repeating stencils); prefers the smallest period.
 template <typename acc_t>
 void find_periodic_run(Table<acc_t>& t) {
   const int W = t.width;
   const int64_t rows = t.rows;
-  auto full = [&](int64_t j) { return t.count[j] == W; };
-  // Rows a and b have the same weights and the same tap offsets (relative to their first tap).
+  // Rows a and b have the same non-zero tap count, weights and tap offsets (relative to their first tap).
   auto same_stencil = [&](int64_t a, int64_t b) {
-    for (int v = 0; v < W; ++v) {
+    const int k = t.count[a];
+    if (k == 0 || t.count[b] != k) return false;
+    for (int v = 0; v < k; ++v) {
       if (t.w[a * W + v] != t.w[b * W + v]) return false;
       if (t.idx[a * W + v] - t.idx[a * W] != t.idx[b * W + v] - t.idx[b * W]) return false;
     }
@@ -136,17 +139,22 @@ void find_periodic_run(Table<acc_t>& t) {
   int64_t best_len = 0;
   for (int P = 1; P <= kMaxPeriod; ++P) {
     for (int64_t j0 = 0; j0 + 2 * P <= rows;) {
-      if (!full(j0) || !full(j0 + P) || !same_stencil(j0, j0 + P)) {
+      // Every row of a period must have the run's tap count (a row of the period is compared only with
+      // itself one period on).
+      const int K = t.count[j0];
+      bool uniform = true;
+      for (int f = 1; f < P; ++f) uniform = uniform && t.count[j0 + f] == K;
+      if (!uniform || !same_stencil(j0, j0 + P)) {
         ++j0;
         continue;
       }
       const int64_t D = shift(j0, j0 + P);
-      if (!periodic_supported(P, static_cast<int>(D), W)) {
+      if (!periodic_supported(P, static_cast<int>(D), K)) {
         ++j0;
         continue;
       }
       int64_t j1 = j0 + P + 1;
-      while (j1 < rows && full(j1) && full(j1 - P) && same_stencil(j1 - P, j1) && shift(j1 - P, j1) == D) ++j1;
+      while (j1 < rows && same_stencil(j1 - P, j1) && shift(j1 - P, j1) == D) ++j1;
       const int64_t periods = (j1 - j0) / P;
       if (periods >= 2 && P * periods > best_len) {
         best_len = P * periods;
@@ -155,18 +163,19 @@ void find_periodic_run(Table<acc_t>& t) {
         t.per_base = t.idx[j0 * W];
         t.per_P = P;
         t.per_D = static_cast<int>(D);
+        t.per_K = K;
       }
       j0 = std::max(j0 + 1, j1 - P);
     }
   }
   if (best_len >= 4) {
-    const int P = t.per_P;
-    t.per_off.resize(static_cast<size_t>(P * W));
-    t.per_w.resize(static_cast<size_t>(P * W));
+    const int P = t.per_P, K = t.per_K;
+    t.per_off.resize(static_cast<size_t>(P * K));
+    t.per_w.resize(static_cast<size_t>(P * K));
     for (int f = 0; f < P; ++f) {
-      for (int v = 0; v < W; ++v) {
-        t.per_off[f * W + v] = static_cast<int32_t>(t.idx[(t.per_begin + f) * W + v] - t.per_base);
-        t.per_w[f * W + v] = t.w[(t.per_begin + f) * W + v];
+      for (int v = 0; v < K; ++v) {
+        t.per_off[f * K + v] = static_cast<int32_t>(t.idx[(t.per_begin + f) * W + v] - t.per_base);
+        t.per_w[f * K + v] = t.w[(t.per_begin + f) * W + v];
       }
     }
   } else {
@@ -386,7 +395,7 @@ inline void hpass_periodic_pd(const acc_t* src, const Table<acc_t>& t, acc_t* ou
   const int32_t* off = t.per_off.data();
   const acc_t* w = t.per_w.data();
   const int64_t nm = t.per_periods;
-  switch (t.width) {
+  switch (t.per_K) {
     case 1: return hpass_periodic_fixed<1, P, D>(src, off, w, nm, out);
     case 2: return hpass_periodic_fixed<2, P, D>(src, off, w, nm, out);
     case 3: return hpass_periodic_fixed<3, P, D>(src, off, w, nm, out);
@@ -394,7 +403,7 @@ inline void hpass_periodic_pd(const acc_t* src, const Table<acc_t>& t, acc_t* ou
     default: break;
   }
   if constexpr (P == 1) {
-    switch (t.width) {
+    switch (t.per_K) {
       case 5: return hpass_periodic_fixed<5, P, D>(src, off, w, nm, out);
       case 6: return hpass_periodic_fixed<6, P, D>(src, off, w, nm, out);
       case 7: return hpass_periodic_fixed<7, P, D>(src, off, w, nm, out);
@@ -1120,8 +1129,36 @@ struct MaxBwdArgs {
   const int64_t* sidx;
 };
 
+// One planar input row's interior columns [q_lo, q_hi) of the max-blur backward, for kmax = KMAX:
+// s[q] = sum over window elements e = (ra, rb) of gm[ra][q + pmax - rb] where that max-map element's code is e.
+// rows[ra] holds gm in [0, Wm) and the codes, as acc_t, in [Wm, 2 Wm). One pass with the window unrolled: the
+// earlier pass per window element re-read and re-wrote s kmax^2 times.
+// The sum is t0 + t1 + ... + 0, in e order, which equals the border columns' 0 + t0 + t1 + ... bit for bit (the
+// trailing + 0 turns an all -0 sum into +0). GCC vectorises this form only: with the 0 first, or with one
+// running sum, it keeps the selects as branches ("control flow in loop").
+template <int KMAX, typename acc_t>
+inline void route_window_scan(const acc_t* const* rows, int64_t Wm, int pmax, int64_t q_lo, int64_t q_hi,
+                              acc_t* __restrict s) {
+  const acc_t* gm[KMAX];
+  for (int ra = 0; ra < KMAX; ++ra) gm[ra] = rows[ra] + pmax;
+#pragma GCC ivdep
+  for (int64_t q = q_lo; q < q_hi; ++q) {
+    acc_t term[KMAX * KMAX];
+#pragma GCC unroll 16
+    for (int e = 0; e < KMAX * KMAX; ++e) {
+      const acc_t* g = gm[e / KMAX] + q - e % KMAX;
+      term[e] = (g[Wm] == static_cast<acc_t>(e)) ? g[0] : acc_t(0);
+    }
+    acc_t acc = term[0];
+#pragma GCC unroll 16
+    for (int e = 1; e < KMAX * KMAX; ++e) acc += term[e];
+    s[q] = acc + acc_t(0);
+  }
+}
+
 // Tasks (n, c, input row p). A cached max-map row r holds gm (the blurred gradient on the max map)
-// in [0, Wm) and the codes, as acc_t, in [Wm, 2 Wm). Input columns whose kmax windows all lie
+// in [0, Wm) and the codes, as acc_t, in [Wm, 2 Wm). A window row outside the max map reads
+// `outside`, whose codes (-1) match no window element. Input columns whose kmax windows all lie
 // inside the max map run as a vectorised select-and-add; the border columns are scalar.
 template <typename scalar_t>
 void maxbwd_planar_chunk(const MaxBwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
@@ -1130,6 +1167,8 @@ void maxbwd_planar_chunk(const MaxBwdArgs<scalar_t>& a, int64_t begin, int64_t e
   const int64_t Wm = a.Wm, W = a.W;
   std::vector<acc_t> tmp(static_cast<size_t>(a.Wg + 1 + Wm), acc_t(0));
   std::vector<acc_t> srow(static_cast<size_t>(W));
+  std::vector<acc_t> outside(static_cast<size_t>(2 * Wm), acc_t(0));
+  std::fill(outside.begin() + Wm, outside.end(), acc_t(-1));
   RowCache<acc_t> cache(2 * Wm, kmax + 1);
   const acc_t* rows[8];
   // Interior input columns q: 0 <= q - b + pmax < Wm for every b < kmax.
@@ -1144,7 +1183,7 @@ void maxbwd_planar_chunk(const MaxBwdArgs<scalar_t>& a, int64_t begin, int64_t e
     for (int ra = 0; ra < kmax; ++ra) {
       const int64_t r = p - ra + pmax;
       if (r < 0 || r >= a.Hm) {
-        rows[ra] = nullptr;
+        rows[ra] = outside.data();
         continue;
       }
       rows[ra] = cache.get(pl * a.Hm + r, [&](acc_t* row) {
@@ -1152,14 +1191,18 @@ void maxbwd_planar_chunk(const MaxBwdArgs<scalar_t>& a, int64_t begin, int64_t e
         blur_row_planar<scalar_t>([&](int64_t rr) { return gbase + rr * gH; }, a.gW, a.Wg, *a.rt, r, *a.ct,
                                   tmp.data(), row, int64_t(1));
         const uint8_t* kr = kbase + r * a.kH;
-        for (int64_t cc = 0; cc < Wm; ++cc) row[Wm + cc] = static_cast<acc_t>(kr[cc * a.kW]);
+        acc_t* rc = row + Wm;
+        if (a.kW == 1) {
+          for (int64_t cc = 0; cc < Wm; ++cc) rc[cc] = static_cast<acc_t>(kr[cc]);
+        } else {
+          for (int64_t cc = 0; cc < Wm; ++cc) rc[cc] = static_cast<acc_t>(kr[cc * a.kW]);
+        }
       });
     }
     acc_t* __restrict s = srow.data();
     auto scalar_column = [&](int64_t q) {
       acc_t acc = acc_t(0);
       for (int ra = 0; ra < kmax; ++ra) {
-        if (!rows[ra]) continue;
         for (int rb = 0; rb < kmax; ++rb) {
           const int64_t cc = q - rb + pmax;
           if (cc < 0 || cc >= Wm) continue;
@@ -1169,15 +1212,20 @@ void maxbwd_planar_chunk(const MaxBwdArgs<scalar_t>& a, int64_t begin, int64_t e
       s[q] = acc;
     };
     for (int64_t q = 0; q < q_lo; ++q) scalar_column(q);
-    for (int64_t q = q_lo; q < q_hi; ++q) s[q] = acc_t(0);
-    for (int ra = 0; ra < kmax; ++ra) {
-      if (!rows[ra]) continue;
-      for (int rb = 0; rb < kmax; ++rb) {
-        const acc_t want = static_cast<acc_t>(ra * kmax + rb);
-        const acc_t* g = rows[ra];
-        const acc_t* k = rows[ra] + Wm;
-        const int64_t off = pmax - rb;
-        for (int64_t q = q_lo; q < q_hi; ++q) s[q] += (k[q + off] == want) ? g[q + off] : acc_t(0);
+    if (kmax == 2) {
+      route_window_scan<2>(rows, Wm, pmax, q_lo, q_hi, s);
+    } else if (kmax == 3) {
+      route_window_scan<3>(rows, Wm, pmax, q_lo, q_hi, s);
+    } else {
+      for (int64_t q = q_lo; q < q_hi; ++q) s[q] = acc_t(0);
+      for (int ra = 0; ra < kmax; ++ra) {
+        for (int rb = 0; rb < kmax; ++rb) {
+          const acc_t want = static_cast<acc_t>(ra * kmax + rb);
+          const acc_t* g = rows[ra];
+          const acc_t* k = rows[ra] + Wm;
+          const int64_t off = pmax - rb;
+          for (int64_t q = q_lo; q < q_hi; ++q) s[q] += (k[q + off] == want) ? g[q + off] : acc_t(0);
+        }
       }
     }
     for (int64_t q = q_hi; q < W; ++q) scalar_column(q);

@@ -401,6 +401,10 @@ def max_blur_pool2d_backward(
         from . import triton as kernels
 
         _check_triton_span("max_blur_pool2d_backward", grad, codes, gx)
+        if not channels_inner(grad) and codes.stride(3) != 1:
+            # The planar kernel loads code rows as unit-stride groups, as the forward writes them; codes a user
+            # stored otherwise are copied to that layout.
+            codes = codes.contiguous()
         with backend.triton_device(grad):
             kernels.max_blur_backward(grad, codes, max_kernel, max_padding, axes, gx)
     else:
