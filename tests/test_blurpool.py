@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 from backend_targets import DEVICES, INTERPRET, TARGETS
+from torch import Tensor
 
 import ktkernels
 from ktkernels import backend
@@ -1047,6 +1048,31 @@ def test_opcheck(target):
             op.max_blur_pool2d_backward,
             (torch.randn(2, 3, 4, 4, device=device), codes, [9, 8], 2, 0, 4, 2, [1, 2, 1, 2], "zero", False),
         )
+
+
+def test_max_blur_backward_makes_no_gradient_for_the_codes():
+    """The uint8 codes have no gradient: autograd must not materialise a zero tensor of their size (the max map's)
+    for the backward on every call, as it does by default for an output that got no gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class RecordUint8(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.made += [str(func) for t in tree_leaves(out) if isinstance(t, Tensor) and t.dtype == torch.uint8]
+            return out
+
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with ktkernels.use_backend("cpu"):
+        y, codes = op.max_blur_pool2d(x, 2, 0, 4, 2, [1, 2, 1, 2], "reflect")
+        with RecordUint8() as record:
+            y.sum().backward()
+    assert codes.dtype == torch.uint8 and record.made == [], f"uint8 tensors made in the backward: {record.made}"
+    assert x.grad is not None and bool(x.grad.abs().sum() > 0)
 
 
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
