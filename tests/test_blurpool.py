@@ -71,6 +71,25 @@ def random_case(rng: random.Random, filt_size: int, mode: str, spatial: int = 2)
 BLUR_CASES = [(k, s, m) for k in range(1, 8) for s in range(1, 5) for m in geometry.PAD_MODES]
 
 
+@pytest.mark.parametrize("filt_size", [3, 4, 5, 7])
+@pytest.mark.parametrize("mode", geometry.PAD_MODES)
+def test_cpu_backward_on_long_planar_rows(filt_size, mode):
+    """The CPU planar backward at stride 2 runs the interior of each row as a periodic stencil of the adjoint table.
+    Its two phases have different tap counts for odd filters (k3: 1 and 2, k5: 3 and 2, k7: 4 and 3), and odd
+    widths add a border row with one tap more; rows of 29-41 columns make the runs long. fp64 against the
+    reference, NCHW and a strided view (which keeps the planar layout)."""
+    for width, layout in itertools.product((29, 30, 41), ("nchw", "strided")):
+        pads = [(filt_size - 1) // 2, filt_size // 2] * 2
+        x = make_input((1, 2, 9, width), torch.float64, "cpu", layout).requires_grad_()
+        with ktkernels.use_backend("cpu"):
+            y = op.blur_pool2d(x, filt_size, 2, pads, mode)
+            grad = torch.randn_like(y)
+            (got,) = torch.autograd.grad(y, x, grad)
+        x64 = x.detach().clone().requires_grad_()
+        ref.blur_pool2d_reference(x64, filt_size, 2, tuple(pads), mode).backward(grad)
+        torch.testing.assert_close(got, x64.grad, rtol=1e-12, atol=1e-12, msg=f"width {width}, {layout}")
+
+
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("filt_size,stride,mode", BLUR_CASES)
 def test_blur_pool2d_matches_reference(target, filt_size, stride, mode):

@@ -102,12 +102,15 @@ struct Table {
   std::vector<int32_t> count;
 
   // Periodic run for the planar horizontal pass: rows j = per_begin + P*m + f (f < P, m < per_periods)
-  // are idx = per_base + D*m + per_off[f][v], w = per_w[f][v] (v < per_K). A forward table is
-  // periodic with P = 1, D = stride; an adjoint table with P = stride, D = 1. per_periods == 0: none.
-  // per_K can be less than width: reflection at a border merges taps, so an adjoint table of an odd
-  // size has a border row with one tap more than the interior (111 columns: 3 taps there, 2 inside).
+  // are idx = per_base + D*m + per_off[f][v], w = per_w[f][v] (v < per_count[f]; rows of per_K slots). A forward
+  // table is periodic with P = 1, D = stride; an adjoint table with P = stride, D = 1. per_periods == 0: none.
+  // The counts can be less than width, and differ between the phases f:
+  //   * reflection at a border merges taps, so an adjoint table of an odd size has a border row with one tap more
+  //     than the interior (111 columns: 3 taps there, 2 inside);
+  //   * an odd filter at stride 2 feeds even and odd input positions from different numbers of outputs (k3: 1, 2).
   int64_t per_begin = 0, per_periods = 0, per_base = 0;
   int per_P = 1, per_D = 1, per_K = 1;
+  int per_count[2] = {1, 1};
   std::vector<int32_t> per_off;
   std::vector<acc_t> per_w;
 };
@@ -116,11 +119,14 @@ struct Table {
 // forward and adjoint tables of strides 1 and 2 (others, e.g. stride 3 or 4, take the plain gather;
 // every extra case costs compile time).
 constexpr int kMaxPeriod = 2;
-inline bool periodic_supported(int P, int D, int K) {
-  return (P == 1 && D >= 1 && D <= 2 && K <= 7) || (P == 2 && D == 1 && K <= 4);
+inline bool periodic_supported(int P, int D, const int* counts) {
+  if (P == 1) return D >= 1 && D <= 2 && counts[0] <= 7;
+  // Adjoint tables of stride 2: even filters give equal counts, odd ones counts one apart (k3: 1 and 2).
+  return P == 2 && D == 1 && counts[0] <= 4 && counts[1] <= 4 && std::abs(counts[0] - counts[1]) <= 1;
 }
 
-// Finds the longest periodic run (rows with the same tap count, repeating stencils); prefers the smallest period.
+// Finds the longest periodic run (each phase's rows with one tap count and a repeating stencil); prefers the
+// smallest period.
 template <typename acc_t>
 void find_periodic_run(Table<acc_t>& t) {
   const int W = t.width;
@@ -139,20 +145,17 @@ void find_periodic_run(Table<acc_t>& t) {
   int64_t best_len = 0;
   for (int P = 1; P <= kMaxPeriod; ++P) {
     for (int64_t j0 = 0; j0 + 2 * P <= rows;) {
-      // Every row of a period must have the run's tap count (a row of the period is compared only with
-      // itself one period on).
-      const int K = t.count[j0];
-      bool uniform = true;
-      for (int f = 1; f < P; ++f) uniform = uniform && t.count[j0 + f] == K;
-      if (!uniform || !same_stencil(j0, j0 + P)) {
+      int counts[2] = {t.count[j0], P > 1 ? t.count[j0 + 1] : 0};
+      if (!same_stencil(j0, j0 + P)) {
         ++j0;
         continue;
       }
       const int64_t D = shift(j0, j0 + P);
-      if (!periodic_supported(P, static_cast<int>(D), K)) {
+      if (!periodic_supported(P, static_cast<int>(D), counts)) {
         ++j0;
         continue;
       }
+      // Each row is compared with the one a period before: every row of a phase has that phase's count.
       int64_t j1 = j0 + P + 1;
       while (j1 < rows && same_stencil(j1 - P, j1) && shift(j1 - P, j1) == D) ++j1;
       const int64_t periods = (j1 - j0) / P;
@@ -163,17 +166,20 @@ void find_periodic_run(Table<acc_t>& t) {
         t.per_base = t.idx[j0 * W];
         t.per_P = P;
         t.per_D = static_cast<int>(D);
-        t.per_K = K;
+        t.per_count[0] = counts[0];
+        t.per_count[1] = P > 1 ? counts[1] : counts[0];
       }
       j0 = std::max(j0 + 1, j1 - P);
     }
   }
   if (best_len >= 4) {
-    const int P = t.per_P, K = t.per_K;
-    t.per_off.resize(static_cast<size_t>(P * K));
-    t.per_w.resize(static_cast<size_t>(P * K));
+    const int P = t.per_P;
+    const int K = std::max(t.per_count[0], t.per_count[1]);
+    t.per_K = K;
+    t.per_off.assign(static_cast<size_t>(P * K), 0);
+    t.per_w.assign(static_cast<size_t>(P * K), acc_t(0));
     for (int f = 0; f < P; ++f) {
-      for (int v = 0; v < K; ++v) {
+      for (int v = 0; v < t.per_count[f]; ++v) {
         t.per_off[f * K + v] = static_cast<int32_t>(t.idx[(t.per_begin + f) * W + v] - t.per_base);
         t.per_w[f * K + v] = t.w[(t.per_begin + f) * W + v];
       }
@@ -368,47 +374,67 @@ inline void hpass_gather_any(const acc_t* tmp, const int32_t* idx, const acc_t* 
   }
 }
 
-// Periodic run: out[P*m + f] = sum_v w[f][v] * src[D*m + off[f][v]], m < nm, f < P.
-template <int K, int P, int D, typename acc_t>
+// Periodic run: out[P*m + f] = sum_{v < K_f} w[f][v] * src[D*m + off[f][v]], m < nm, f < P, with K_0 = K0 and
+// K_1 = K1 (P = 2); off and w have rows of max(K0, K1) slots.
+template <int P, int D, int K0, int K1, typename acc_t>
 inline void hpass_periodic_fixed(const acc_t* src, const int32_t* off, const acc_t* w, int64_t nm,
                                  acc_t* __restrict out) {
-  int32_t o[P][K];
-  acc_t wk[P][K];
+  constexpr int KW = K0 > K1 ? K0 : K1;
+  constexpr int KF[2] = {K0, K1};
+  int32_t o[P][KW] = {};
+  acc_t wk[P][KW] = {};
   for (int f = 0; f < P; ++f) {
-    for (int v = 0; v < K; ++v) {
-      o[f][v] = off[f * K + v];
-      wk[f][v] = w[f * K + v];
+    for (int v = 0; v < KF[f]; ++v) {
+      o[f][v] = off[f * KW + v];
+      wk[f][v] = w[f * KW + v];
     }
   }
 #pragma GCC ivdep
   for (int64_t m = 0; m < nm; ++m) {
     for (int f = 0; f < P; ++f) {
       acc_t s = wk[f][0] * src[D * m + o[f][0]];
-      for (int v = 1; v < K; ++v) s += wk[f][v] * src[D * m + o[f][v]];
+      for (int v = 1; v < KF[f]; ++v) s += wk[f][v] * src[D * m + o[f][v]];
       out[P * m + f] = s;
     }
   }
 }
 
-template <int P, int D, typename acc_t>
-inline void hpass_periodic_pd(const acc_t* src, const Table<acc_t>& t, acc_t* out) {
+template <int D, typename acc_t>
+inline void hpass_periodic_p1(const acc_t* src, const Table<acc_t>& t, acc_t* out) {
   const int32_t* off = t.per_off.data();
   const acc_t* w = t.per_w.data();
   const int64_t nm = t.per_periods;
-  switch (t.per_K) {
-    case 1: return hpass_periodic_fixed<1, P, D>(src, off, w, nm, out);
-    case 2: return hpass_periodic_fixed<2, P, D>(src, off, w, nm, out);
-    case 3: return hpass_periodic_fixed<3, P, D>(src, off, w, nm, out);
-    case 4: return hpass_periodic_fixed<4, P, D>(src, off, w, nm, out);
+  switch (t.per_count[0]) {
+    case 1: return hpass_periodic_fixed<1, D, 1, 1>(src, off, w, nm, out);
+    case 2: return hpass_periodic_fixed<1, D, 2, 2>(src, off, w, nm, out);
+    case 3: return hpass_periodic_fixed<1, D, 3, 3>(src, off, w, nm, out);
+    case 4: return hpass_periodic_fixed<1, D, 4, 4>(src, off, w, nm, out);
+    case 5: return hpass_periodic_fixed<1, D, 5, 5>(src, off, w, nm, out);
+    case 6: return hpass_periodic_fixed<1, D, 6, 6>(src, off, w, nm, out);
+    case 7: return hpass_periodic_fixed<1, D, 7, 7>(src, off, w, nm, out);
     default: break;
   }
-  if constexpr (P == 1) {
-    switch (t.per_K) {
-      case 5: return hpass_periodic_fixed<5, P, D>(src, off, w, nm, out);
-      case 6: return hpass_periodic_fixed<6, P, D>(src, off, w, nm, out);
-      case 7: return hpass_periodic_fixed<7, P, D>(src, off, w, nm, out);
-      default: break;
-    }
+  TORCH_INTERNAL_ASSERT(false, "blurpool_cpu: unsupported periodic run");
+}
+
+// P = 2, D = 1 (adjoint tables of stride 2): the phase counts periodic_supported admits.
+template <typename acc_t>
+inline void hpass_periodic_p2(const acc_t* src, const Table<acc_t>& t, acc_t* out) {
+  const int32_t* off = t.per_off.data();
+  const acc_t* w = t.per_w.data();
+  const int64_t nm = t.per_periods;
+  switch (t.per_count[0] * 8 + t.per_count[1]) {
+    case 1 * 8 + 1: return hpass_periodic_fixed<2, 1, 1, 1>(src, off, w, nm, out);
+    case 2 * 8 + 2: return hpass_periodic_fixed<2, 1, 2, 2>(src, off, w, nm, out);
+    case 3 * 8 + 3: return hpass_periodic_fixed<2, 1, 3, 3>(src, off, w, nm, out);
+    case 4 * 8 + 4: return hpass_periodic_fixed<2, 1, 4, 4>(src, off, w, nm, out);
+    case 1 * 8 + 2: return hpass_periodic_fixed<2, 1, 1, 2>(src, off, w, nm, out);
+    case 2 * 8 + 1: return hpass_periodic_fixed<2, 1, 2, 1>(src, off, w, nm, out);
+    case 2 * 8 + 3: return hpass_periodic_fixed<2, 1, 2, 3>(src, off, w, nm, out);
+    case 3 * 8 + 2: return hpass_periodic_fixed<2, 1, 3, 2>(src, off, w, nm, out);
+    case 3 * 8 + 4: return hpass_periodic_fixed<2, 1, 3, 4>(src, off, w, nm, out);
+    case 4 * 8 + 3: return hpass_periodic_fixed<2, 1, 4, 3>(src, off, w, nm, out);
+    default: break;
   }
   TORCH_INTERNAL_ASSERT(false, "blurpool_cpu: unsupported periodic run");
 }
@@ -421,12 +447,12 @@ inline void hpass_periodic(const acc_t* tmp, const Table<acc_t>& t, acc_t* out) 
   switch (t.per_P) {
     case 1:
       switch (t.per_D) {
-        case 1: return hpass_periodic_pd<1, 1>(src, t, o);
-        case 2: return hpass_periodic_pd<1, 2>(src, t, o);
+        case 1: return hpass_periodic_p1<1>(src, t, o);
+        case 2: return hpass_periodic_p1<2>(src, t, o);
         default: break;
       }
       break;
-    case 2: return hpass_periodic_pd<2, 1>(src, t, o);
+    case 2: return hpass_periodic_p2(src, t, o);
     default: break;
   }
   TORCH_INTERNAL_ASSERT(false, "blurpool_cpu: unsupported periodic run");
