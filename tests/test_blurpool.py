@@ -1187,6 +1187,49 @@ def test_bad_input_raises_before_any_kernel(call, error, match):
         call()
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_backward_ops_refuse_a_grad_or_codes_of_another_forward(target):
+    """The backward ops are public: a grad whose sizes are not the forward's outputs for ``input_size``, or argmax
+    codes of another dtype, shape or device, raise before any kernel runs (the Triton and CUDA kernels would read
+    past the tensors). The forward's outputs pass."""
+    name, device = target
+    x = torch.randn(2, 3, 9, 10, device=device)
+    with ktkernels.use_backend(name):
+        y, codes = op.max_blur_pool2d(x, 2, 0, 4, 2, [1, 2, 1, 2], "reflect")
+    grad = torch.randn_like(y)  # (2, 3, 4, 5): the max map is 8 x 9
+    grad2, grad1 = torch.randn(2, 3, 5, 5, device=device), torch.randn(2, 3, 5, device=device)
+    blur2d = ([9, 10], 4, 2, [1, 2, 1, 2], "reflect", False)
+    max2d = ([9, 10], 2, 0, 4, 2, [1, 2, 1, 2], "reflect", False)
+    cases = [
+        (
+            op.blur_pool2d_backward,
+            (grad2[..., :-1], *blur2d),
+            ValueError,
+            r"grad has shape \(2, 3, 5, 4\), but .* \(5, 5\)",
+        ),
+        (op.blur_pool2d_backward, (grad2, [9, 10, 1], *blur2d[1:]), ValueError, "expects 2 input sizes"),
+        (op.blur_pool2d_backward, (grad2, [-1, 10], *blur2d[1:]), ValueError, "input size must be >= 0"),
+        (op.blur_pool2d_backward, (grad2.long(), *blur2d), TypeError, "floating-point grad"),
+        (op.blur_pool1d_backward, (grad1, [13], 4, 2, [1, 2], "reflect", False), ValueError, r"\(13,\) gives .*\(7,\)"),
+        (op.blur_pool1d_backward, (grad2, [10], 4, 2, [1, 2], "reflect", False), ValueError, "3-D grad"),
+        (op.max_blur_pool2d_backward, (grad, codes.long(), *max2d), TypeError, "uint8 argmax codes"),
+        (op.max_blur_pool2d_backward, (grad, codes[:, :2], *max2d), ValueError, r"codes have shape \(2, 2, 8, 9\)"),
+        (op.max_blur_pool2d_backward, (grad, codes[0], *max2d), ValueError, r"codes have shape \(3, 8, 9\)"),
+        (op.max_blur_pool2d_backward, (grad, codes, [9, 12], *max2d[1:]), ValueError, r"\(2, 3, 8, 11\)"),
+        (op.max_blur_pool2d_backward, (grad[:, :, :-1], codes, *max2d), ValueError, "grad has shape"),
+        (op.max_blur_pool2d_backward, (grad, codes, [9, 10], 4, *max2d[2:]), ValueError, "max_kernel"),
+    ]
+    if device != "cpu":
+        cases.append((op.max_blur_pool2d_backward, (grad, codes.cpu(), *max2d), ValueError, "codes are on cpu"))
+    with ktkernels.use_backend(name):
+        for call, args, error, match in cases:
+            with pytest.raises(error, match=match):
+                call(*args)
+        assert op.blur_pool2d_backward(grad2[:, :, :, :-1], [9, 8], *blur2d[1:]).shape == (2, 3, 9, 8)
+        assert op.max_blur_pool2d_backward(grad, codes, *max2d).shape == x.shape
+        assert op.blur_pool1d_backward(grad1, [10], 4, 2, [1, 2], "reflect", False).shape == (2, 3, 10)
+
+
 def _axis_is_valid(size: int, before: int, after: int, filt_size: int, mode: str) -> bool:
     """Whether pad + conv is defined on one axis: F.pad reflects and replicates only non-empty axes, reflect
     only by less than the size, and the padded axis must hold one window."""

@@ -70,14 +70,14 @@ def check_int(name: str, value: object, low: int, high: int | None = None) -> in
     return value
 
 
-def check_input(x: Tensor, spatial_dims: int, op: str) -> None:
+def check_input(x: Tensor, spatial_dims: int, op: str, what: str = "input") -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{op} expects a Tensor, got {type(x).__name__}")
     layout = "(N, C, L)" if spatial_dims == 1 else "(N, C, H, W)"
     if x.dim() != 2 + spatial_dims:
-        raise ValueError(f"{op} expects a {2 + spatial_dims}-D input {layout}, got shape {tuple(x.shape)}")
+        raise ValueError(f"{op} expects a {2 + spatial_dims}-D {what} {layout}, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise TypeError(f"{op} expects a floating-point input, got {x.dtype}")
+        raise TypeError(f"{op} expects a floating-point {what}, got {x.dtype}")
 
 
 def check_blur_params(filt_size: int, stride: int, padding: list[int]) -> tuple[int, int, list[int]]:
@@ -159,6 +159,113 @@ def blur_plan(sizes: tuple, filt_size: int, stride: int, padding: list[int], pad
     return blur_axes(sizes, filt_size, stride, padding, pad_mode)
 
 
+def _all_ints(*values) -> bool:
+    return all(type(v) is int for v in values)
+
+
+def _check_grad_sizes(op: str, grad_shape: tuple, expected: tuple, input_size: tuple) -> None:
+    if tuple(grad_shape[2:]) != tuple(expected):
+        raise ValueError(
+            f"{op}: grad has shape {tuple(grad_shape)}, but an input of spatial size {tuple(input_size)} gives "
+            f"outputs of spatial size {tuple(expected)}"
+        )
+
+
+def _check_input_size(op: str, input_size: tuple, spatial_dims: int) -> None:
+    if len(input_size) != spatial_dims:
+        raise ValueError(f"{op} expects {spatial_dims} input sizes, got {list(input_size)}")
+    for size in input_size:
+        if type(size) is int:
+            check_int("each input size", size, 0)
+
+
+def _blur_backward_axes(
+    op: str, name: str, grad_shape: tuple, input_size: tuple, filt_size: int, stride: int, padding: tuple, pad_mode: str
+) -> tuple:
+    spatial = len(grad_shape) - 2
+    _check_input_size(op, input_size, spatial)
+    axes = blur_plan(input_size, filt_size, stride, padding, pad_mode, name)
+    _check_grad_sizes(op, grad_shape, tuple(axis.out_size for axis in axes[2 - spatial :]), input_size)
+    return axes
+
+
+def _max_blur_backward_axes(
+    grad_shape: tuple,
+    codes_shape: tuple,
+    input_size: tuple,
+    max_kernel: int,
+    max_padding: int,
+    filt_size: int,
+    stride: int,
+    padding: tuple,
+    pad_mode: str,
+) -> tuple:
+    op = "max_blur_pool2d_backward"
+    _check_input_size(op, input_size, 2)
+    max_kernel, max_padding = check_max(max_kernel, max_padding)
+    hm, wm = max_map_sizes(input_size, max_kernel, max_padding)
+    if tuple(codes_shape) != (grad_shape[0], grad_shape[1], hm, wm):
+        raise ValueError(
+            f"{op}: codes have shape {tuple(codes_shape)}, but grad of shape {tuple(grad_shape)} and an input of "
+            f"spatial size {tuple(input_size)} need codes of shape {(grad_shape[0], grad_shape[1], hm, wm)}"
+        )
+    axes = blur_plan((hm, wm), filt_size, stride, padding, pad_mode, "max_blur_pool2d")
+    _check_grad_sizes(op, grad_shape, (axes[0].out_size, axes[1].out_size), input_size)
+    return axes
+
+
+_cached_blur_backward_axes = functools.lru_cache(maxsize=1024)(_blur_backward_axes)
+_cached_max_blur_backward_axes = functools.lru_cache(maxsize=1024)(_max_blur_backward_axes)
+
+
+def blur_backward_plan(
+    name: str,
+    spatial_dims: int,
+    grad: Tensor,
+    input_size: list[int],
+    filt_size: int,
+    stride: int,
+    padding: list[int],
+    pad_mode: str,
+) -> tuple:
+    """The validated axes of ``{name}_backward``, as :func:`blur_plan` gives them. The backward ops are public, so
+    ``grad`` must be the output gradient of a forward on an input of ``input_size``: ValueError/TypeError naming
+    the values otherwise, before any kernel runs (the kernels would read past ``grad``). Cached like blur_plan."""
+    op = f"{name}_backward"
+    check_input(grad, spatial_dims, op, "grad")
+    args = (op, name, tuple(grad.shape), tuple(input_size), filt_size, stride, tuple(padding), pad_mode)
+    if _all_ints(*grad.shape, *input_size, *padding, filt_size, stride):
+        return _cached_blur_backward_axes(*args)
+    return _blur_backward_axes(*args)
+
+
+def max_blur_backward_plan(
+    grad: Tensor,
+    codes: Tensor,
+    input_size: list[int],
+    max_kernel: int,
+    max_padding: int,
+    filt_size: int,
+    stride: int,
+    padding: list[int],
+    pad_mode: str,
+) -> tuple:
+    """:func:`blur_backward_plan` for ``max_blur_pool2d_backward``: also the argmax ``codes`` (uint8, on grad's
+    device, of the max map's shape) must be those of that forward."""
+    op = "max_blur_pool2d_backward"
+    check_input(grad, 2, op, "grad")
+    if not isinstance(codes, Tensor) or codes.dtype != torch.uint8:
+        kind = f"a {codes.dtype} tensor" if isinstance(codes, Tensor) else type(codes).__name__
+        raise TypeError(f"{op} expects uint8 argmax codes (max_blur_pool2d's second output), got {kind}")
+    if codes.device != grad.device:
+        raise ValueError(f"{op}: codes are on {codes.device} but grad is on {grad.device}")
+    args = (tuple(grad.shape), tuple(codes.shape), tuple(input_size), max_kernel, max_padding, filt_size, stride)
+    args += (tuple(padding), pad_mode)
+    if _all_ints(*grad.shape, *codes.shape, *input_size, *padding, max_kernel, max_padding, filt_size, stride):
+        return _cached_max_blur_backward_axes(*args)
+    return _max_blur_backward_axes(*args)
+
+
 def _as4d(t: Tensor) -> Tensor:
     return t if t.dim() == 4 else t.unsqueeze(2)
 
@@ -231,8 +338,12 @@ def _define_blur(spatial: int):
             _gather(backend_name, x, axes, False, y)
         return y
 
+    def backward_allocate(grad, input_size, filt_size, stride, padding, pad_mode, channels_last):
+        axes = blur_backward_plan(name, spatial, grad, input_size, filt_size, stride, padding, pad_mode)
+        return axes, layout.alloc(grad, (*grad.shape[:2], *input_size), channels_last)
+
     def backward_fake(grad, input_size, filt_size, stride, padding, pad_mode, channels_last):
-        return layout.alloc(grad, (*grad.shape[:2], *input_size), channels_last)
+        return backward_allocate(grad, input_size, filt_size, stride, padding, pad_mode, channels_last)[1]
 
     def backward(
         grad: Tensor,
@@ -243,7 +354,7 @@ def _define_blur(spatial: int):
         pad_mode: str,
         channels_last: bool,
     ) -> Tensor:
-        gx = backward_fake(grad, input_size, filt_size, stride, padding, pad_mode, channels_last)
+        axes, gx = backward_allocate(grad, input_size, filt_size, stride, padding, pad_mode, channels_last)
         if gx.numel() == 0:
             return gx
         if grad.numel() == 0:
@@ -253,9 +364,7 @@ def _define_blur(spatial: int):
             args = (filt_size, stride, tuple(padding), pad_mode)
             gx.copy_(reference_backward(grad, tuple(input_size) if spatial == 2 else input_size[0], *args))
         else:
-            _gather(
-                backend_name, grad, blur_plan(tuple(input_size), filt_size, stride, padding, pad_mode, name), True, gx
-            )
+            _gather(backend_name, grad, axes, True, gx)
         return gx
 
     forward.__doc__ = f"Blur pool over the last {spatial} dim(s) of (N, C, ...); padding lists the last axis first."
@@ -381,9 +490,10 @@ def max_blur_pool2d_backward(
     channels_last: bool,
 ) -> Tensor:
     """Gradient of max_blur_pool2d w.r.t. its input, from the output gradient and the argmax codes."""
-    gx = _max_blur_pool2d_backward_fake(
-        grad, codes, input_size, max_kernel, max_padding, filt_size, stride, padding, pad_mode, channels_last
+    axes = max_blur_backward_plan(
+        grad, codes, input_size, max_kernel, max_padding, filt_size, stride, padding, pad_mode
     )
+    gx = layout.alloc(grad, (grad.shape[0], grad.shape[1], *input_size), channels_last)
     if gx.numel() == 0:
         return gx
     if grad.numel() == 0:
@@ -396,7 +506,6 @@ def max_blur_pool2d_backward(
             )
         )
         return gx
-    axes = blur_plan(tuple(codes.shape[2:]), filt_size, stride, padding, pad_mode, "max_blur_pool2d")
     if name == "triton":
         from . import triton as kernels
 
@@ -417,6 +526,7 @@ def max_blur_pool2d_backward(
 def _max_blur_pool2d_backward_fake(
     grad, codes, input_size, max_kernel, max_padding, filt_size, stride, padding, pad_mode, channels_last
 ):
+    max_blur_backward_plan(grad, codes, input_size, max_kernel, max_padding, filt_size, stride, padding, pad_mode)
     return layout.alloc(grad, (grad.shape[0], grad.shape[1], *input_size), channels_last)
 
 
