@@ -1116,6 +1116,31 @@ def test_torch_compile_fullgraph(target):
             assert torch.equal(x.grad, x_eager.grad)
 
 
+def test_torch_compile_dynamic_shapes_trace_once():
+    """``torch.compile(dynamic=True)``: the ops' validation and plans run on symbolic sizes (uncached), one graph
+    serves every shape, forward and backward, and the values match eager. CPU kernels (the Triton ones specialise
+    on sizes anyway)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    modules = [
+        (ktkernels.BlurPool2d(4), [(2, 4, 10, 9), (3, 4, 13, 12)]),
+        (ktkernels.MaxBlurPool2d(4, filt_size=3), [(2, 4, 10, 9), (3, 4, 17, 8)]),
+        (ktkernels.BlurPool1d(4, pad_type="zero", filt_size=5), [(2, 4, 17), (3, 4, 22)]),
+    ]
+    with ktkernels.use_backend("cpu"):
+        for module, shapes in modules:
+            torch._dynamo.reset()
+            counter = CompileCounterWithBackend("inductor")
+            compiled = torch.compile(lambda t, m=module: m(t).square().sum(), backend=counter, dynamic=True)
+            for shape in shapes:
+                x = torch.randn(shape, requires_grad=True)
+                compiled(x).backward()
+                x_eager = x.detach().clone().requires_grad_()
+                module(x_eager).square().sum().backward()
+                torch.testing.assert_close(x.grad, x_eager.grad)
+            assert counter.frame_count == 1, f"{type(module).__name__} recompiled for a new shape"
+
+
 def test_module_state_dict_and_attributes():
     layer = ktkernels.BlurPool2d(6, pad_type="refl", filt_size=5, stride=3, pad_off=1)
     assert (layer.filt_size, layer.stride, layer.pad_off, layer.channels) == (5, 3, 1, 6)
