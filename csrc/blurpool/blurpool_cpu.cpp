@@ -102,14 +102,14 @@ struct Table {
   std::vector<int32_t> count;
 
   // Periodic run for the planar horizontal pass: rows j = per_begin + P*m + f (f < P, m < per_periods)
-  // are idx = per_base + D*m + per_off[f][v], w = per_w[f][v] (v < per_count[f]; rows of per_K slots). A forward
+  // are idx = per_base + D*m + per_off[f][v], w = per_w[f][v] (v < per_count[f]; rows of max(per_count) slots). A forward
   // table is periodic with P = 1, D = stride; an adjoint table with P = stride, D = 1. per_periods == 0: none.
   // The counts can be less than width, and differ between the phases f:
   //   * reflection at a border merges taps, so an adjoint table of an odd size has a border row with one tap more
   //     than the interior (111 columns: 3 taps there, 2 inside);
   //   * an odd filter at stride 2 feeds even and odd input positions from different numbers of outputs (k3: 1, 2).
   int64_t per_begin = 0, per_periods = 0, per_base = 0;
-  int per_P = 1, per_D = 1, per_K = 1;
+  int per_P = 1, per_D = 1;
   int per_count[2] = {1, 1};
   std::vector<int32_t> per_off;
   std::vector<acc_t> per_w;
@@ -175,7 +175,6 @@ void find_periodic_run(Table<acc_t>& t) {
   if (best_len >= 4) {
     const int P = t.per_P;
     const int K = std::max(t.per_count[0], t.per_count[1]);
-    t.per_K = K;
     t.per_off.assign(static_cast<size_t>(P * K), 0);
     t.per_w.assign(static_cast<size_t>(P * K), acc_t(0));
     for (int f = 0; f < P; ++f) {

@@ -148,19 +148,19 @@ def _cached_plan(sizes: tuple, filt_size: int, stride: int, padding: tuple, pad_
     return blur_axes(sizes, filt_size, stride, padding, pad_mode)
 
 
+def _all_ints(*values) -> bool:
+    return all(type(v) is int for v in values)
+
+
 def blur_plan(sizes: tuple, filt_size: int, stride: int, padding: list[int], pad_mode: str, op: str) -> tuple:
     """Validated (row axis, column axis) for these sizes, cached: training calls repeat the same few shapes.
 
     Symbolic sizes (torch.compile tracing) are validated every time and never cached.
     """
-    if all(type(v) is int for v in (*sizes, filt_size, stride, *padding)):
+    if _all_ints(*sizes, filt_size, stride, *padding):
         return _cached_plan(tuple(sizes), filt_size, stride, tuple(padding), pad_mode, op)
     check_blur_args(sizes, filt_size, stride, padding, pad_mode, op)
     return blur_axes(sizes, filt_size, stride, padding, pad_mode)
-
-
-def _all_ints(*values) -> bool:
-    return all(type(v) is int for v in values)
 
 
 def _check_grad_sizes(op: str, grad_shape: tuple, expected: tuple, input_size: tuple) -> None:
@@ -259,8 +259,8 @@ def max_blur_backward_plan(
         raise TypeError(f"{op} expects uint8 argmax codes (max_blur_pool2d's second output), got {kind}")
     if codes.device != grad.device:
         raise ValueError(f"{op}: codes are on {codes.device} but grad is on {grad.device}")
-    args = (tuple(grad.shape), tuple(codes.shape), tuple(input_size), max_kernel, max_padding, filt_size, stride)
-    args += (tuple(padding), pad_mode)
+    sizes = (tuple(grad.shape), tuple(codes.shape), tuple(input_size))
+    args = (*sizes, max_kernel, max_padding, filt_size, stride, tuple(padding), pad_mode)
     if _all_ints(*grad.shape, *codes.shape, *input_size, *padding, max_kernel, max_padding, filt_size, stride):
         return _cached_max_blur_backward_axes(*args)
     return _max_blur_backward_axes(*args)
@@ -490,10 +490,9 @@ def max_blur_pool2d_backward(
     channels_last: bool,
 ) -> Tensor:
     """Gradient of max_blur_pool2d w.r.t. its input, from the output gradient and the argmax codes."""
-    axes = max_blur_backward_plan(
-        grad, codes, input_size, max_kernel, max_padding, filt_size, stride, padding, pad_mode
+    axes, gx = _max_blur_backward_allocate(
+        grad, codes, input_size, max_kernel, max_padding, filt_size, stride, padding, pad_mode, channels_last
     )
-    gx = layout.alloc(grad, (grad.shape[0], grad.shape[1], *input_size), channels_last)
     if gx.numel() == 0:
         return gx
     if grad.numel() == 0:
@@ -526,8 +525,19 @@ def max_blur_pool2d_backward(
 def _max_blur_pool2d_backward_fake(
     grad, codes, input_size, max_kernel, max_padding, filt_size, stride, padding, pad_mode, channels_last
 ):
-    max_blur_backward_plan(grad, codes, input_size, max_kernel, max_padding, filt_size, stride, padding, pad_mode)
-    return layout.alloc(grad, (grad.shape[0], grad.shape[1], *input_size), channels_last)
+    return _max_blur_backward_allocate(
+        grad, codes, input_size, max_kernel, max_padding, filt_size, stride, padding, pad_mode, channels_last
+    )[1]
+
+
+def _max_blur_backward_allocate(
+    grad, codes, input_size, max_kernel, max_padding, filt_size, stride, padding, pad_mode, channels_last
+):
+    """(validated axes, the uninitialised input gradient), for the real and the fake impl."""
+    axes = max_blur_backward_plan(
+        grad, codes, input_size, max_kernel, max_padding, filt_size, stride, padding, pad_mode
+    )
+    return axes, layout.alloc(grad, (grad.shape[0], grad.shape[1], *input_size), channels_last)
 
 
 def _max_blur_pool2d_setup(ctx, inputs, output):
