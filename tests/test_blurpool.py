@@ -1041,9 +1041,13 @@ def test_gradcheck_fp64(target):
             assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=True)
         assert torch.autograd.gradcheck(lambda t: op.blur_pool1d(t, 4, 2, [1, 2], "reflect"), (x1,), fast_mode=True)
         assert torch.autograd.gradgradcheck(lambda t: op.blur_pool1d(t, 4, 2, [1, 2], "reflect"), (x1,), fast_mode=True)
-        assert torch.autograd.gradcheck(
-            lambda t: ktkernels.max_blur_pool2d(t, max_kernel=3, max_padding=1), (x,), fast_mode=True
-        )
+        for kmax, pmax in ((2, 0), (3, 1)):
+            fn = lambda t, k=kmax, p=pmax: ktkernels.max_blur_pool2d(t, max_kernel=k, max_padding=p)  # noqa: E731
+            assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
+            # The double backward blurs the max map gathered with the codes: the blur op and torch ops on every
+            # backend. Under the interpreter its numerical check takes 35 s; the torch.func test covers it there.
+            if not (name == "triton" and device == "cpu"):
+                assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=True)
 
 
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
@@ -1063,10 +1067,8 @@ def test_opcheck(target):
         g1 = torch.randn(2, 3, 6, device=device)
         torch.library.opcheck(op.blur_pool1d_backward, (g1, [11], 3, 2, [1, 1], "replicate", False))
         _, codes = op.max_blur_pool2d(x.detach(), 2, 0, 4, 2, [1, 2, 1, 2], "zero")
-        torch.library.opcheck(
-            op.max_blur_pool2d_backward,
-            (torch.randn(2, 3, 4, 4, device=device), codes, [9, 8], 2, 0, 4, 2, [1, 2, 1, 2], "zero", False),
-        )
+        g = torch.randn(2, 3, 4, 4, device=device, requires_grad=True)  # its double backward is registered too
+        torch.library.opcheck(op.max_blur_pool2d_backward, (g, codes, [9, 8], 2, 0, 4, 2, [1, 2, 1, 2], "zero", False))
 
 
 def test_max_blur_backward_makes_no_gradient_for_the_codes():

@@ -8,14 +8,16 @@ Public ops (all in the ``ktkernels`` namespace):
 - ``max_blur_pool2d_inference(...) -> y``: the same without the codes, for calls that need no gradient
 
 and their ``*_backward`` ops. Backwards save no activations: the blur saves only sizes, the max-blur
-its uint8 argmax codes (one byte per max-map position, not the max map or int64 indices). The blur's
-backward is differentiable again (its adjoint is the forward), so double backward works for it.
+its uint8 argmax codes (one byte per max-map position, not the max map or int64 indices). The backwards are
+differentiable again: the blur's adjoint is the forward, and the max-blur's blurs the max map gathered with the
+codes (``reference.max_map_gather``).
 
 The functional API and the modules call :func:`blur` and :func:`max_blur`, which add what a custom op cannot
-register: autocast (the anchors' blur is a conv, so it runs in the autocast dtype) and forward-mode AD
-(``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``), and pick the max-blur op without codes when no
-backward can come. torch's custom ops are differentiated in reverse mode only and drop a forward-mode tangent
-without an error, so the raw ops do too.
+register: autocast (the anchors' blur is a conv, so it runs in the autocast dtype), forward-mode AD
+(``torch.autograd.forward_ad``), torch.func's transforms (``grad``, ``vjp``, ``jacrev``, ``jvp``, ``jacfwd``,
+``hessian`` and ``vmap`` over them, through autograd.Functions of the same ops), and the max-blur op without codes
+when no derivative can come. torch's custom ops are differentiated in reverse mode only, drop a forward-mode tangent
+without an error, and fail under torch.func.grad (pytorch/pytorch#170834), so the raw ops do too.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from .reference import (
     blur_pool2d_reference,
     max_blur_pool2d_backward_reference,
     max_blur_pool2d_reference,
+    max_map_gather,
 )
 
 FAMILY = "blurpool"
@@ -59,9 +62,10 @@ _UNIT_AXIS = Axis(size=1, filt_size=1, stride=1, pad_before=0, pad_after=0, mode
 
 
 def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    """``value`` as an int in ``low..high``. Any integral type is taken (numpy's too, as ``nn.Conv2d`` takes them);
-    bools and everything else raise TypeError, values out of range ValueError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    """``value`` as an int in ``low..high``. Any integral type is taken (numpy's too, as ``nn.Conv2d`` takes them, and
+    the SymInts dynamo passes into a frame resumed after a graph break); bools and everything else raise TypeError,
+    values out of range ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
         raise TypeError(f"{name} must be an int, got {value!r}")
     value = int(value)
     if value < low or (high is not None and value > high):
@@ -307,6 +311,66 @@ def _gather(name: str, x: Tensor, axes: tuple[Axis, Axis], adjoint: bool, out: T
 
 
 # ----------------------------------------------------------------------------------------------
+# torch.func's derivatives (grad, vjp, jacrev, jvp, jacfwd, hessian, and vmap over them). torch.func differentiates an
+# autograd.Function only if it defines setup_context, and the one that register_autograd generates for a custom op
+# does not (pytorch/pytorch#170834): torch.func.grad over the ops raises. Under such a transform the entry points
+# and the derivative formulas apply an autograd.Function instead, built from the op's own setup_context and backward
+# formula (the same kernels), with a jvp and the vmap rule of the ops below.
+
+
+def _fold_batch(call: Callable, size: int, in_dims: tuple, args: tuple) -> tuple:
+    """``call`` on ``args`` with each tensor's vmapped dim (``in_dims``) folded into dim 0, the batch (broadcast
+    where None), and the result unfolded: (output, out_dims) as a vmap rule returns them."""
+    folded = [
+        (a.movedim(d, 0) if d is not None else a.expand(size, *a.shape)).flatten(0, 1) if isinstance(a, Tensor) else a
+        for a, d in zip(args, in_dims, strict=True)
+    ]
+    out = call(*folded)
+
+    def unfold(t: Tensor) -> Tensor:
+        return t.unflatten(0, (size, t.shape[0] // size if size else 0))
+
+    if isinstance(out, tuple):
+        return tuple(unfold(t) for t in out), (0,) * len(out)
+    return unfold(out), 0
+
+
+_FUNCTORCH_FUNCTIONS: dict = {}
+
+
+def _functorch_function(custom_op, name: str, setup_context: Callable, backward: Callable, jvp: Callable) -> None:
+    """Register the autograd.Function that :func:`_apply` takes for ``custom_op`` under torch.func's derivatives: the
+    op's setup_context and backward formula, its ``jvp`` and the vmap rule."""
+
+    def forward(*args):
+        return custom_op(*args)
+
+    def vmap(info, in_dims, *args):
+        return _fold_batch(function.apply, info.batch_size, in_dims, args)
+
+    methods = dict(forward=forward, setup_context=setup_context, backward=backward, jvp=jvp, vmap=vmap)
+    function = type(f"{name}_functorch", (torch.autograd.Function,), {k: staticmethod(v) for k, v in methods.items()})
+    _FUNCTORCH_FUNCTIONS[custom_op] = function
+
+
+def _functorch_differentiates(x: Tensor) -> bool:
+    """Whether ``x`` is a tensor of a torch.func transform with a grad or jvp level in it (vmap alone is not)."""
+    if torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False
+    levels = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+    return any(level.key() in levels for level in torch._C._functorch.get_interpreter_stack() or ())
+
+
+def _apply(custom_op, x: Tensor, *args):
+    """``custom_op(x, *args)``, through its autograd.Function where a torch.func transform differentiates it."""
+    if _functorch_differentiates(x):
+        function = _FUNCTORCH_FUNCTIONS.get(custom_op)
+        if function is not None:
+            return function.apply(x, *args)
+    return custom_op(x, *args)
+
+
+# ----------------------------------------------------------------------------------------------
 # blur_pool2d / blur_pool1d: one definition, two ops
 
 
@@ -379,20 +443,29 @@ def _define_blur(spatial: int):
         ctx.input_size = list(x.shape[2:])
         ctx.channels_last = channels_inner(x)
 
-    def forward_grad(ctx, grad):
-        args = (ctx.input_size, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode, ctx.channels_last)
-        return linear(lambda g: backward_op(g, *args), grad), None, None, None, None
-
     def backward_setup(ctx, inputs, output):
-        _, _, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode, _ = inputs
+        _, ctx.input_size, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode, ctx.channels_last = inputs
+
+    # Both ops are linear in their tensor and each other's adjoint: every derivative is one of the two ops.
+    def blur_of(ctx, t: Tensor) -> Tensor:
+        return _apply(forward_op, t, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode)
+
+    def adjoint_of(ctx, t: Tensor) -> Tensor:
+        args = (ctx.input_size, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode, ctx.channels_last)
+        return _apply(backward_op, t, *args)
+
+    def forward_grad(ctx, grad):
+        return linear(lambda g: adjoint_of(ctx, g), grad), None, None, None, None
 
     def backward_grad(ctx, grad_grad):
-        # The backward is linear in grad and its adjoint is the forward: double backward for free.
-        args = (ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode)
-        return linear(lambda g: forward_op(g, *args), grad_grad), *([None] * 6)
+        return linear(lambda g: blur_of(ctx, g), grad_grad), *([None] * 6)
 
     forward_op.register_autograd(forward_grad, setup_context=forward_setup)
     backward_op.register_autograd(backward_grad, setup_context=backward_setup)
+    _functorch_function(forward_op, name, forward_setup, forward_grad, lambda ctx, x_t, *_: blur_of(ctx, x_t))
+    _functorch_function(
+        backward_op, f"{name}_backward", backward_setup, backward_grad, lambda ctx, g_t, *_: adjoint_of(ctx, g_t)
+    )
     return forward_op, backward_op
 
 
@@ -550,16 +623,63 @@ def _max_blur_pool2d_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _max_blur_backward_setup(ctx, inputs, output):
+    _, codes, ctx.input_size, ctx.max_kernel, ctx.max_padding, ctx.filt_size, ctx.stride, ctx.padding = inputs[:8]
+    ctx.pad_mode, ctx.channels_last = inputs[8:]
+    ctx.save_for_backward(codes)
+
+
+def _with_codes_for_jvp(setup: Callable, codes_at: Callable) -> Callable:
+    """``setup`` that also keeps the codes for a ``jvp`` (``ctx.save_for_forward``)."""
+
+    def setup_for_jvp(ctx, inputs, output):
+        setup(ctx, inputs, output)
+        ctx.save_for_forward(codes_at(inputs, output))
+
+    return setup_for_jvp
+
+
+# With the codes fixed, the backward is linear in the output gradient: gx = S B^T g, where B^T is the blur's adjoint
+# and S scatters the max map to the picked elements. Its adjoint B G gathers with the codes (G = S^T,
+# reference.max_map_gather) and blurs: the max-blur's double backward, and the forward's tangent B G x_t.
+def _blur_of_picked(ctx, t: Tensor) -> Tensor:
+    (codes,) = ctx.saved_tensors
+    picked = max_map_gather(t, codes, ctx.max_kernel, ctx.max_padding)
+    return _apply(blur_pool2d, picked, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode)
+
+
+def _max_blur_adjoint(ctx, t: Tensor) -> Tensor:
+    (codes,) = ctx.saved_tensors
+    args = (ctx.input_size, ctx.max_kernel, ctx.max_padding, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode)
+    return _apply(max_blur_pool2d_backward, t, codes, *args, ctx.channels_last)
+
+
 def _max_blur_pool2d_grad(ctx, grad, _grad_codes):
     if grad is None:  # only the codes were used, and they have no gradient
         return None, None, None, None, None, None, None
-    (codes,) = ctx.saved_tensors
-    args = (ctx.input_size, ctx.max_kernel, ctx.max_padding, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode)
-    gx = linear(lambda g: max_blur_pool2d_backward(g, codes, *args, ctx.channels_last), grad)  # linear in grad
-    return gx, None, None, None, None, None, None
+    return linear(lambda g: _max_blur_adjoint(ctx, g), grad), None, None, None, None, None, None
+
+
+def _max_blur_backward_grad(ctx, grad_grad):
+    return linear(lambda g: _blur_of_picked(ctx, g), grad_grad), *([None] * 9)
 
 
 max_blur_pool2d.register_autograd(_max_blur_pool2d_grad, setup_context=_max_blur_pool2d_setup)
+max_blur_pool2d_backward.register_autograd(_max_blur_backward_grad, setup_context=_max_blur_backward_setup)
+_functorch_function(
+    max_blur_pool2d_backward,
+    "max_blur_pool2d_backward",
+    _with_codes_for_jvp(_max_blur_backward_setup, lambda inputs, output: inputs[1]),
+    _max_blur_backward_grad,
+    lambda ctx, g_t, *_: _max_blur_adjoint(ctx, g_t),
+)
+_functorch_function(
+    max_blur_pool2d,
+    "max_blur_pool2d",
+    _with_codes_for_jvp(_max_blur_pool2d_setup, lambda inputs, output: output[1]),
+    _max_blur_pool2d_grad,
+    lambda ctx, x_t, *_: (_blur_of_picked(ctx, x_t), None),
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -569,21 +689,7 @@ max_blur_pool2d.register_autograd(_max_blur_pool2d_grad, setup_context=_max_blur
 
 def _fold_vmap_rule(custom_op):
     def rule(info, in_dims, *args):
-        size = info.batch_size
-        folded = [
-            (a.movedim(d, 0) if d is not None else a.expand(size, *a.shape)).flatten(0, 1)
-            if isinstance(a, Tensor)
-            else a
-            for a, d in zip(args, in_dims, strict=True)
-        ]
-        out = custom_op(*folded)
-
-        def unfold(t: Tensor) -> Tensor:
-            return t.unflatten(0, (size, t.shape[0] // size if size else 0))
-
-        if isinstance(out, tuple):
-            return tuple(unfold(t) for t in out), (0,) * len(out)
-        return unfold(out), 0
+        return _fold_batch(custom_op, info.batch_size, in_dims, args)
 
     torch.library.register_vmap(custom_op, rule)
 
@@ -609,9 +715,10 @@ def autocast_input(x: Tensor) -> Tensor:
 
 
 def _tangent(x: Tensor) -> Tensor | None:
-    """``x``'s forward-mode tangent at the current level, or None. Outside any dual level (``torch.func.jvp``
-    enters one too) torch keeps ``_current_level`` at -1, so the common case costs two checks."""
-    if torch.compiler.is_compiling() or fwAD._current_level < 0:
+    """``x``'s ``torch.autograd.forward_ad`` tangent at the current level, or None. Outside any dual level torch
+    keeps ``_current_level`` at -1, so the common case costs two checks. torch.func's tangents are not looked at
+    here: its jvp levels take the ops' autograd.Functions, whose jvp carries them (:func:`_apply`)."""
+    if torch.compiler.is_compiling() or fwAD._current_level < 0 or torch._C._functorch.is_functorch_wrapped_tensor(x):
         return None
     return fwAD.unpack_dual(x).tangent
 
@@ -629,32 +736,31 @@ def blur(x: Tensor, spatial_dims: int, filt_size: int, stride: int, padding: lis
     forward_op = blur_pool1d if spatial_dims == 1 else blur_pool2d
     if not isinstance(x, Tensor):
         return forward_op(x, filt_size, stride, padding, pad_mode)  # its TypeError
-    return linear(lambda t: forward_op(t, filt_size, stride, padding, pad_mode), autocast_input(x))
+    return linear(lambda t: _apply(forward_op, t, filt_size, stride, padding, pad_mode), autocast_input(x))
 
 
-def _backward_can_come(x: Tensor) -> bool:
-    """Whether a gradient with respect to ``x`` may be asked for: grad mode on and ``x`` requiring grad. A tensor that
-    torch.func wraps (vmap, jvp) does not show the requires_grad of the tensor under it, so it counts as yes."""
-    if not torch.is_grad_enabled():
-        return False
-    if x.requires_grad or torch.compiler.is_compiling():
-        return x.requires_grad
-    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+def _derivative_can_come(x: Tensor) -> bool:
+    """Whether a derivative through ``x`` may be asked for, so that the max-blur must form its codes: grad mode on and
+    ``x`` requiring grad, or a tensor that torch.func wraps. Those do not show the requires_grad of the tensor under
+    them, so with grad mode on they count as yes; a jvp or grad level needs the codes even under no_grad."""
+    if torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return torch.is_grad_enabled() and x.requires_grad
+    return torch.is_grad_enabled() or _functorch_differentiates(x)
 
 
 def max_blur(
     x: Tensor, max_kernel: int, max_padding: int, filt_size: int, stride: int, padding: list[int], pad_mode: str
 ) -> Tensor:
-    """``max_blur_pool2d``'s output. Where no backward can come it runs ``max_blur_pool2d_inference`` (no argmax
-    codes); with a forward-mode tangent, ``max_pool2d`` (which carries the tangent along its argmax) and then the
-    blur: the same values, unfused."""
+    """``max_blur_pool2d``'s output. Where no derivative can come it runs ``max_blur_pool2d_inference`` (no argmax
+    codes); with a ``torch.autograd.forward_ad`` tangent, ``max_pool2d`` (which carries the tangent along its argmax)
+    and then the blur: the same values, unfused. (torch.func's tangents go through the op's autograd.Function.)"""
     if not isinstance(x, Tensor):
         return max_blur_pool2d(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)[0]  # its TypeError
     x = autocast_input(x)
     if _tangent(x) is None:
         args = (max_kernel, max_padding, filt_size, stride, padding, pad_mode)
-        if _backward_can_come(x):
-            return max_blur_pool2d(x, *args)[0]
+        if _derivative_can_come(x):
+            return _apply(max_blur_pool2d, x, *args)[0]
         return max_blur_pool2d_inference(x, *args)  # no argmax codes
     max_blur_output_size(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)  # validation
     return blur(F.max_pool2d(x, max_kernel, 1, max_padding), 2, filt_size, stride, padding, pad_mode)

@@ -180,3 +180,16 @@ def max_blur_pool2d_backward_reference(
             hit = codes == a * kmax + b
             framed[:, :, a : a + hm, b : b + wm] += torch.where(hit, grad_m, 0)
     return framed[:, :, pmax : pmax + h, pmax : pmax + w]
+
+
+def max_map_gather(v: torch.Tensor, codes: torch.Tensor, kmax: int, pmax: int) -> torch.Tensor:
+    """The (N, C, H_m, W_m) max map read from ``v`` (N, C, H, W) at the elements the ``codes`` picked, 0 where a
+    code picks padding: the adjoint of the scatter in :func:`max_blur_pool2d_backward_reference`, and
+    ``max_pool2d``'s tangent map (``v`` a tangent of its input)."""
+    hm, wm = codes.shape[2:]
+    framed = F.pad(v, (pmax, pmax, pmax, pmax))
+    picked = v.new_zeros(codes.shape)
+    for a in range(kmax):
+        for b in range(kmax):
+            picked = torch.where(codes == a * kmax + b, framed[:, :, a : a + hm, b : b + wm], picked)
+    return picked
