@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.fft
 import torch
+import torch.autograd.forward_ad as fwAD
 from backend_targets import TARGETS
 
 import ktkernels
@@ -135,6 +136,52 @@ def test_gradcheck_fp64(target):
         f = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
         for p in (1, 2, 3):
             assert torch.autograd.gradcheck(lambda t, p=p: ktkernels.dct_attention_map(t, p), (f,))
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.values[0][0] in ("cpu", "torch")])
+def test_torch_func_and_forward_mode_match_the_reference(target):
+    """torch.func (grad, per-sample grads, grad of grad, jvp) and torch.autograd.forward_ad through the DCT ops
+    against the pure-PyTorch reference. The custom ops alone raise under torch.func.grad and drop a tangent
+    silently (pytorch/pytorch#170834); the channel reduction has no double backward, and says so."""
+    from ktkernels.dct.reference import channel_power_mean_reference, transform_reference
+
+    name, device = target
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, device=device)
+    v = torch.randn_like(x)
+    cases = [
+        (lambda t: ktkernels.dct2d(t, keep=(3, 2)), lambda t: transform_reference(t, "dct", "ortho", [3, 2], False)),
+        (lambda t: ktkernels.idct2d(t, None), lambda t: transform_reference(t, "idct", "backward", [5, 4], False)),
+        (
+            lambda t: ktkernels.dct(t, dim=1),
+            lambda t: transform_reference(t.movedim(1, -1), "dct", "ortho", [3], False).movedim(-1, 1),
+        ),  # fmt: skip
+        (
+            lambda t: ktkernels.dct_attention_map(t, 2.5),
+            lambda t: transform_reference(channel_power_mean_reference(t, 2.5), "dct", "ortho", [5, 4], False),
+        ),
+    ]
+    func = torch.func
+    for index, (ours, reference) in enumerate(cases):
+        transforms = {
+            "grad": lambda f: func.grad(lambda t: f(t).sin().sum())(x),
+            "per-sample grad": lambda f: func.vmap(func.grad(lambda t: f(t[None]).sin().sum()))(x),
+            "jvp": lambda f: func.jvp(f, (x,), (v,))[1],
+        }
+        if index < 3:  # linear: every order
+            transforms["grad of grad"] = lambda f: func.grad(
+                lambda t: func.grad(lambda u: f(u).sin().sum())(t).square().sum()
+            )(x)  # noqa: E501
+        for what, transform in transforms.items():
+            with ktkernels.use_backend(name):
+                got = transform(ours)
+            expected = transform(reference)
+            torch.testing.assert_close(got, expected, msg=lambda m, w=what, i=index: f"{w}, case {i}: {m}")
+            assert expected.abs().max() > 1e-6, (what, index)  # not trivially zero
+        with ktkernels.use_backend(name), fwAD.dual_level():
+            tangent = fwAD.unpack_dual(ours(fwAD.make_dual(x, v))).tangent
+        torch.testing.assert_close(tangent, func.jvp(reference, (x,), (v,))[1])
+    with ktkernels.use_backend(name), pytest.raises(NotImplementedError, match="channel_power_mean_backward: diff"):
+        func.grad(lambda t: func.grad(lambda u: ktkernels.dct_attention_map(u).sum())(t).square().sum())(x)
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -3,6 +3,8 @@ per-sample weights, extreme logits, opcheck, gradcheck, torch.compile, the multi
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from backend_targets import TARGETS
@@ -378,6 +380,42 @@ def test_gradcheck_float64(backend_name):
         z_s = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
         z_t = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda a, b: ktkernels.soft_target_loss(a, b, 3.0), (z_s, z_t))
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "torch"])
+def test_torch_func_grad_and_per_sample_grads(backend_name):
+    """torch.func.grad (student and teacher) and per-sample gradients (vmap over grad) of every loss equal eager
+    autograd's; forward mode raises NotImplementedError naming the op (the custom ops alone raise under
+    torch.func.grad and drop a tangent silently, pytorch/pytorch#170834)."""
+    import torch.autograd.forward_ad as fwAD
+
+    s = torch.randn(3, 4, 5, 6, dtype=torch.float64).abs()
+    t = torch.randn(3, 4, 5, 6, dtype=torch.float64).abs()
+    z_s, z_t = torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
+    cases = [
+        (lambda a, b: ktkernels.pixel_global_transfer_loss(a, b, 0.3, 2.0, "dct_lowpass"), s, t),
+        (lambda a, b: ktkernels.pixel_global_transfer_loss(a, b, 0.3, 2.0, "cosine"), s, t),
+        (lambda a, b: ktkernels.mentee_rmse_loss(a, b), s, t),
+        (lambda a, b: ktkernels.dct_attention_loss(a, b, "dct"), s, t),
+        (lambda a, b: ktkernels.attention_transfer_loss(a, b, 2, "paper"), s, t),
+        (lambda a, b: ktkernels.soft_target_loss(a, b, 3.0), z_s, z_t),
+    ]
+    func = torch.func
+    with ktkernels.use_backend(backend_name), warnings.catch_warnings():
+        # vmap runs these ops once per sample (they reduce over the batch), and torch says so
+        warnings.filterwarnings("ignore", message=".*batching rule for ktkernels::")
+        for index, (loss, a, b) in enumerate(cases):
+            got = func.grad(loss, argnums=(0, 1))(a, b)
+            leaves = a.clone().requires_grad_(), b.clone().requires_grad_()
+            expected = torch.autograd.grad(loss(*leaves), leaves)
+            torch.testing.assert_close(got, expected, msg=lambda m, i=index: f"case {i}: {m}")
+            per_sample = func.vmap(func.grad(lambda u, w, f=loss: f(u[None], w[None])))(a, b)
+            looped = torch.stack([func.grad(loss)(u[None], w[None])[0] for u, w in zip(a, b, strict=True)])
+            torch.testing.assert_close(per_sample, looped, msg=lambda m, i=index: f"case {i}: {m}")
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                func.jvp(lambda u, f=loss, w=b: f(u, w), (a,), (torch.ones_like(a),))
+            with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+                loss(fwAD.make_dual(a, torch.ones_like(a)), b)
 
 
 @pytest.mark.slow

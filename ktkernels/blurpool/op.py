@@ -15,9 +15,10 @@ codes (``reference.max_map_gather``).
 The functional API and the modules call :func:`blur` and :func:`max_blur`, which add what a custom op cannot
 register: autocast (the anchors' blur is a conv, so it runs in the autocast dtype), forward-mode AD
 (``torch.autograd.forward_ad``), torch.func's transforms (``grad``, ``vjp``, ``jacrev``, ``jvp``, ``jacfwd``,
-``hessian`` and ``vmap`` over them, through autograd.Functions of the same ops), and the max-blur op without codes
-when no derivative can come. torch's custom ops are differentiated in reverse mode only, drop a forward-mode tangent
-without an error, and fail under torch.func.grad (pytorch/pytorch#170834), so the raw ops do too.
+``hessian`` and ``vmap`` over them, through autograd.Functions of the same ops: ``ktkernels.autograd``), and the
+max-blur op without codes when no derivative can come. torch's custom ops are differentiated in reverse mode only,
+drop a forward-mode tangent without an error, and fail under torch.func.grad (pytorch/pytorch#170834), so the raw
+ops do too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend, layout
+from ..autograd import apply, fold_vmap, functorch_differentiates, register
 from ..layout import channels_inner
 from .geometry import (
     MAX_FILT_SIZE,
@@ -311,66 +313,6 @@ def _gather(name: str, x: Tensor, axes: tuple[Axis, Axis], adjoint: bool, out: T
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.func's derivatives (grad, vjp, jacrev, jvp, jacfwd, hessian, and vmap over them). torch.func differentiates an
-# autograd.Function only if it defines setup_context, and the one that register_autograd generates for a custom op
-# does not (pytorch/pytorch#170834): torch.func.grad over the ops raises. Under such a transform the entry points
-# and the derivative formulas apply an autograd.Function instead, built from the op's own setup_context and backward
-# formula (the same kernels), with a jvp and the vmap rule of the ops below.
-
-
-def _fold_batch(call: Callable, size: int, in_dims: tuple, args: tuple) -> tuple:
-    """``call`` on ``args`` with each tensor's vmapped dim (``in_dims``) folded into dim 0, the batch (broadcast
-    where None), and the result unfolded: (output, out_dims) as a vmap rule returns them."""
-    folded = [
-        (a.movedim(d, 0) if d is not None else a.expand(size, *a.shape)).flatten(0, 1) if isinstance(a, Tensor) else a
-        for a, d in zip(args, in_dims, strict=True)
-    ]
-    out = call(*folded)
-
-    def unfold(t: Tensor) -> Tensor:
-        return t.unflatten(0, (size, t.shape[0] // size if size else 0))
-
-    if isinstance(out, tuple):
-        return tuple(unfold(t) for t in out), (0,) * len(out)
-    return unfold(out), 0
-
-
-_FUNCTORCH_FUNCTIONS: dict = {}
-
-
-def _functorch_function(custom_op, name: str, setup_context: Callable, backward: Callable, jvp: Callable) -> None:
-    """Register the autograd.Function that :func:`_apply` takes for ``custom_op`` under torch.func's derivatives: the
-    op's setup_context and backward formula, its ``jvp`` and the vmap rule."""
-
-    def forward(*args):
-        return custom_op(*args)
-
-    def vmap(info, in_dims, *args):
-        return _fold_batch(function.apply, info.batch_size, in_dims, args)
-
-    methods = dict(forward=forward, setup_context=setup_context, backward=backward, jvp=jvp, vmap=vmap)
-    function = type(f"{name}_functorch", (torch.autograd.Function,), {k: staticmethod(v) for k, v in methods.items()})
-    _FUNCTORCH_FUNCTIONS[custom_op] = function
-
-
-def _functorch_differentiates(x: Tensor) -> bool:
-    """Whether ``x`` is a tensor of a torch.func transform with a grad or jvp level in it (vmap alone is not)."""
-    if torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return False
-    levels = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
-    return any(level.key() in levels for level in torch._C._functorch.get_interpreter_stack() or ())
-
-
-def _apply(custom_op, x: Tensor, *args):
-    """``custom_op(x, *args)``, through its autograd.Function where a torch.func transform differentiates it."""
-    if _functorch_differentiates(x):
-        function = _FUNCTORCH_FUNCTIONS.get(custom_op)
-        if function is not None:
-            return function.apply(x, *args)
-    return custom_op(x, *args)
-
-
-# ----------------------------------------------------------------------------------------------
 # blur_pool2d / blur_pool1d: one definition, two ops
 
 
@@ -448,11 +390,11 @@ def _define_blur(spatial: int):
 
     # Both ops are linear in their tensor and each other's adjoint: every derivative is one of the two ops.
     def blur_of(ctx, t: Tensor) -> Tensor:
-        return _apply(forward_op, t, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode)
+        return apply(forward_op, t, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode)
 
     def adjoint_of(ctx, t: Tensor) -> Tensor:
         args = (ctx.input_size, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode, ctx.channels_last)
-        return _apply(backward_op, t, *args)
+        return apply(backward_op, t, *args)
 
     def forward_grad(ctx, grad):
         return linear(lambda g: adjoint_of(ctx, g), grad), None, None, None, None
@@ -462,10 +404,9 @@ def _define_blur(spatial: int):
 
     forward_op.register_autograd(forward_grad, setup_context=forward_setup)
     backward_op.register_autograd(backward_grad, setup_context=backward_setup)
-    _functorch_function(forward_op, name, forward_setup, forward_grad, lambda ctx, x_t, *_: blur_of(ctx, x_t))
-    _functorch_function(
-        backward_op, f"{name}_backward", backward_setup, backward_grad, lambda ctx, g_t, *_: adjoint_of(ctx, g_t)
-    )
+    # torch.func (ktkernels.autograd): the same formulas, and a jvp, as both ops are linear
+    register(forward_op, name, forward_setup, forward_grad, lambda ctx, x_t, *_: blur_of(ctx, x_t))
+    register(backward_op, f"{name}_backward", backward_setup, backward_grad, lambda ctx, g_t, *_: adjoint_of(ctx, g_t))
     return forward_op, backward_op
 
 
@@ -629,29 +570,19 @@ def _max_blur_backward_setup(ctx, inputs, output):
     ctx.save_for_backward(codes)
 
 
-def _with_codes_for_jvp(setup: Callable, codes_at: Callable) -> Callable:
-    """``setup`` that also keeps the codes for a ``jvp`` (``ctx.save_for_forward``)."""
-
-    def setup_for_jvp(ctx, inputs, output):
-        setup(ctx, inputs, output)
-        ctx.save_for_forward(codes_at(inputs, output))
-
-    return setup_for_jvp
-
-
 # With the codes fixed, the backward is linear in the output gradient: gx = S B^T g, where B^T is the blur's adjoint
 # and S scatters the max map to the picked elements. Its adjoint B G gathers with the codes (G = S^T,
 # reference.max_map_gather) and blurs: the max-blur's double backward, and the forward's tangent B G x_t.
 def _blur_of_picked(ctx, t: Tensor) -> Tensor:
     (codes,) = ctx.saved_tensors
     picked = max_map_gather(t, codes, ctx.max_kernel, ctx.max_padding)
-    return _apply(blur_pool2d, picked, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode)
+    return apply(blur_pool2d, picked, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode)
 
 
 def _max_blur_adjoint(ctx, t: Tensor) -> Tensor:
     (codes,) = ctx.saved_tensors
     args = (ctx.input_size, ctx.max_kernel, ctx.max_padding, ctx.filt_size, ctx.stride, ctx.padding, ctx.pad_mode)
-    return _apply(max_blur_pool2d_backward, t, codes, *args, ctx.channels_last)
+    return apply(max_blur_pool2d_backward, t, codes, *args, ctx.channels_last)
 
 
 def _max_blur_pool2d_grad(ctx, grad, _grad_codes):
@@ -666,19 +597,21 @@ def _max_blur_backward_grad(ctx, grad_grad):
 
 max_blur_pool2d.register_autograd(_max_blur_pool2d_grad, setup_context=_max_blur_pool2d_setup)
 max_blur_pool2d_backward.register_autograd(_max_blur_backward_grad, setup_context=_max_blur_backward_setup)
-_functorch_function(
+register(
     max_blur_pool2d_backward,
     "max_blur_pool2d_backward",
-    _with_codes_for_jvp(_max_blur_backward_setup, lambda inputs, output: inputs[1]),
+    _max_blur_backward_setup,
     _max_blur_backward_grad,
     lambda ctx, g_t, *_: _max_blur_adjoint(ctx, g_t),
+    forward_saves=lambda inputs, output: inputs[1:2],
 )
-_functorch_function(
+register(
     max_blur_pool2d,
     "max_blur_pool2d",
-    _with_codes_for_jvp(_max_blur_pool2d_setup, lambda inputs, output: output[1]),
+    _max_blur_pool2d_setup,
     _max_blur_pool2d_grad,
     lambda ctx, x_t, *_: (_blur_of_picked(ctx, x_t), None),
+    forward_saves=lambda inputs, output: output[1:],
 )
 
 
@@ -688,10 +621,7 @@ _functorch_function(
 
 
 def _fold_vmap_rule(custom_op):
-    def rule(info, in_dims, *args):
-        return _fold_batch(custom_op, info.batch_size, in_dims, args)
-
-    torch.library.register_vmap(custom_op, rule)
+    torch.library.register_vmap(custom_op, lambda info, in_dims, *args: fold_vmap(custom_op, info, in_dims, *args))
 
 
 for _op in (blur_pool2d, blur_pool2d_backward, blur_pool1d, blur_pool1d_backward, max_blur_pool2d,
@@ -723,12 +653,12 @@ def _tangent(x: Tensor) -> Tensor | None:
     return fwAD.unpack_dual(x).tangent
 
 
-def linear(apply: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """``apply(x)`` for an op linear in ``x``, with ``x``'s forward-mode tangent carried through the same op."""
+def linear(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``fn(x)`` for an op linear in ``x``, with ``x``'s forward-mode tangent carried through the same op."""
     tangent = _tangent(x)
     if tangent is None:
-        return apply(x)
-    return fwAD.make_dual(apply(fwAD.unpack_dual(x).primal), apply(tangent))
+        return fn(x)
+    return fwAD.make_dual(fn(fwAD.unpack_dual(x).primal), fn(tangent))
 
 
 def blur(x: Tensor, spatial_dims: int, filt_size: int, stride: int, padding: list[int], pad_mode: str) -> Tensor:
@@ -736,7 +666,7 @@ def blur(x: Tensor, spatial_dims: int, filt_size: int, stride: int, padding: lis
     forward_op = blur_pool1d if spatial_dims == 1 else blur_pool2d
     if not isinstance(x, Tensor):
         return forward_op(x, filt_size, stride, padding, pad_mode)  # its TypeError
-    return linear(lambda t: _apply(forward_op, t, filt_size, stride, padding, pad_mode), autocast_input(x))
+    return linear(lambda t: apply(forward_op, t, filt_size, stride, padding, pad_mode), autocast_input(x))
 
 
 def _derivative_can_come(x: Tensor) -> bool:
@@ -745,7 +675,7 @@ def _derivative_can_come(x: Tensor) -> bool:
     them, so with grad mode on they count as yes; a jvp or grad level needs the codes even under no_grad."""
     if torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(x):
         return torch.is_grad_enabled() and x.requires_grad
-    return torch.is_grad_enabled() or _functorch_differentiates(x)
+    return torch.is_grad_enabled() or functorch_differentiates(x)
 
 
 def max_blur(
@@ -760,7 +690,7 @@ def max_blur(
     if _tangent(x) is None:
         args = (max_kernel, max_padding, filt_size, stride, padding, pad_mode)
         if _derivative_can_come(x):
-            return _apply(max_blur_pool2d, x, *args)[0]
+            return apply(max_blur_pool2d, x, *args)[0]
         return max_blur_pool2d_inference(x, *args)  # no argmax codes
     max_blur_output_size(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)  # validation
     return blur(F.max_pool2d(x, max_kernel, 1, max_padding), 2, filt_size, stride, padding, pad_mode)

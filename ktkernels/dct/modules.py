@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from ..autograd import apply
 from . import op
 from .basis import canonical_norm
 
@@ -42,13 +43,13 @@ def dct2d(x: Tensor, norm: str | None = "ortho", keep: int | Sequence[int] | Non
     (the basis is fp32), fp64 in fp64. A channels_last (N, C, H, W) input is read in place and the output keeps
     its layout.
     """
-    return op.dct_transform(x, "dct", canonical_norm(norm), _keep(x, keep), False)
+    return apply(op.dct_transform, x, "dct", canonical_norm(norm), _keep(x, keep), False)
 
 
 def idct2d(x: Tensor, norm: str | None = "ortho") -> Tensor:
     """Inverse of :func:`dct2d` (a 2-D DCT-III, ``scipy.fft.idctn``): (..., H, W) -> (..., H, W)."""
     op.check_input(x, 2, "idct2d")
-    return op.dct_transform(x, "idct", canonical_norm(norm), list(x.shape[-2:]), False)
+    return apply(op.dct_transform, x, "idct", canonical_norm(norm), list(x.shape[-2:]), False)
 
 
 def _along(x: Tensor, dim: int, kind: str, norm: str | None) -> Tensor:
@@ -56,7 +57,7 @@ def _along(x: Tensor, dim: int, kind: str, norm: str | None) -> Tensor:
     if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
         raise ValueError(f"{kind}: dim {dim!r} is out of range for a {x.dim()}-D tensor")
     moved = x.movedim(dim, -1)
-    return op.dct_transform(moved, kind, canonical_norm(norm), [moved.shape[-1]], False).movedim(-1, dim)
+    return apply(op.dct_transform, moved, kind, canonical_norm(norm), [moved.shape[-1]], False).movedim(-1, dim)
 
 
 def dct(x: Tensor, dim: int = -1, norm: str | None = "ortho") -> Tensor:
@@ -83,7 +84,7 @@ def dct_attention_map(
     torch.Size([2, 7, 7])
     """
     op.check_power(features, p, "dct_attention_map")
-    return dct2d(op.channel_power_mean(features, float(p)), norm, keep)
+    return dct2d(apply(op.channel_power_mean, features, float(p)), norm, keep)
 
 
 class DCT2d(nn.Module):

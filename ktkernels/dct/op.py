@@ -7,6 +7,10 @@
   order work.
 - ``ktkernels::channel_power_mean(x, p) -> (N, H, W)``: ``mean_c |x|^p`` in one pass over x, and its
   backward ``ktkernels::channel_power_mean_backward``: one elementwise pass.
+
+The functional API calls them through ``ktkernels.autograd.apply``: under torch.func and forward-mode AD they run
+as autograd.Functions with the same formulas, a jvp each and vmap rules (the bare custom ops would fail or drop
+the tangent).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, layout
+from ..autograd import apply, register
 from ..layout import channels_inner
 from .basis import KINDS, NORMS, device_matrix
 from .reference import (
@@ -121,15 +126,34 @@ def _dct_transform_fake(x, kind, norm, out_size, adjoint):
 
 
 def _dct_transform_setup(ctx, inputs, output):
-    x, ctx.kind, ctx.norm, out_size, ctx.adjoint = inputs
-    ctx.in_size = list(x.shape[-len(out_size) :])
+    x, ctx.kind, ctx.norm, ctx.out_size, ctx.adjoint = inputs
+    ctx.in_size = list(x.shape[-len(ctx.out_size) :])
 
 
 def _dct_transform_grad(ctx, grad):
-    return dct_transform(grad, ctx.kind, ctx.norm, ctx.in_size, not ctx.adjoint), None, None, None, None
+    return apply(dct_transform, grad, ctx.kind, ctx.norm, ctx.in_size, not ctx.adjoint), None, None, None, None
+
+
+def _dct_transform_jvp(ctx, x_t, *_):  # linear in x
+    return apply(dct_transform, x_t, ctx.kind, ctx.norm, ctx.out_size, ctx.adjoint)
+
+
+def _leading_batch_vmap(call, info, in_dims, x, *args):
+    """The op takes any leading dims: the vmapped dim moves to the front."""
+    x = x.movedim(in_dims[0], 0) if in_dims[0] is not None else x.expand(info.batch_size, *x.shape)
+    return call(x, *args), 0
+
+
+def _dct_transform_vmap(info, in_dims, *args):
+    return _leading_batch_vmap(dct_transform, info, in_dims, *args)
 
 
 dct_transform.register_autograd(_dct_transform_grad, setup_context=_dct_transform_setup)
+torch.library.register_vmap(dct_transform, _dct_transform_vmap)
+# torch.func (ktkernels.autograd): the same formulas, a jvp (the op is linear) and the same vmap rule
+register(
+    dct_transform, "dct_transform", _dct_transform_setup, _dct_transform_grad, _dct_transform_jvp, _leading_batch_vmap
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +232,23 @@ def _power_mean_setup(ctx, inputs, output):
 
 def _power_mean_grad(ctx, grad_map):
     (x,) = ctx.saved_tensors
-    return channel_power_mean_backward(x, grad_map, ctx.p), None
+    return apply(channel_power_mean_backward, x, grad_map, ctx.p), None
+
+
+def _power_mean_jvp(ctx, x_t, _):
+    # d/de mean_c |x + e x_t|^p = sum_c (p/C) |x|^(p-1) sign(x) x_t: the backward's elementwise factor at a map of ones.
+    (x,) = ctx.saved_tensors
+    ones = torch.ones((x.shape[0], *x.shape[2:]), dtype=_map_dtype(x), device=x.device)
+    return (apply(channel_power_mean_backward, x, ones, ctx.p).to(ones.dtype) * x_t).sum(1)
 
 
 channel_power_mean.register_autograd(_power_mean_grad, setup_context=_power_mean_setup)
+register(
+    channel_power_mean,
+    "channel_power_mean",
+    _power_mean_setup,
+    _power_mean_grad,
+    _power_mean_jvp,
+    forward_saves=lambda inputs, output: inputs[:1],
+)
+register(channel_power_mean_backward, "channel_power_mean_backward", lambda ctx, inputs, output: None)

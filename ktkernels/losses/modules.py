@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..autograd import apply
 from ..dct import op as dct_op
 from . import op
 from .reference import GLOBAL_MODES
@@ -85,7 +86,7 @@ def pixel_global_transfer_loss(
         raise ValueError(f"global_mode must be one of {GLOBAL_MODES}, got {global_mode!r}")
     op.check_keep(keep)  # before the op's schema, which would take True for 1 and refuse 2.0 with a RuntimeError
     mode = "none" if isinstance(w_global, (int, float)) and w_global == 0 else global_mode
-    terms, _ = op.pixel_global_terms(student, teacher, mode, keep)
+    terms, _ = apply(op.pixel_global_terms, student, teacher, mode, keep)
     loss = w_pixel * terms[0] + w_global * terms[1]
     return (loss, terms) if return_terms else loss
 
@@ -104,7 +105,7 @@ def mentee_rmse_loss(student: Tensor, mentor: Tensor) -> Tensor:
         # explicit sizes: reshape cannot infer a -1 when N is 0
         rows, features = (student.shape[0], math.prod(student.shape[1:])) if student.dim() else (1, 1)
         student, mentor = (x.reshape(rows, features, 1, 1) for x in (student, mentor))
-    mse = op.pixel_global_terms(student, mentor, "none", 1)[0][0]
+    mse = apply(op.pixel_global_terms, student, mentor, "none", 1)[0][0]
     return torch.where(mse > 0, mse.clamp_min(torch.finfo(mse.dtype).tiny).sqrt(), mse * 0)
 
 
@@ -165,11 +166,11 @@ def _map_loss(s, t, kind, p, sample_weights, name, per_position) -> Tensor:
     _check_attention_pair(s, t, name)
     dct_op.check_power(s, p, name)
     dct_op.check_power(t, p, name)
-    map_s = dct_op.channel_power_mean(s, float(p))
-    map_t = dct_op.channel_power_mean(t, float(p))
+    map_s = apply(dct_op.channel_power_mean, s, float(p))
+    map_t = apply(dct_op.channel_power_mean, t, float(p))
     if map_s.dtype != map_t.dtype:
         map_s, map_t = _common_dtype(map_s, map_t)
-    dist = op.attention_map_distance(map_s, map_t, kind)
+    dist = apply(op.attention_map_distance, map_s, map_t, kind)
     n = s.shape[0]
     if sample_weights is not None:
         if not isinstance(sample_weights, Tensor) or sample_weights.shape != (n,):
@@ -210,7 +211,7 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
     """
     op.check_temperature(temperature, "soft_target_loss")  # before float(): True is no temperature
     student_logits, teacher_logits = _common_dtype(student_logits, teacher_logits)
-    kl, _ = op.soft_target_kl(student_logits, teacher_logits, float(temperature))
+    kl, _ = apply(op.soft_target_kl, student_logits, teacher_logits, float(temperature))
     return kl.sum() * (temperature * temperature / max(student_logits.shape[0], 1))
 
 

@@ -12,6 +12,8 @@
 
 The feature reductions use the DCT family's ``channel_power_mean`` op. fp32/fp16/bf16 accumulate in fp32;
 fp64 runs on the cpu and torch backends (Triton fp64 falls back to torch under ``auto`` and raises when named).
+The functional API calls the ops through ``ktkernels.autograd.apply``: under torch.func they run as
+autograd.Functions with the same backward formulas (reverse mode; forward mode raises naming the op).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, layout
+from ..autograd import apply, register
 from ..layout import channels_inner
 from . import reference
 from .basis import MAP_KINDS, map_tables, projection_basis
@@ -60,6 +63,10 @@ def _check_pair(s: Tensor, t: Tensor, op: str) -> None:
         raise ValueError(f"{op}: student {tuple(s.shape)} and teacher {tuple(t.shape)} shapes differ")
     if s.dtype != t.dtype or s.device != t.device:
         raise ValueError(f"{op}: student ({s.dtype}, {s.device}) and teacher ({t.dtype}, {t.device}) differ")
+
+
+def _no_setup(ctx, inputs, output) -> None:
+    """The setup_context of a backward op: it has no derivative of its own (see ktkernels.autograd.register)."""
 
 
 def check_keep(keep: int) -> None:
@@ -163,12 +170,15 @@ def _pixel_global_backward(ctx, grad_terms, _grad_proj):
     grad_terms = grad_terms.to(proj.dtype)
     pixel_coef = (2.0 / s.numel()) * grad_terms[0:1]
     coef_s, coef_t = _global_coefs(ctx.mode, proj, grad_terms[1])
-    grad_s = transfer_grad(s, t, pixel_coef, coef_s.contiguous(), ctx.mode, ctx.keep) if need_s else None
-    grad_t = transfer_grad(t, s, pixel_coef, coef_t.contiguous(), ctx.mode, ctx.keep) if need_t else None
+    grad_s = apply(transfer_grad, s, t, pixel_coef, coef_s.contiguous(), ctx.mode, ctx.keep) if need_s else None
+    grad_t = apply(transfer_grad, t, s, pixel_coef, coef_t.contiguous(), ctx.mode, ctx.keep) if need_t else None
     return grad_s, grad_t, None, None
 
 
 pixel_global_terms.register_autograd(_pixel_global_backward, setup_context=_pixel_global_setup)
+# torch.func (ktkernels.autograd): the terms reduce over the batch, so vmap loops; no forward mode.
+register(pixel_global_terms, "pixel_global_terms", _pixel_global_setup, _pixel_global_backward, vmap=None)
+register(transfer_grad, "transfer_grad", _no_setup, vmap=None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,12 +265,14 @@ def _map_backward(ctx, grad_dist):
     map_s, map_t = ctx.saved_tensors
     need_s, need_t = ctx.needs_input_grad[:2]
     # The distance is symmetric in its two maps: the teacher's gradient is the same op with the roles swapped.
-    grad_s = attention_map_distance_backward(map_s, map_t, grad_dist, ctx.kind) if need_s else None
-    grad_t = attention_map_distance_backward(map_t, map_s, grad_dist, ctx.kind) if need_t else None
+    grad_s = apply(attention_map_distance_backward, map_s, map_t, grad_dist, ctx.kind) if need_s else None
+    grad_t = apply(attention_map_distance_backward, map_t, map_s, grad_dist, ctx.kind) if need_t else None
     return grad_s, grad_t, None
 
 
 attention_map_distance.register_autograd(_map_backward, setup_context=_map_setup)
+register(attention_map_distance, "attention_map_distance", _map_setup, _map_backward, vmap=None)
+register(attention_map_distance_backward, "attention_map_distance_backward", _no_setup, vmap=None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,8 +376,10 @@ def _soft_target_setup(ctx, inputs, output):
 def _soft_target_backward(ctx, grad_kl, _grad_lse):
     s, t, kl, lse = ctx.saved_tensors
     need_s, need_t = ctx.needs_input_grad[:2]
-    grad_s, grad_t = soft_target_kl_backward(s, t, ctx.temperature, kl, lse, grad_kl, need_s, need_t)
+    grad_s, grad_t = apply(soft_target_kl_backward, s, t, ctx.temperature, kl, lse, grad_kl, need_s, need_t)
     return grad_s if need_s else None, grad_t if need_t else None, None
 
 
 soft_target_kl.register_autograd(_soft_target_backward, setup_context=_soft_target_setup)
+register(soft_target_kl, "soft_target_kl", _soft_target_setup, _soft_target_backward, vmap=None)
+register(soft_target_kl_backward, "soft_target_kl_backward", _no_setup, vmap=None)
