@@ -46,6 +46,14 @@ def fold_vmap(call: Callable, info, in_dims: tuple, *args) -> tuple:
     return fold_batch(call, info.batch_size, in_dims, args)
 
 
+def register_fold_vmap(*custom_ops) -> None:
+    """torch.vmap over each op (outside torch.func's derivatives) as one call on the folded batch (:func:`fold_vmap`),
+    not torch's loop over the vmapped dim."""
+    for custom_op in custom_ops:
+        torch.library.register_vmap(custom_op, lambda info, in_dims, *args, op=custom_op: fold_vmap(op, info, in_dims,
+                                                                                                   *args))  # fmt: skip
+
+
 def register(
     custom_op,
     name: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -170,7 +171,7 @@ def test_torch_func_and_forward_mode_match_the_reference(target):
         if index < 3:  # linear: every order
             transforms["grad of grad"] = lambda f: func.grad(
                 lambda t: func.grad(lambda u: f(u).sin().sum())(t).square().sum()
-            )(x)  # noqa: E501
+            )(x)
         for what, transform in transforms.items():
             with ktkernels.use_backend(name):
                 got = transform(ours)
@@ -180,6 +181,10 @@ def test_torch_func_and_forward_mode_match_the_reference(target):
         with ktkernels.use_backend(name), fwAD.dual_level():
             tangent = fwAD.unpack_dual(ours(fwAD.make_dual(x, v))).tangent
         torch.testing.assert_close(tangent, func.jvp(reference, (x,), (v,))[1])
+        with ktkernels.use_backend(name), warnings.catch_warnings():  # plain vmap: the ops' own rules, no loop
+            warnings.filterwarnings("error", message=".*batching rule.*")
+            looped = torch.stack([ours(sample) for sample in x[:, None]])
+            torch.testing.assert_close(func.vmap(ours)(x[:, None]), looped)
     with ktkernels.use_backend(name), pytest.raises(NotImplementedError, match="channel_power_mean_backward: diff"):
         func.grad(lambda t: func.grad(lambda u: ktkernels.dct_attention_map(u).sum())(t).square().sum())(x)
 

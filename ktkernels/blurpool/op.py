@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend, layout
-from ..autograd import apply, fold_vmap, functorch_differentiates, register
+from ..autograd import apply, functorch_differentiates, register, register_fold_vmap
 from ..layout import channels_inner
 from .geometry import (
     MAX_FILT_SIZE,
@@ -620,13 +620,8 @@ register(
 # folds into N (torch would otherwise loop over it, one op call per element, with a warning).
 
 
-def _fold_vmap_rule(custom_op):
-    torch.library.register_vmap(custom_op, lambda info, in_dims, *args: fold_vmap(custom_op, info, in_dims, *args))
-
-
-for _op in (blur_pool2d, blur_pool2d_backward, blur_pool1d, blur_pool1d_backward, max_blur_pool2d,
-            max_blur_pool2d_inference, max_blur_pool2d_backward):  # fmt: skip
-    _fold_vmap_rule(_op)
+register_fold_vmap(blur_pool2d, blur_pool2d_backward, blur_pool1d, blur_pool1d_backward, max_blur_pool2d,
+                   max_blur_pool2d_inference, max_blur_pool2d_backward)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, layout
-from ..autograd import apply, register
+from ..autograd import apply, register, register_fold_vmap
 from ..layout import channels_inner
 from .basis import KINDS, NORMS, device_matrix
 from .reference import (
@@ -252,3 +252,4 @@ register(
     forward_saves=lambda inputs, output: inputs[:1],
 )
 register(channel_power_mean_backward, "channel_power_mean_backward", lambda ctx, inputs, output: None)
+register_fold_vmap(channel_power_mean, channel_power_mean_backward)  # (n, c) planes are independent

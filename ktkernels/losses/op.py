@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, layout
-from ..autograd import apply, register
+from ..autograd import apply, register, register_fold_vmap
 from ..layout import channels_inner
 from . import reference
 from .basis import MAP_KINDS, map_tables, projection_basis
@@ -271,8 +271,10 @@ def _map_backward(ctx, grad_dist):
 
 
 attention_map_distance.register_autograd(_map_backward, setup_context=_map_setup)
-register(attention_map_distance, "attention_map_distance", _map_setup, _map_backward, vmap=None)
-register(attention_map_distance_backward, "attention_map_distance_backward", _no_setup, vmap=None)
+# torch.func: the distances are per sample, so vmap folds into the batch; no forward mode.
+register(attention_map_distance, "attention_map_distance", _map_setup, _map_backward)
+register(attention_map_distance_backward, "attention_map_distance_backward", _no_setup)
+register_fold_vmap(attention_map_distance, attention_map_distance_backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,5 +383,7 @@ def _soft_target_backward(ctx, grad_kl, _grad_lse):
 
 
 soft_target_kl.register_autograd(_soft_target_backward, setup_context=_soft_target_setup)
-register(soft_target_kl, "soft_target_kl", _soft_target_setup, _soft_target_backward, vmap=None)
-register(soft_target_kl_backward, "soft_target_kl_backward", _no_setup, vmap=None)
+# torch.func: the KL is per row, so vmap folds into the batch; no forward mode.
+register(soft_target_kl, "soft_target_kl", _soft_target_setup, _soft_target_backward)
+register(soft_target_kl_backward, "soft_target_kl_backward", _no_setup)
+register_fold_vmap(soft_target_kl, soft_target_kl_backward)
