@@ -25,8 +25,8 @@ _DIFFERENTIATING_LEVELS = (torch._C._functorch.TransformType.Grad, torch._C._fun
 
 def fold_batch(call: Callable, size: int, in_dims: tuple, args: tuple) -> tuple:
     """``call`` on ``args`` with each tensor's vmapped dim (``in_dims``) folded into dim 0, the batch (broadcast
-    where None), and the result unfolded: (output, out_dims) as a vmap rule returns them. For ops on (N, C, ...)
-    whose (n, c) planes are independent."""
+    where None), and the result unfolded: (output, out_dims) as a vmap rule returns them. For ops whose results
+    along dim 0 do not depend on each other (the blur's (n, c) planes, a loss's per-sample rows)."""
     folded = [
         (a.movedim(d, 0) if d is not None else a.expand(size, *a.shape)).flatten(0, 1) if isinstance(a, Tensor) else a
         for a, d in zip(args, in_dims, strict=True)
@@ -42,7 +42,7 @@ def fold_batch(call: Callable, size: int, in_dims: tuple, args: tuple) -> tuple:
 
 
 def fold_vmap(call: Callable, info, in_dims: tuple, *args) -> tuple:
-    """The vmap rule of ops on (N, C, ...) whose (n, c) planes are independent: :func:`fold_batch`."""
+    """The vmap rule of ops whose results along dim 0 do not depend on each other: :func:`fold_batch`."""
     return fold_batch(call, info.batch_size, in_dims, args)
 
 
