@@ -57,7 +57,7 @@ def register_fold_vmap(*custom_ops) -> None:
 def register(
     custom_op,
     name: str,
-    setup_context: Callable,
+    setup_context: Callable | None = None,
     backward: Callable | None = None,
     jvp: Callable | None = None,
     vmap: Callable | None = fold_vmap,
@@ -65,8 +65,9 @@ def register(
 ) -> None:
     """Register the autograd.Function that :func:`apply` takes for ``custom_op``.
 
-    ``backward`` None: the op has no derivative of its own (a backward op without a double backward); ``jvp`` None:
-    no forward mode. Either raises NotImplementedError naming the op when asked for. ``vmap(call, info, in_dims,
+    ``setup_context`` None: nothing to keep. ``backward`` None: the op has no derivative of its own (a backward op
+    without a double backward); ``jvp`` None: no forward mode. Either raises NotImplementedError naming the op when
+    asked for. ``vmap(call, info, in_dims,
     *args)`` is the rule, with ``call`` the Function itself (so that levels under the vmap still differentiate);
     None lets torch generate it from the op's calls (a loop over the vmapped dim where a custom op has no rule of
     its own, as for losses that reduce over the batch). ``forward_saves(inputs, output)``: the tensors the ``jvp``
@@ -77,7 +78,8 @@ def register(
         return custom_op(*args)
 
     def setup(ctx, inputs, output):
-        setup_context(ctx, inputs, output)
+        if setup_context is not None:
+            setup_context(ctx, inputs, output)
         if forward_saves is not None:
             ctx.save_for_forward(*forward_saves(inputs, output))
 

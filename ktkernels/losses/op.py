@@ -65,10 +65,6 @@ def _check_pair(s: Tensor, t: Tensor, op: str) -> None:
         raise ValueError(f"{op}: student ({s.dtype}, {s.device}) and teacher ({t.dtype}, {t.device}) differ")
 
 
-def _no_setup(ctx, inputs, output) -> None:
-    """The setup_context of a backward op: it has no derivative of its own (see ktkernels.autograd.register)."""
-
-
 def check_keep(keep: int) -> None:
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an int >= 1, got {keep!r}")
@@ -178,7 +174,7 @@ def _pixel_global_backward(ctx, grad_terms, _grad_proj):
 pixel_global_terms.register_autograd(_pixel_global_backward, setup_context=_pixel_global_setup)
 # torch.func (ktkernels.autograd): the terms reduce over the batch, so vmap loops; no forward mode.
 register(pixel_global_terms, "pixel_global_terms", _pixel_global_setup, _pixel_global_backward, vmap=None)
-register(transfer_grad, "transfer_grad", _no_setup, vmap=None)
+register(transfer_grad, "transfer_grad", vmap=None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +269,7 @@ def _map_backward(ctx, grad_dist):
 attention_map_distance.register_autograd(_map_backward, setup_context=_map_setup)
 # torch.func: the distances are per sample, so vmap folds into the batch; no forward mode.
 register(attention_map_distance, "attention_map_distance", _map_setup, _map_backward)
-register(attention_map_distance_backward, "attention_map_distance_backward", _no_setup)
+register(attention_map_distance_backward, "attention_map_distance_backward")
 register_fold_vmap(attention_map_distance, attention_map_distance_backward)
 
 
@@ -385,5 +381,5 @@ def _soft_target_backward(ctx, grad_kl, _grad_lse):
 soft_target_kl.register_autograd(_soft_target_backward, setup_context=_soft_target_setup)
 # torch.func: the KL is per row, so vmap folds into the batch; no forward mode.
 register(soft_target_kl, "soft_target_kl", _soft_target_setup, _soft_target_backward)
-register(soft_target_kl_backward, "soft_target_kl_backward", _no_setup)
+register(soft_target_kl_backward, "soft_target_kl_backward")
 register_fold_vmap(soft_target_kl, soft_target_kl_backward)
