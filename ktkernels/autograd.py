@@ -3,11 +3,11 @@
 torch.func differentiates an autograd.Function only if it defines ``setup_context``, and the Function that
 ``register_autograd`` generates for a custom op does not (pytorch/pytorch#170834): ``torch.func.grad`` over a custom
 op raises, and ``torch.func.jvp`` or ``torch.autograd.forward_ad`` drop its tangent without an error. So each family
-registers, beside its custom ops, an autograd.Function per op (:func:`register`): the op's own ``setup_context`` and
-backward formula (the same kernels), a ``jvp`` (or an error naming the op) and a vmap rule. The functional API and
-the backward formulas call ops through :func:`apply`, which takes the Function where a torch.func transform
-differentiates or a forward-mode tangent is present, and the custom op everywhere else (plain eager, vmap alone,
-torch.compile).
+registers each op's autograd through :func:`register`, which also builds an autograd.Function from the op's own
+``setup_context`` and backward formula (the same kernels), a ``jvp`` (or an error naming the op) and a vmap rule.
+The functional API and the backward formulas call ops through :func:`apply`, which takes the Function where a
+torch.func transform differentiates or a forward-mode tangent is present, and the custom op everywhere else (plain
+eager, vmap alone, torch.compile).
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def register(
     vmap: Callable | None = fold_vmap,
     forward_saves: Callable | None = None,
 ) -> None:
-    """Register the autograd.Function that :func:`apply` takes for ``custom_op``.
+    """Register ``backward`` (with ``setup_context``) as ``custom_op``'s autograd, and the autograd.Function that
+    :func:`apply` takes for it under torch.func and forward-mode AD.
 
     ``setup_context`` None: nothing to keep. ``backward`` None: the op has no derivative of its own (a backward op
     without a double backward); ``jvp`` None: no forward mode. Either raises NotImplementedError naming the op when
@@ -73,6 +74,9 @@ def register(
     its own, as for losses that reduce over the batch). ``forward_saves(inputs, output)``: the tensors the ``jvp``
     reads from ``ctx.saved_tensors``.
     """
+
+    if backward is not None:
+        custom_op.register_autograd(backward, setup_context=setup_context)
 
     def forward(*args):
         return custom_op(*args)

@@ -402,9 +402,7 @@ def _define_blur(spatial: int):
     def backward_grad(ctx, grad_grad):
         return linear(lambda g: blur_of(ctx, g), grad_grad), *([None] * 6)
 
-    forward_op.register_autograd(forward_grad, setup_context=forward_setup)
-    backward_op.register_autograd(backward_grad, setup_context=backward_setup)
-    # torch.func (ktkernels.autograd): the same formulas, and a jvp, as both ops are linear
+    # Autograd, and its autograd.Function for torch.func (ktkernels.autograd): both ops are linear, each its own jvp
     register(forward_op, name, forward_setup, forward_grad, lambda ctx, x_t, *_: blur_of(ctx, x_t))
     register(backward_op, f"{name}_backward", backward_setup, backward_grad, lambda ctx, g_t, *_: adjoint_of(ctx, g_t))
     return forward_op, backward_op
@@ -595,8 +593,6 @@ def _max_blur_backward_grad(ctx, grad_grad):
     return linear(lambda g: _blur_of_picked(ctx, g), grad_grad), *([None] * 9)
 
 
-max_blur_pool2d.register_autograd(_max_blur_pool2d_grad, setup_context=_max_blur_pool2d_setup)
-max_blur_pool2d_backward.register_autograd(_max_blur_backward_grad, setup_context=_max_blur_backward_setup)
 register(
     max_blur_pool2d_backward,
     "max_blur_pool2d_backward",

@@ -148,9 +148,8 @@ def _dct_transform_vmap(info, in_dims, *args):
     return _leading_batch_vmap(dct_transform, info, in_dims, *args)
 
 
-dct_transform.register_autograd(_dct_transform_grad, setup_context=_dct_transform_setup)
 torch.library.register_vmap(dct_transform, _dct_transform_vmap)
-# torch.func (ktkernels.autograd): the same formulas, a jvp (the op is linear) and the same vmap rule
+# Autograd, and its autograd.Function for torch.func (ktkernels.autograd): linear, so the op is its own jvp
 register(
     dct_transform, "dct_transform", _dct_transform_setup, _dct_transform_grad, _dct_transform_jvp, _leading_batch_vmap
 )
@@ -242,7 +241,6 @@ def _power_mean_jvp(ctx, x_t, _):
     return (apply(channel_power_mean_backward, x, ones, ctx.p).to(ones.dtype) * x_t).sum(1)
 
 
-channel_power_mean.register_autograd(_power_mean_grad, setup_context=_power_mean_setup)
 register(
     channel_power_mean,
     "channel_power_mean",

@@ -171,8 +171,7 @@ def _pixel_global_backward(ctx, grad_terms, _grad_proj):
     return grad_s, grad_t, None, None
 
 
-pixel_global_terms.register_autograd(_pixel_global_backward, setup_context=_pixel_global_setup)
-# torch.func (ktkernels.autograd): the terms reduce over the batch, so vmap loops; no forward mode.
+# Autograd and torch.func (ktkernels.autograd): the terms reduce over the batch, so vmap loops; no forward mode.
 register(pixel_global_terms, "pixel_global_terms", _pixel_global_setup, _pixel_global_backward, vmap=None)
 register(transfer_grad, "transfer_grad", vmap=None)
 
@@ -266,8 +265,7 @@ def _map_backward(ctx, grad_dist):
     return grad_s, grad_t, None
 
 
-attention_map_distance.register_autograd(_map_backward, setup_context=_map_setup)
-# torch.func: the distances are per sample, so vmap folds into the batch; no forward mode.
+# Autograd and torch.func: the distances are per sample, so vmap folds into the batch; no forward mode.
 register(attention_map_distance, "attention_map_distance", _map_setup, _map_backward)
 register(attention_map_distance_backward, "attention_map_distance_backward")
 register_fold_vmap(attention_map_distance, attention_map_distance_backward)
@@ -378,8 +376,7 @@ def _soft_target_backward(ctx, grad_kl, _grad_lse):
     return grad_s if need_s else None, grad_t if need_t else None, None
 
 
-soft_target_kl.register_autograd(_soft_target_backward, setup_context=_soft_target_setup)
-# torch.func: the KL is per row, so vmap folds into the batch; no forward mode.
+# Autograd and torch.func: the KL is per row, so vmap folds into the batch; no forward mode.
 register(soft_target_kl, "soft_target_kl", _soft_target_setup, _soft_target_backward)
 register(soft_target_kl_backward, "soft_target_kl_backward")
 register_fold_vmap(soft_target_kl, soft_target_kl_backward)
