@@ -1118,6 +1118,25 @@ def test_torch_compile_fullgraph(target):
             assert torch.equal(x.grad, x_eager.grad)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # deprecated in torch 2.14, still in use
+@pytest.mark.filterwarnings("error::torch.jit.TracerWarning")  # none of ours: the traced tests are meant to be fixed
+def test_torch_jit_trace_of_a_trainable_model():
+    """``torch.jit.trace`` with grad on: its check traces again under no_grad and must find the same graph (the
+    max-blur's form must not follow the grad mode while tracing), and the traced model trains like the eager one."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), ktkernels.MaxBlurPool2d(4), torch.nn.ReLU(), ktkernels.BlurPool2d(4, filt_size=3)
+    )
+    x = torch.randn(2, 3, 13, 12)
+    with ktkernels.use_backend("cpu"):
+        traced = torch.jit.trace(model, x)  # raises TracingCheckError if the two graphs differ
+        assert torch.equal(traced(x), model(x))
+        with torch.no_grad():
+            assert torch.equal(traced(x), model(x))
+        grads = [torch.autograd.grad(m(x).square().sum(), model[0].weight)[0] for m in (traced, model)]
+    assert torch.equal(*grads)
+
+
 def test_torch_compile_dynamic_shapes_trace_once():
     """``torch.compile(dynamic=True)``: the ops' validation and plans run on symbolic sizes (uncached), one graph
     serves every shape, forward and backward, and the values match eager. CPU kernels (the Triton ones specialise

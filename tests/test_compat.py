@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import sys
 import types
 import warnings
@@ -218,9 +219,50 @@ def test_kornia_legacy_padding_and_errors():
     for stride in ("2", (2,), 2.0, True):
         with pytest.raises(ValueError, match="stride must be an int or a pair"):
             kornia_compat.BlurPool2D(3, stride)
-    # a 2021-2023 checkpoint with the (k, k) kernel still loads strictly
-    layer = kornia_compat.BlurPool2D(3)
-    layer.load_state_dict({"kernel": torch.ones(3, 3)}, strict=True)
+
+
+FILTER_BUFFER_LAYERS = {
+    "adobe 2d": (lambda: nn.Sequential(nn.Conv2d(2, 3, 1), adobe.BlurPool(3, filt_size=5)), "1.filt"),
+    "adobe 1d": (lambda: adobe.BlurPool1D(3, filt_size=4), "filt"),
+    "adobe stem": (lambda: ktkernels.MaxBlurPool2d(3), "filt"),
+    "composer pool": (lambda: composer.BlurPool2d(3), "blur_filter"),
+    "composer max": (lambda: composer.BlurMaxPool2d(2), "filt2d"),
+    "composer conv": (lambda: composer.BlurConv2d(3, 4, 3, 2), "blur_filter"),
+    "ffcv": (lambda: nn.Sequential(ffcv.BlurPoolConv2d(nn.Conv2d(3, 4, 3, 2))), "0.blur_filter"),
+}
+
+
+@pytest.mark.parametrize("name", FILTER_BUFFER_LAYERS)
+def test_checkpoint_with_another_filter_fails_to_load(name):
+    """The kernels never read the anchors' filter buffers: a checkpoint whose filter is not the binomial one would
+    load and silently change the numbers, so it fails like a size mismatch, and the buffer keeps the true filter.
+    The true filter loads in any float dtype it may have been saved in."""
+    make, key = FILTER_BUFFER_LAYERS[name]
+    layer = make()
+    state = layer.state_dict()
+    true_filter = state[key].clone()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        make().load_state_dict({k: v.to(dtype) if k == key else v for k, v in state.items()}, strict=True)
+    other = true_filter.clone()
+    other.view(-1)[-1] += 1e-3
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=rf"{re.escape(key)}: .* binomial .* differs from it by up to 0.001"):
+            layer.load_state_dict({**state, key: other}, strict=strict)
+        assert torch.equal(layer.state_dict()[key], true_filter)
+    with pytest.raises(RuntimeError, match=re.escape(key)):
+        layer.load_state_dict({**state, key: torch.full_like(true_filter, float("nan"))})
+    with pytest.raises(RuntimeError, match=re.escape(key)):
+        layer.load_state_dict({**state, key: true_filter.flip(-1) * 2})
+
+
+def test_kornia_legacy_kernel_is_checked_then_dropped():
+    """A 2021-2023 kornia checkpoint with the (k, k) kernel still loads strictly; another kernel fails."""
+    layer = kornia_compat.BlurPool2D(4)
+    kernel = ktkernels.blurpool.geometry.binomial_filter2d(4)
+    layer.load_state_dict({"kernel": kernel}, strict=True)
+    with pytest.raises(RuntimeError, match="kernel: BlurPool2D always filters with the normalised binomial filter"):
+        layer.load_state_dict({"kernel": torch.ones(4, 4) / 16}, strict=True)
+    assert "kernel" not in layer.state_dict()
 
 
 @pytest.mark.parametrize("k", range(2, 8))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import List  # noqa: UP035 (TorchScript reads the annotations)
 
@@ -151,7 +152,53 @@ def _pair(value: int | Sequence[int], name: str) -> list[int]:
     return pair
 
 
-class BlurLayer(nn.Module):
+class FixedFilterState(nn.Module):
+    """Base of the layers that keep an anchor's filter buffer in their state dict, which the kernels never read.
+
+    Loading a checkpoint whose filter differs from the fixed binomial one would silently change the numbers, so
+    ``load_state_dict`` reports it with its other errors (a ``RuntimeError`` naming the key), strict or not.
+    """
+
+    def _fixed_filters(self) -> dict[str, Tensor]:
+        """Buffer name -> the filter its trailing dims must hold: (k,) or (k, k), broadcast over the leading dims."""
+        return {}
+
+    def _legacy_state_keys(self) -> tuple[str, ...]:
+        """Keys an older version of the anchor saved and this layer drops on load (after the filter check)."""
+        return ()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        for name, filt in self._fixed_filters().items():
+            loaded = state_dict.get(prefix + name)
+            if (
+                not isinstance(loaded, Tensor)
+                or not loaded.is_floating_point()
+                or loaded.is_meta
+                or loaded.numel() == 0
+                or loaded.shape[loaded.dim() - filt.dim() :] != filt.shape  # a size mismatch: nn.Module reports it
+            ):
+                continue
+            expected = filt.to(torch.float64)
+            error = (loaded.detach().to("cpu", torch.float64) - expected).abs().max().item()
+            if not error <= 4 * torch.finfo(loaded.dtype).eps * expected.abs().max().item():  # NaN fails too
+                k = "x".join(map(str, filt.shape))
+                error_msgs.append(
+                    f"{prefix}{name}: {type(self).__name__} always filters with the normalised binomial filter of "
+                    f"size {k} and keeps '{name}' only for checkpoint compatibility; this checkpoint's '{name}' "
+                    f"differs from it by up to {error:.3g}, so loading it would silently change the numbers. Load it "
+                    f"into the original layer (or a depthwise conv) instead."
+                )
+                state_dict[prefix + name] = getattr(self, name)  # the buffer keeps the filter the kernels apply
+        for name in self._legacy_state_keys():
+            state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class BlurLayer(FixedFilterState):
     """Base of every ktkernels blur layer (the compat flavours included).
 
     A subclass calls :meth:`_configure` with the op's parameters and registers whatever buffers its
@@ -276,12 +323,16 @@ class BlurLayer(nn.Module):
     @torch.jit.unused
     def _check_channels(self, x: Tensor) -> None:
         # Only for inputs of the right rank: the op's rank error names a missing batch dim, a channel error would not.
-        if (
-            self._expected_channels
-            and isinstance(x, Tensor)
-            and x.dim() == self._spatial_dims + 2
-            and x.shape[1] != self._expected_channels
-        ):
+        if not self._expected_channels or not isinstance(x, Tensor) or x.dim() != self._spatial_dims + 2:
+            return
+        if torch.jit.is_tracing():
+            # torch.jit.trace records sizes as tensors and warns that this test is fixed in the trace: it is meant to be
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                mismatch = bool(x.shape[1] != self._expected_channels)
+        else:
+            mismatch = x.shape[1] != self._expected_channels
+        if mismatch:
             raise ValueError(
                 f"{type(self).__name__} was built for {self._expected_channels} channels, "
                 f"got an input with {x.shape[1]}"
@@ -328,12 +379,14 @@ class _AdobeLayer(BlurLayer):
         self.off = (stride - 1) // 2
         self.pad_sizes = pad_sizes
         # Persistent (C, 1, k, k) like antialiased-cnns, so its checkpoints load with strict=True.
-        # The kernels use exact taps and never read it.
-        if self.spatial_dims == 2:
-            filt = binomial_filter2d(filt_size)[None, None]
-        else:
-            filt = torch.tensor(binomial_taps(filt_size), dtype=torch.float32)[None, None]
+        # The kernels use exact taps and never read it (a checkpoint with another filter fails to load).
+        filt = self._fixed_filters()["filt"][None, None]
         self.register_buffer("filt", filt.repeat(self.channels or 1, *([1] * (filt.dim() - 1))))
+
+    def _fixed_filters(self) -> dict[str, Tensor]:
+        if self.spatial_dims == 2:
+            return {"filt": binomial_filter2d(self.filt_size)}
+        return {"filt": torch.tensor(binomial_taps(self.filt_size), dtype=torch.float32)}
 
     def extra_repr(self) -> str:
         return (

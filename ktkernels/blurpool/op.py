@@ -663,7 +663,12 @@ def blur(x: Tensor, spatial_dims: int, filt_size: int, stride: int, padding: lis
 def _derivative_can_come(x: Tensor) -> bool:
     """Whether a derivative through ``x`` may be asked for, so that the max-blur must form its codes: grad mode on and
     ``x`` requiring grad, or a tensor that torch.func wraps. Those do not show the requires_grad of the tensor under
-    them, so with grad mode on they count as yes; a jvp or grad level needs the codes even under no_grad."""
+    them, so with grad mode on they count as yes; a jvp or grad level needs the codes even under no_grad.
+
+    ``torch.jit.trace`` records the codes form whatever the grad mode: its check traces again under no_grad and
+    needs the same graph, and a traced graph may be trained."""
+    if torch.jit.is_tracing():
+        return True
     if torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(x):
         return torch.is_grad_enabled() and x.requires_grad
     return torch.is_grad_enabled() or functorch_differentiates(x)

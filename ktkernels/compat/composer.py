@@ -29,13 +29,20 @@ from torch import Tensor, nn
 
 from ..blurpool import op
 from ..blurpool.geometry import binomial_filter2d
-from ..blurpool.modules import BlurLayer
+from ..blurpool.modules import BlurLayer, FixedFilterState
 
 __all__ = ["BlurConv2d", "BlurMaxPool2d", "BlurPool2d", "apply_blurpool", "blur_2d", "blurmax_pool2d"]
 
 
 def _filter3x3(channels: int = 1) -> Tensor:
     return binomial_filter2d(3)[None, None].repeat(channels, 1, 1, 1)
+
+
+class _BlurFilterBuffer(FixedFilterState):
+    """Composer's and FFCV's persistent ``blur_filter`` (C, 1, 3, 3): kept for their checkpoints, never read."""
+
+    def _fixed_filters(self) -> dict[str, Tensor]:
+        return {"blur_filter": binomial_filter2d(3)}
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -69,7 +76,7 @@ class _Blur3x3(BlurLayer):
         )
 
 
-class BlurPool2d(nn.Module):
+class BlurPool2d(_BlurFilterBuffer):
     """``composer...BlurPool2d(channels=0, stride=2, padding=1)``: (N, C, H, W) -> (N, C, ceil(H/s), ceil(W/s)).
 
     ``channels`` 0 or -1 reads C from the input; ``padding`` is stored and, as in Composer, ignored.
@@ -87,7 +94,7 @@ class BlurPool2d(nn.Module):
         return self.blur(input)
 
 
-class BlurMaxPool2d(nn.Module):
+class BlurMaxPool2d(FixedFilterState):
     """``composer...BlurMaxPool2d``: ``max_pool2d(kernel_size, stride=1, padding, dilation)`` then the 3x3 blur.
 
     (N, C, H, W) -> the size ``nn.MaxPool2d(kernel_size, stride, padding, dilation, ceil_mode)`` gives.
@@ -118,6 +125,9 @@ class BlurMaxPool2d(nn.Module):
         self._stride_hw: List[int] = list(stride_hw)  # noqa: UP006 (TorchScript)
         self._padding_hw: List[int] = list(_pair(padding))  # noqa: UP006
 
+    def _fixed_filters(self) -> dict[str, Tensor]:
+        return {"filt2d": binomial_filter2d(3)}
+
     def extra_repr(self) -> str:
         return (
             f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
@@ -145,7 +155,7 @@ def _is_exact_pool_rewrite(conv: nn.Conv2d) -> bool:
     return conv.kernel_size == (1, 1) and conv.padding in ((0, 0), "valid") and max(conv.stride) > 1
 
 
-class BlurThenConv(nn.Module):
+class BlurThenConv(_BlurFilterBuffer):
     """Shared by Composer's ``BlurConv2d(blur_first=True)`` and FFCV's ``BlurPoolConv2d``: ``conv(blur_s1(x))``.
 
     For a strided 1x1 conv it computes ``conv_s1(blurpool_s(x))`` instead: the same values (the blur

@@ -4,7 +4,7 @@ kornia 0.9 semantics by default: zero padding ``((k-1)//2, k//2)``, so ``H_out =
 same values as antialiased-cnns with ``pad_type='zero'``. ``legacy_even_padding=True`` gives kornia <= 0.8
 (``(k-1)//2`` on both sides: one row short for even k and odd H). Odd k is identical in both.
 The kernel is a non-persistent buffer ``kernel`` (k, k) as in 0.9; a legacy ``kernel`` key from a
-2021-2023 checkpoint is ignored on load.
+2021-2023 checkpoint is checked and dropped on load.
 
 >>> import torch
 >>> blur_pool2d(torch.eye(5)[None, None], 3)
@@ -78,9 +78,11 @@ class _KorniaLayer(BlurLayer):
             )
         return super()._forward_eager(x)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.pop(prefix + "kernel", None)  # 2021-2023 kornia saved the (k, k) kernel
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _fixed_filters(self) -> dict[str, Tensor]:
+        return {"kernel": binomial_filter2d(self._filt_size)}
+
+    def _legacy_state_keys(self) -> tuple[str, ...]:
+        return ("kernel",)  # 2021-2023 kornia saved the (k, k) kernel
 
 
 class BlurPool2D(_KorniaLayer):
