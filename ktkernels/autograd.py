@@ -75,9 +75,6 @@ def register(
     reads from ``ctx.saved_tensors``.
     """
 
-    if backward is not None:
-        custom_op.register_autograd(backward, setup_context=setup_context)
-
     def forward(*args):
         return custom_op(*args)
 
@@ -93,10 +90,14 @@ def register(
 
         return raise_error
 
+    # Without a derivative the op still registers one that raises: torch's own error would name no ktkernels op
+    # and be a RuntimeError, where torch.func gets this NotImplementedError.
+    backward = backward or unsupported("differentiating its result again (double backward)")
+    custom_op.register_autograd(backward, setup_context=setup_context)
     methods = dict(
         forward=forward,
         setup_context=setup,
-        backward=backward or unsupported("differentiating its result again (double backward)"),
+        backward=backward,
         jvp=jvp or unsupported("forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad)"),
     )
     if vmap is not None:

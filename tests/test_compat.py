@@ -10,6 +10,7 @@ import sys
 import types
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -425,6 +426,89 @@ def test_strided_1x1_shortcut_keeps_the_wrapped_conv_forward_and_hooks(wrap):
         normed(x).sum().backward()
     plain = nn.Conv2d(16, 8, 1, 2).double()
     torch.testing.assert_close(wrapped(plain)(x), plain(recipe(x, 3, 1, (1, 1, 1, 1), "zero")))
+
+
+class _LoraConv(nn.Module):
+    """A LoRA-style wrapper as PEFT tools swap in after surgery: the conv's attributes, plus a delta in forward."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.base, self.weight, self.bias, self.groups = conv, conv.weight, conv.bias, conv.groups
+        self.stride, self.kernel_size, self.padding, self.in_channels = conv.stride, (1, 1), (0, 0), conv.in_channels
+
+    def forward(self, x):
+        return self.base(x) + 0.5
+
+
+@pytest.mark.parametrize("wrap", ["ffcv", "composer"])
+def test_strided_1x1_shortcut_follows_the_conv_after_construction(wrap):
+    """Whether the 1x1 rewrite applies is decided on every call: a conv swapped in after construction (another
+    kernel, a LoRA-style wrapper) or changed in place (stride) runs as the anchor runs it, blur at stride 1 then
+    ``conv``, never at the stride the rewrite was built for."""
+    x = torch.randn(2, 16, 9, 10, dtype=torch.float64)
+    for replace in (
+        lambda layer: setattr(layer, "conv", nn.Conv2d(16, 8, 3, 2, 1).double()),
+        lambda layer: setattr(layer, "conv", _LoraConv(layer.conv)),
+        lambda layer: setattr(layer.conv, "stride", (1, 1)),
+        lambda layer: setattr(layer.conv, "stride", (3, 3)),  # still a rewrite, but not at the built stride
+        lambda layer: setattr(layer, "conv", nn.Conv2d(16, 8, 1, 3).double()),  # a new rewrite, at its own stride
+    ):
+        conv = nn.Conv2d(16, 8, 1, 2).double()
+        layer = ffcv.BlurPoolConv2d(conv) if wrap == "ffcv" else composer.BlurConv2d.from_conv2d(conv)
+        replace(layer)
+        torch.testing.assert_close(layer(x), layer.conv(recipe(x, 3, 1, (1, 1, 1, 1), "zero")))
+
+
+def test_composer_attributes_are_live():
+    """Composer's forwards read their attributes on every call (``blur_2d(..., stride=self.stride)``): setting one
+    takes effect, as it does on the other anchors' layers."""
+    x = torch.randn(1, 4, 12, 11, dtype=torch.float64)
+    layer = composer.BlurPool2d(4)
+    layer.stride = 1
+    torch.testing.assert_close(layer(x), recipe(x, 3, 1, (1, 1, 1, 1), "zero"))
+    layer.channels = 5
+    with pytest.raises(ValueError, match="built for 5 channels"):
+        layer(x)
+    pool = composer.BlurMaxPool2d(2, 2)
+    for name, value in (("stride", 1), ("kernel_size", 3), ("padding", 1), ("ceil_mode", True), ("stride", 2)):
+        setattr(pool, name, value)
+        expected = composer.BlurMaxPool2d(pool.kernel_size, pool.stride, pool.padding, ceil_mode=pool.ceil_mode)
+        torch.testing.assert_close(pool(x), expected(x), msg=name)
+        torch_pool = nn.MaxPool2d(pool.kernel_size, pool.stride, pool.padding, ceil_mode=pool.ceil_mode)
+        assert pool(x).shape == torch_pool(x).shape, name
+    conv = composer.BlurConv2d(4, 4, 3, 1, 1, blur_first=False).double()
+    conv.blur_stride = 2
+    torch.testing.assert_close(conv(x), recipe(conv.conv(x), 3, 2, (1, 1, 1, 1), "zero"))
+    conv.blur_first = True
+    torch.testing.assert_close(conv(x), conv.conv(recipe(x, 3, 1, (1, 1, 1, 1), "zero")))
+
+
+def test_composer_blurmax_pool2d_honours_ceil_mode_with_a_filter_too():
+    """A custom ``filter`` runs max pool + conv; with ceil_mode it gives the size and values of the fused path."""
+    x = torch.randn(1, 2, 12, 13, dtype=torch.float64)
+    for kernel, stride, padding in ((3, 2, 0), (2, 2, 0), (3, 2, 1), (3, 3, 1)):
+        fused = composer.blurmax_pool2d(x, kernel, stride, padding, 1, True)
+        filtered = composer.blurmax_pool2d(x, kernel, stride, padding, 1, True, filter=composer._filter3x3().double())
+        assert fused.shape == nn.MaxPool2d(kernel, stride, padding, ceil_mode=True)(x).shape
+        torch.testing.assert_close(filtered, fused)
+
+
+def test_numpy_integers_are_taken():
+    """numpy integers, as ``nn.MaxPool2d`` and the anchors take them (kornia's stride, timm's filt_size)."""
+    x = torch.randn(1, 16, 9, 8)
+    i = np.int64
+    pairs = [
+        (kornia_compat.BlurPool2D(3, i(2)), kornia_compat.BlurPool2D(3, 2)),
+        (timm_compat.BlurPool2d(16, i(3)), timm_compat.BlurPool2d(16, 3)),
+        (composer.BlurPool2d(16, i(2)), composer.BlurPool2d(16, 2)),
+        (composer.BlurMaxPool2d(i(3), (i(2), 2), i(1)), composer.BlurMaxPool2d(3, 2, 1)),
+        (composer.apply_blurpool(nn.Sequential(nn.MaxPool2d(i(3), 2, 1))), composer.BlurMaxPool2d(3, 2, 1)),
+    ]
+    for ours, plain in pairs:
+        torch.testing.assert_close(ours(x), plain(x))
+    for stride in (2.0, (2,), "2"):
+        with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
+            composer.BlurPool2d(16, stride)
 
 
 def test_ffcv_blurpoolconv():

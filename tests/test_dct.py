@@ -187,6 +187,10 @@ def test_torch_func_and_forward_mode_match_the_reference(target):
             torch.testing.assert_close(func.vmap(ours)(x[:, None]), looped)
     with ktkernels.use_backend(name), pytest.raises(NotImplementedError, match="channel_power_mean_backward: diff"):
         func.grad(lambda t: func.grad(lambda u: ktkernels.dct_attention_map(u).sum())(t).square().sum())(x)
+    leaf = x.clone().requires_grad_()
+    with ktkernels.use_backend(name), pytest.raises(NotImplementedError, match="channel_power_mean_backward: diff"):
+        (grad,) = torch.autograd.grad(ktkernels.dct_attention_map(leaf).sum(), leaf, create_graph=True)
+        grad.square().sum().backward()  # the same error in eager autograd as under torch.func
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -273,8 +277,25 @@ def test_modules():
         (lambda: ktkernels.dct_attention_map(torch.randn(2, 3, 4, 4), p=0.5), ValueError, "p must be"),
         (lambda: ktkernels.dct_attention_map(torch.randn(2, 3, 4, 4), p=float("inf")), ValueError, "finite"),
         (lambda: ktkernels.dct2d([[1.0]]), TypeError, "Tensor"),
+        (lambda: ktkernels.dct2d(torch.randn(4, 4), keep=2.0), TypeError, "dct2d: keep must be an int or a pair"),
+        (lambda: ktkernels.dct2d(torch.randn(4, 4), keep=True), TypeError, "dct2d: keep must be an int or a pair"),
+        (lambda: ktkernels.dct2d(torch.randn(4, 4), keep=(5, 2)), ValueError, r"dct2d: keep \[5, 2\] exceeds"),
+        (lambda: ktkernels.dct(torch.randn(4, 4), dim=1.0), ValueError, "out of range"),
+        # modules check their arguments when built, not at the first forward
+        (lambda: ktkernels.DCT2d(keep=0), ValueError, "DCT2d: keep must be >= 1"),
+        (lambda: ktkernels.DCT2d(keep="2"), TypeError, "DCT2d: keep must be an int or a pair"),
     ],
 )
 def test_bad_input_raises(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_numpy_scalars_are_taken():
+    """numpy integers and floats, as torch's own layers take them (e.g. sizes read from an array)."""
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    torch.testing.assert_close(ktkernels.dct2d(x, keep=np.int64(2)), ktkernels.dct2d(x, keep=2))
+    torch.testing.assert_close(ktkernels.dct2d(x, keep=(np.int32(3), 2)), ktkernels.dct2d(x, keep=(3, 2)))
+    torch.testing.assert_close(ktkernels.dct(x, dim=np.int64(1)), ktkernels.dct(x, dim=1))
+    torch.testing.assert_close(ktkernels.DCT2d(keep=np.int64(2))(x), ktkernels.dct2d(x, keep=2))
+    torch.testing.assert_close(ktkernels.dct_attention_map(x, p=np.float32(3)), ktkernels.dct_attention_map(x, p=3))

@@ -3,8 +3,10 @@ per-sample weights, extreme logits, opcheck, gradcheck, torch.compile, the multi
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from backend_targets import TARGETS
@@ -235,6 +237,38 @@ def test_map_distance_edge_cases(target):
             assert_close(op.attention_map_distance(big_s, big_t, "dct_b"), expected, MAP_TOL[torch.float32])
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy, on NaN
+@pytest.mark.parametrize("target", TARGETS)
+def test_non_finite_inputs_make_every_loss_non_finite(target):
+    """A NaN or inf in one sample's features or logits must show in the loss (NaN or inf), as in F.normalize,
+    torch.norm and kl_div: a sample that silently counts as 0 would hide a diverging run. (The guards at d = 0 and
+    p_t = 0 once took NaN for 0 on the CPU and reference backends, while Triton returned NaN.) So must the
+    gradients of that sample, and only of that sample."""
+    name, device = target
+    s, t = torch.rand(2, 3, 4, 5, device=device) + 0.1, torch.rand(2, 3, 4, 5, device=device) + 0.1
+    logits_s, logits_t = torch.randn(2, 6, device=device), torch.randn(2, 6, device=device)
+    losses = {
+        "pixel_global": ktkernels.pixel_global_transfer_loss,
+        "at_code": lambda a, b: ktkernels.attention_transfer_loss(a, b, mode="code"),
+        "at_paper": lambda a, b: ktkernels.attention_transfer_loss(a, b, mode="paper"),
+        **{f"dct_{v}": lambda a, b, v=v: ktkernels.dct_attention_loss(a, b, variant=v) for v in ("a", "b", "dct")},
+        "soft_target": lambda a, b: ktkernels.soft_target_loss(a, b, 4.0),
+    }
+    with ktkernels.use_backend(name):
+        for what, loss in losses.items():
+            clean = (logits_s, logits_t) if what == "soft_target" else (s, t)
+            assert torch.isfinite(loss(*clean)), what
+            for side, bad in itertools.product((0, 1), (float("nan"), float("inf"))):
+                inputs = [x.clone() for x in clean]
+                inputs[side][0].view(-1)[2] = bad
+                inputs = [x.requires_grad_() for x in inputs]
+                value = loss(*inputs)
+                case = f"{what}: {bad} in the {('student', 'teacher')[side]}"
+                assert not torch.isfinite(value), f"{case} gave {value}"
+                for grad in torch.autograd.grad(value, inputs):
+                    assert not torch.isfinite(grad[0]).all() and torch.isfinite(grad[1]).all(), f"{case}: {grad}"
+
+
 def test_teacher_correct_mask_and_weights_keep_divisor_n():
     logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, 1.0]])
     mask = ktkernels.teacher_correct_mask(logits, torch.tensor([0, 0, 0]))
@@ -385,8 +419,8 @@ def test_gradcheck_float64(backend_name):
 @pytest.mark.parametrize("backend_name", ["cpu", "torch"])
 def test_torch_func_grad_and_per_sample_grads(backend_name):
     """torch.func.grad (student and teacher) and per-sample gradients (vmap over grad) of every loss equal eager
-    autograd's; forward mode raises NotImplementedError naming the op (the custom ops alone raise under
-    torch.func.grad and drop a tangent silently, pytorch/pytorch#170834)."""
+    autograd's; forward mode and double backward raise NotImplementedError naming the op (the custom ops alone
+    raise under torch.func.grad and drop a tangent silently, pytorch/pytorch#170834)."""
     import torch.autograd.forward_ad as fwAD
 
     s = torch.randn(3, 4, 5, 6, dtype=torch.float64).abs()
@@ -421,6 +455,11 @@ def test_torch_func_grad_and_per_sample_grads(backend_name):
                 func.jvp(lambda u, f=loss, w=b: f(u, w), (a,), (torch.ones_like(a),))
             with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
                 loss(fwAD.make_dual(a, torch.ones_like(a)), b)
+            # double backward: the same error in eager autograd (not torch's RuntimeError naming no ktkernels op)
+            leaf = a.clone().requires_grad_()
+            (grad,) = torch.autograd.grad(loss(leaf, b), leaf, create_graph=True)
+            with pytest.raises(NotImplementedError, match=r"ktkernels::\w+_backward|ktkernels::transfer_grad: diff"):
+                grad.square().sum().backward()
 
 
 @pytest.mark.slow
@@ -538,11 +577,31 @@ INT = torch.int32
         (lambda: ktkernels.teacher_correct_mask(_f(10), torch.tensor(3)), ValueError, r"\(N, K\)"),
         (lambda: ktkernels.teacher_correct_mask(_f(3, 0), torch.zeros(3, dtype=torch.long)), ValueError, "K >= 1"),
         (lambda: ktkernels.teacher_correct_mask(_f(4, 10), torch.zeros(4)), TypeError, "integers"),
+        # modules check their arguments when built, not at the first forward
+        (lambda: ktkernels.PixelGlobalTransferLoss(keep=0), ValueError, "keep must be an int >= 1"),
+        (lambda: ktkernels.DCTAttentionLoss(p=0.5), ValueError, "DCTAttentionLoss: p must be"),
+        (lambda: ktkernels.AttentionTransferLoss(p=True), ValueError, "AttentionTransferLoss: p must be"),
     ],
 )  # fmt: skip
 def test_bad_input_raises(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_numpy_scalars_are_taken():
+    """numpy integers and floats, as torch's own layers take them (e.g. hyper-parameters read from an array)."""
+    s, t = _f(2, 3, 5, 4, dtype=torch.float64), _f(2, 3, 5, 4, dtype=torch.float64)
+    z_s, z_t = torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    cases = [
+        (lambda k: PG(s, t, global_mode="dct_lowpass", keep=k), np.int64(2), 2),
+        (lambda k: ktkernels.PixelGlobalTransferLoss(global_mode="cosine", keep=k)([s], [t]).total, np.int64(2), 2),
+        (lambda temperature: SOFT(z_s, z_t, temperature), np.float32(3), 3.0),
+        (lambda temperature: ktkernels.SoftTargetLoss(temperature)(z_s, z_t).total, np.int64(3), 3.0),
+        (lambda p: AT(s, t, p=p), np.float32(3), 3.0),
+        (lambda p: ktkernels.DCTAttentionLoss(p=p)([s], [t]).total, np.int64(3), 3.0),
+    ]
+    for index, (loss, numpy_value, value) in enumerate(cases):
+        torch.testing.assert_close(loss(numpy_value), loss(value), msg=lambda m, i=index: f"case {i}: {m}")
 
 
 def test_named_triton_backend_refuses_float64():

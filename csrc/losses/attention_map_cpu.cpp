@@ -84,17 +84,18 @@ inline T sign_of(T v) {
   return static_cast<T>((v > T(0)) - (v < T(0)));
 }
 
-// sqrt with the reference's guard (_safe_sqrt): 0 for x <= 0, and sqrt(max(x, tiny)) otherwise.
+// sqrt with the reference's guard (_safe_sqrt): 0 for x <= 0, and sqrt(max(x, tiny)) otherwise, so NaN stays NaN
+// (std::max returns its first argument when they compare false): a NaN feature must show in the loss.
 template <typename T>
 inline T safe_sqrt(T x) {
-  return x > T(0) ? std::sqrt(std::max(x, std::numeric_limits<T>::min())) : T(0);
+  return x <= T(0) ? T(0) : std::sqrt(std::max(x, std::numeric_limits<T>::min()));
 }
 
-// d safe_sqrt / dx times g, as autograd computes it: g / (2 sqrt(x)) where x > 0 and x >= tiny (clamp_min
-// passes the gradient there), else 0.
+// d safe_sqrt / dx times g, as autograd computes it: g / (2 sqrt(x)) where x >= tiny (clamp_min passes the
+// gradient there) or x is NaN, else 0.
 template <typename T>
 inline T safe_sqrt_grad(T x, T d, T g) {
-  return (x > T(0) && x >= std::numeric_limits<T>::min()) ? g / (T(2) * d) : T(0);
+  return x < std::numeric_limits<T>::min() ? T(0) : g / (T(2) * d);
 }
 
 template <typename T>

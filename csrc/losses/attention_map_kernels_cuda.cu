@@ -62,16 +62,16 @@ __device__ __forceinline__ T clamp_min(T x, T bound) {
   return x < bound ? bound : x;
 }
 
-// The reference's _safe_sqrt: 0 for x <= 0, sqrt(max(x, tiny)) otherwise.
+// The reference's _safe_sqrt: 0 for x <= 0, sqrt(max(x, tiny)) otherwise; NaN stays NaN (clamp_min keeps it).
 template <typename T>
 __device__ __forceinline__ T safe_sqrt(T x) {
-  return x > T(0) ? sqrt_acc(clamp_min(x, tiny_of(x))) : T(0);
+  return x <= T(0) ? T(0) : sqrt_acc(clamp_min(x, tiny_of(x)));
 }
 
-// g times its derivative as autograd computes it: g / (2 sqrt(x)) where x > 0 and x >= tiny, else 0.
+// g times its derivative as autograd computes it: g / (2 sqrt(x)) where x >= tiny or x is NaN, else 0.
 template <typename T>
 __device__ __forceinline__ T safe_sqrt_grad(T x, T d, T g) {
-  return (x > T(0) && x >= tiny_of(x)) ? g / (T(2) * d) : T(0);
+  return x < tiny_of(x) ? T(0) : g / (T(2) * d);
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ void forward_row(const scalar_t* __restrict sr, const scalar_t* __restrict tr, i
     const acc_t ea = std::exp(a);
     st[l] += ea;
     ss[l] += std::exp(b);
-    ws[l] += ea > acc_t(0) ? ea * (a - b) : acc_t(0);  // p_t = 0 adds 0, even for a = -inf (0 log 0 = 0)
+    ws[l] += ea == acc_t(0) ? acc_t(0) : ea * (a - b);  // p_t = 0 adds 0, even for a = -inf (0 log 0 = 0); NaN stays
   }
   finish_row(ss, st, ws, ms, mt, r);
 }
@@ -99,7 +99,7 @@ void backward_row(const scalar_t* __restrict sr, const scalar_t* __restrict tr, 
     const acc_t lpt = static_cast<acc_t>(tr[k]) / T - lse_t;
     const acc_t pt = std::exp(lpt);
     if (gs) gs[k] = static_cast<scalar_t>(g * (std::exp(lps) - pt));
-    if (gt) gt[k] = static_cast<scalar_t>(pt > acc_t(0) ? g * pt * (lpt - lps - kl) : acc_t(0));
+    if (gt) gt[k] = static_cast<scalar_t>(pt == acc_t(0) ? acc_t(0) : g * pt * (lpt - lps - kl));
   }
 }
 
@@ -147,9 +147,9 @@ KTK_AVX2 inline float max_lanes(__m256 v) {
   return m;
 }
 
-// Lanes where v > 0 keep x, the others 0 (the scalar `v > 0 ? x : 0`; NaN v gives 0).
-KTK_AVX2 inline __m256 where_positive(__m256 v, __m256 x) {
-  return _mm256_and_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ), x);
+// Lanes where v == 0 give 0, the others x (the scalar `v == 0 ? 0 : x`; NaN v keeps x, so a NaN row stays NaN).
+KTK_AVX2 inline __m256 zero_where_zero(__m256 v, __m256 x) {
+  return _mm256_andnot_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_EQ_OQ), x);
 }
 
 template <typename scalar_t>
@@ -181,7 +181,7 @@ KTK_AVX2 void forward_row_avx2(const scalar_t* sr, const scalar_t* tr, int64_t K
     }
     vst = _mm256_add_ps(vst, ea);
     vss = _mm256_add_ps(vss, eb);
-    vws = _mm256_add_ps(vws, where_positive(ea, _mm256_mul_ps(ea, _mm256_sub_ps(a, b))));
+    vws = _mm256_add_ps(vws, zero_where_zero(ea, _mm256_mul_ps(ea, _mm256_sub_ps(a, b))));
   }
   alignas(32) float ss[kLanes], st[kLanes], ws[kLanes];
   _mm256_store_ps(ss, vss);
@@ -203,7 +203,7 @@ KTK_AVX2 void backward_row_avx2(const scalar_t* sr, const scalar_t* tr, int64_t 
     if (gs) store8(gs + k0, _mm256_mul_ps(vg, _mm256_sub_ps(Sleef_expf8_u10(lps), pt)), n);
     if (gt) {
       const __m256 v = _mm256_mul_ps(_mm256_mul_ps(vg, pt), _mm256_sub_ps(_mm256_sub_ps(lpt, lps), kl));
-      store8(gt + k0, where_positive(pt, v), n);
+      store8(gt + k0, zero_where_zero(pt, v), n);
     }
   }
 }

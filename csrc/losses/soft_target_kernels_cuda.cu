@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kThreads) soft_forward_kernel(const SoftArgs a
       const A ea = exp_acc(ta);
       st += ea;
       ss += exp_acc(sb);
-      w += ea > A(0) ? ea * (ta - sb) : A(0);  // p_t = 0 adds 0, even for ta = -inf (0 log 0 = 0)
+      w += ea == A(0) ? A(0) : ea * (ta - sb);  // p_t = 0 adds 0, even for ta = -inf (0 log 0 = 0); NaN stays
     }
   }
   ss = group_reduce<false>(ss, G, red);
@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kThreads) soft_backward_kernel(const SoftArgs 
     const A lpt = to_acc(ldg(t + n64 * a.t_row + k64)) / Tm - lse_t;
     const A pt = exp_acc(lpt);
     if (gs != nullptr) gs[n64 * a.K + k64] = from_acc<T>(g * (exp_acc(lps) - pt));
-    if (gt != nullptr) gt[n64 * a.K + k64] = from_acc<T>(pt > A(0) ? g * pt * (lpt - lps - kl) : A(0));
+    if (gt != nullptr) gt[n64 * a.K + k64] = from_acc<T>(pt == A(0) ? A(0) : g * pt * (lpt - lps - kl));
   }
 }
 

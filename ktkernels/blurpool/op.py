@@ -24,7 +24,6 @@ ops do too.
 from __future__ import annotations
 
 import functools
-import numbers
 from collections.abc import Callable
 
 import torch
@@ -34,6 +33,7 @@ from torch import Tensor
 
 from .. import backend, layout
 from ..autograd import apply, functorch_differentiates, register, register_fold_vmap
+from ..checks import check_int
 from ..layout import channels_inner
 from .geometry import (
     MAX_FILT_SIZE,
@@ -61,19 +61,6 @@ _UNIT_AXIS = Axis(size=1, filt_size=1, stride=1, pad_before=0, pad_after=0, mode
 
 # ----------------------------------------------------------------------------------------------
 # Validation (runs in the fake impl too, so torch.compile reports bad input at trace time)
-
-
-def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    """``value`` as an int in ``low..high``. Any integral type is taken (numpy's too, as ``nn.Conv2d`` takes them, and
-    the SymInts dynamo passes into a frame resumed after a graph break); bools and everything else raise TypeError,
-    values out of range ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        bound = f"in {low}..{high}" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return value
 
 
 def check_input(x: Tensor, spatial_dims: int, op: str, what: str = "input") -> None:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..blurpool import op
 from ..blurpool.geometry import binomial_filter2d
 from ..blurpool.modules import BlurLayer, FixedFilterState
+from ..checks import is_int
 
 __all__ = ["BlurConv2d", "BlurMaxPool2d", "BlurPool2d", "apply_blurpool", "blur_2d", "blurmax_pool2d"]
 
@@ -45,8 +46,27 @@ class _BlurFilterBuffer(FixedFilterState):
         return {"blur_filter": binomial_filter2d(3)}
 
 
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """An int or a pair of ints (numpy's too) as a pair, as ``nn.Conv2d`` and ``nn.MaxPool2d`` take them."""
+    pair = (value, value) if is_int(value) else tuple(value) if isinstance(value, (tuple, list)) else ()
+    if len(pair) != 2 or not all(is_int(v) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+class _LiveAttributes(FixedFilterState):
+    """Composer's forwards read their constructor attributes on every call, so setting one (model surgery that
+    sets ``stride = 1``) takes effect: here it rebuilds the blur children (``_build``), with the same checks."""
+
+    _LIVE = ()  # names of the live attributes (no annotation: TorchScript would look for an instance attribute)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name in self._LIVE and self.__dict__.get("_built", False):
+            self._build()
+
+    def _build(self) -> None:
+        raise NotImplementedError
 
 
 class _Blur3x3(BlurLayer):
@@ -62,7 +82,7 @@ class _Blur3x3(BlurLayer):
         max_dilation: int | Sequence[int] = 1,
     ) -> None:
         super().__init__()
-        sh, sw = _pair(stride)
+        sh, sw = _pair(stride, "stride")
         self._configure(
             spatial_dims=2,
             filt_size=3,
@@ -76,11 +96,14 @@ class _Blur3x3(BlurLayer):
         )
 
 
-class BlurPool2d(_BlurFilterBuffer):
+class BlurPool2d(_BlurFilterBuffer, _LiveAttributes):
     """``composer...BlurPool2d(channels=0, stride=2, padding=1)``: (N, C, H, W) -> (N, C, ceil(H/s), ceil(W/s)).
 
-    ``channels`` 0 or -1 reads C from the input; ``padding`` is stored and, as in Composer, ignored.
+    ``channels`` 0 or -1 reads C from the input; ``padding`` is stored and, as in Composer, ignored. ``stride``
+    and ``channels`` are live, as in Composer.
     """
+
+    _LIVE = ("channels", "stride")
 
     def __init__(self, channels: int = 0, stride: int | Sequence[int] = 2, padding: int | Sequence[int] = 1) -> None:
         super().__init__()
@@ -88,18 +111,25 @@ class BlurPool2d(_BlurFilterBuffer):
         self.stride = stride
         self.padding = padding
         self.register_buffer("blur_filter", _filter3x3(max(channels, 1)))
-        self.blur = _Blur3x3(stride, channels if channels > 0 else None)
+        self._build()
+        self._built = True
+
+    def _build(self) -> None:
+        self.blur = _Blur3x3(self.stride, self.channels if self.channels > 0 else None)
 
     def forward(self, input: Tensor) -> Tensor:
         return self.blur(input)
 
 
-class BlurMaxPool2d(FixedFilterState):
+class BlurMaxPool2d(_LiveAttributes):
     """``composer...BlurMaxPool2d``: ``max_pool2d(kernel_size, stride=1, padding, dilation)`` then the 3x3 blur.
 
     (N, C, H, W) -> the size ``nn.MaxPool2d(kernel_size, stride, padding, dilation, ceil_mode)`` gives.
-    Fused into one kernel for (kernel 2, pad 0) and (kernel 3, pad 1) with dilation 1.
+    Fused into one kernel for (kernel 2, pad 0) and (kernel 3, pad 1) with dilation 1. The constructor attributes
+    are live, as in Composer.
     """
+
+    _LIVE = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
 
     def __init__(
         self,
@@ -110,7 +140,7 @@ class BlurMaxPool2d(FixedFilterState):
         ceil_mode: bool = False,
     ) -> None:
         super().__init__()
-        for k in _pair(kernel_size):
+        for k in _pair(kernel_size, "kernel_size"):
             op.check_int("kernel_size", k, 1)  # before the stride, which defaults to it
         self.kernel_size = kernel_size
         self.stride = stride if stride is not None else kernel_size
@@ -118,12 +148,16 @@ class BlurMaxPool2d(FixedFilterState):
         self.dilation = dilation
         self.ceil_mode = ceil_mode
         self.register_buffer("filt2d", _filter3x3())
-        stride_hw = _pair(self.stride)
+        self._build()
+        self._built = True
+
+    def _build(self) -> None:
+        stride_hw = _pair(self.stride, "stride")
         # ceil_mode: s - 1 extra zero rows give ceil((H_m - 1)/s) + 1 rows; forward crops to torch's rule.
-        extra = tuple(s - 1 for s in stride_hw) if ceil_mode else (0, 0)
-        self.blur = _Blur3x3(stride_hw, None, extra, kernel_size, padding, dilation)
+        extra = tuple(s - 1 for s in stride_hw) if self.ceil_mode else (0, 0)
+        self.blur = _Blur3x3(stride_hw, None, extra, self.kernel_size, self.padding, self.dilation)
         self._stride_hw: List[int] = list(stride_hw)  # noqa: UP006 (TorchScript)
-        self._padding_hw: List[int] = list(_pair(padding))  # noqa: UP006
+        self._padding_hw: List[int] = list(_pair(self.padding, "padding"))  # noqa: UP006
 
     def _fixed_filters(self) -> dict[str, Tensor]:
         return {"filt2d": binomial_filter2d(3)}
@@ -137,11 +171,7 @@ class BlurMaxPool2d(FixedFilterState):
     def forward(self, input: Tensor) -> Tensor:
         out = self.blur(input)
         if self.ceil_mode:
-            # torch drops a last window that would start past the input and its padding; slicing never
-            # grows a tensor, so this crop is min(size, limit) without control flow (FX traces it).
-            sh, sw = self._stride_hw
-            ph, pw = self._padding_hw
-            out = out[:, :, : (input.shape[2] + ph + sh - 1) // sh, : (input.shape[3] + pw + sw - 1) // sw]
+            out = _ceil_crop(out, input, self._stride_hw, self._padding_hw)
         return out
 
     @staticmethod
@@ -150,43 +180,64 @@ class BlurMaxPool2d(FixedFilterState):
         return BlurMaxPool2d(module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
 
 
+def _ceil_crop(out: Tensor, input: Tensor, stride_hw: List[int], padding_hw: List[int]) -> Tensor:  # noqa: UP006
+    """``out`` cropped to ``nn.MaxPool2d(ceil_mode=True)``'s size for ``input``: torch drops a last window that would
+    start past the input and its padding. Slicing never grows a tensor, so this is min(size, limit) without control
+    flow (FX traces it)."""
+    sh, sw = stride_hw
+    ph, pw = padding_hw
+    return out[:, :, : (input.shape[2] + ph + sh - 1) // sh, : (input.shape[3] + pw + sw - 1) // sw]
+
+
 def _is_exact_pool_rewrite(conv: nn.Conv2d) -> bool:
     """A 1x1, unpadded, strided conv commutes with the blur: blur-pool at the stride, then conv at stride 1."""
     return conv.kernel_size == (1, 1) and conv.padding in ((0, 0), "valid") and max(conv.stride) > 1
 
 
-class BlurThenConv(_BlurFilterBuffer):
+class BlurThenConv(_BlurFilterBuffer, _LiveAttributes):
     """Shared by Composer's ``BlurConv2d(blur_first=True)`` and FFCV's ``BlurPoolConv2d``: ``conv(blur_s1(x))``.
 
     For a strided 1x1 conv it computes ``conv_s1(blurpool_s(x))`` instead: the same values (the blur
-    commutes with a 1x1 conv), with s^2 less blur output and conv input.
+    commutes with a 1x1 conv), with s^2 less blur output and conv input. Whether the rewrite applies is checked
+    on every call, so a conv swapped in (``layer.conv = ...``, a LoRA-style wrapper) or changed in place runs as
+    the anchor runs it.
     """
 
-    def _setup_blur_then_conv(self, conv: nn.Conv2d) -> None:
-        # Only a plain nn.Conv2d: a subclass's own forward (weight standardisation, QAT) must run.
+    def _setup_blur_then_conv(self, conv: nn.Module) -> None:
+        # Only a plain nn.Conv2d: a subclass's or a wrapper's own forward (weight standardisation, QAT) must run.
         self._pool_rewrite = type(conv) is nn.Conv2d and _is_exact_pool_rewrite(conv)
-        self.pool_blur = _Blur3x3(conv.stride, conv.in_channels)  # stateless: no state-dict keys
+        stride = tuple(conv.stride) if self._pool_rewrite else (1, 1)
+        self._pool_stride: List[int] = list(stride)  # noqa: UP006 (TorchScript)
+        self.pool_blur = _Blur3x3(stride, conv.in_channels if self._pool_rewrite else None)  # stateless: no keys
 
     def _blur_then_conv(self, input: Tensor) -> Tensor:
         """Needs ``self.conv`` and ``self.blur`` (the stride-1 blur)."""
         shortcut = self._pool_rewrite
         if not torch.jit.is_scripting():  # TorchScript skips this block (and scripted modules run no Python hooks)
-            shortcut = shortcut and not self._conv_has_hooks()
+            shortcut = shortcut and self._rewrite_still_applies()
         if shortcut:
             return F.conv2d(self.pool_blur(input), self.conv.weight, self.conv.bias, 1, 0, 1, self.conv.groups)
         return self.conv(self.blur(input))
 
     @torch.jit.unused
-    def _conv_has_hooks(self) -> bool:
-        """Hooks on the conv (weight_norm's pre-hook, pruning, user hooks) need its own forward call."""
+    def _rewrite_still_applies(self) -> bool:
+        """The conv is still the plain strided 1x1 conv ``pool_blur`` was built for, and has no hooks (weight_norm's
+        pre-hook, pruning, user hooks need its own forward call)."""
         conv = self.conv
-        return bool(conv._forward_hooks or conv._forward_pre_hooks or conv._forward_hooks_with_kwargs)
+        return (
+            type(conv) is nn.Conv2d
+            and _is_exact_pool_rewrite(conv)
+            and list(conv.stride) == self._pool_stride
+            and not (conv._forward_hooks or conv._forward_pre_hooks or conv._forward_hooks_with_kwargs)
+        )
 
 
 class BlurConv2d(BlurThenConv):
     """``composer...BlurConv2d``: a 3x3 blur on the input at stride 1, then the strided conv (``blur_first``),
     or the conv at stride 1, then the blur at the stride. (N, C_in, H, W) -> what the plain conv gives.
     """
+
+    _LIVE = ("conv", "blur_first", "blur_stride", "blur_nchannels")
 
     def __init__(
         self,
@@ -227,8 +278,14 @@ class BlurConv2d(BlurThenConv):
         )
         self.conv._already_blurpooled = True
         self.register_buffer("blur_filter", _filter3x3(self.blur_nchannels).to(device=device))
-        self.blur = _Blur3x3(self.blur_stride, self.blur_nchannels)
-        self.adopt_conv(self.conv)
+        self._build()
+        self._built = True
+
+    def _build(self) -> None:
+        """The blur (at stride 1 before the conv, or at ``blur_stride`` after it) and the 1x1 rewrite for ``conv``."""
+        self.blur = _Blur3x3(1 if self.blur_first else self.blur_stride, self.blur_nchannels)
+        self._setup_blur_then_conv(self.conv)
+        self._pool_rewrite = self._pool_rewrite and self.blur_first
 
     def forward(self, input: Tensor) -> Tensor:
         if not self.blur_first:
@@ -237,9 +294,7 @@ class BlurConv2d(BlurThenConv):
 
     def adopt_conv(self, conv: nn.Conv2d) -> None:
         """Wrap ``conv`` itself (its Parameters, subclass and hooks) instead of the conv built here."""
-        self.conv = conv
-        self._setup_blur_then_conv(conv)
-        self._pool_rewrite = self._pool_rewrite and self.blur_first
+        self.conv = conv  # live: rebuilds the rewrite for it
 
     @staticmethod
     def from_conv2d(module: nn.Conv2d, module_index: int = -1, blur_first: bool = True) -> BlurConv2d:
@@ -277,7 +332,7 @@ def blur_2d(input: Tensor, channels: int = -1, stride: int | Sequence[int] = 1, 
         c = input.shape[1] if channels < 1 else channels
         if filter.shape[0] == 1 and c > 1:
             filter = filter.expand(c, 1, fh, fw)
-        return F.conv2d(input, filter.to(input), None, _pair(stride), (fh // 2, fw // 2), 1, c)
+        return F.conv2d(input, filter.to(input), None, _pair(stride, "stride"), (fh // 2, fw // 2), 1, c)
     return _Blur3x3(stride, channels if channels > 0 else None)(input)
 
 
@@ -294,7 +349,12 @@ def blurmax_pool2d(
     kernel_size = (2, 2) if kernel_size is None else kernel_size
     if filter is not None:
         maxs = F.max_pool2d(input, kernel_size, 1, padding, dilation)
-        return blur_2d(maxs, -1, stride, filter)
+        if not ceil_mode:
+            return blur_2d(maxs, -1, stride, filter)
+        # as BlurMaxPool2d does: s - 1 extra zero rows and columns, then torch's ceil_mode size
+        stride_hw = _pair(stride, "stride")
+        maxs = F.pad(maxs, (0, stride_hw[1] - 1, 0, stride_hw[0] - 1))
+        return _ceil_crop(blur_2d(maxs, -1, stride_hw, filter), input, list(stride_hw), list(_pair(padding, "padding")))
     return BlurMaxPool2d(kernel_size, stride, padding, dilation, ceil_mode)(input)
 
 

@@ -22,12 +22,18 @@ __all__ = ["BlurPoolConv2d", "apply_blurpool"]
 class BlurPoolConv2d(BlurThenConv):
     """``BlurPoolConv2d(conv)``: (N, C_in, H, W) -> ``conv(blur(x))``, the shape ``conv`` gives."""
 
+    _LIVE = ("conv",)
+
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
         self.conv = conv
         self.register_buffer("blur_filter", _filter3x3(conv.in_channels).to(conv.weight.device))
         self.blur = _Blur3x3(1, conv.in_channels)
-        self._setup_blur_then_conv(conv)
+        self._build()
+        self._built = True
+
+    def _build(self) -> None:
+        self._setup_blur_then_conv(self.conv)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._blur_then_conv(x)

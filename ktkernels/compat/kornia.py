@@ -23,6 +23,7 @@ from torch import Tensor
 from ..blurpool import op
 from ..blurpool.geometry import binomial_filter2d, flavour_pads
 from ..blurpool.modules import BlurLayer
+from ..checks import is_int
 
 __all__ = ["BlurPool2D", "MaxBlurPool2D", "blur_pool2d", "max_blur_pool2d"]
 
@@ -51,9 +52,10 @@ class _KorniaLayer(BlurLayer):
         super().__init__()
         k = _square_kernel(kernel_size)
         pair = isinstance(stride, (tuple, list)) and len(stride) == 2
-        strides = [stride, stride] if isinstance(stride, int) else list(stride) if pair else []
-        if not strides or any(isinstance(s, bool) or not isinstance(s, int) for s in strides):
+        strides = [stride, stride] if is_int(stride) else list(stride) if pair else []
+        if not strides or not all(is_int(s) for s in strides):
             raise ValueError(f"stride must be an int or a pair of ints, got {stride!r}")
+        strides = [int(s) for s in strides]
         flavour = "kornia_legacy" if legacy_even_padding else "kornia09"
         pads = [*flavour_pads(flavour, k, strides[1]), *flavour_pads(flavour, k, strides[0])]
         self._configure(

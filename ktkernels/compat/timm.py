@@ -20,6 +20,7 @@ from torch import nn
 
 from ..blurpool.geometry import binomial_filter2d, flavour_pads
 from ..blurpool.modules import BlurLayer
+from ..checks import is_int
 
 __all__ = ["BlurPool2d", "create_aa"]
 
@@ -45,8 +46,9 @@ class BlurPool2d(BlurLayer):
         dtype=None,
     ) -> None:
         super().__init__()
-        if isinstance(filt_size, bool) or not isinstance(filt_size, int) or filt_size < 2:
+        if not is_int(filt_size) or filt_size < 2:
             raise ValueError(f"timm BlurPool2d needs filt_size > 1, got {filt_size!r}")
+        filt_size = int(filt_size)
         p = flavour_pads("timm", filt_size, stride)[0]
         self._configure(
             spatial_dims=2,

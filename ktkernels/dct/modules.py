@@ -21,17 +21,30 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from ..autograd import apply
+from ..checks import is_int
 from . import op
 from .basis import canonical_norm
 
 
+def _keep_pair(keep: int | Sequence[int] | None, name: str) -> list[int] | None:
+    """``keep`` as [kh, kw] of ints >= 1 (numpy's too), or None: TypeError for another form, ValueError below 1."""
+    if keep is None:
+        return None
+    pair = [keep, keep] if is_int(keep) else list(keep) if isinstance(keep, Sequence) else None
+    if pair is None or len(pair) != 2 or not all(is_int(k) for k in pair):
+        raise TypeError(f"{name}: keep must be an int or a pair of ints (kh, kw), got {keep!r}")
+    if min(pair) < 1:
+        raise ValueError(f"{name}: keep must be >= 1, got {keep!r}")
+    return [int(k) for k in pair]
+
+
 def _keep(x: Tensor, keep: int | Sequence[int] | None) -> list[int]:
     op.check_input(x, 2, "dct2d")
-    if keep is None:
+    pair = _keep_pair(keep, "dct2d")
+    if pair is None:
         return list(x.shape[-2:])
-    pair = [keep, keep] if isinstance(keep, int) and not isinstance(keep, bool) else list(keep)
-    if len(pair) != 2 or any(isinstance(k, bool) or not isinstance(k, int) for k in pair):
-        raise TypeError(f"keep must be an int or a pair of ints (kh, kw), got {keep!r}")
+    if any(k > size for k, size in zip(pair, x.shape[-2:], strict=True)):
+        raise ValueError(f"dct2d: keep {pair} exceeds the transformed size {list(x.shape[-2:])}")
     return pair
 
 
@@ -54,8 +67,9 @@ def idct2d(x: Tensor, norm: str | None = "ortho") -> Tensor:
 
 def _along(x: Tensor, dim: int, kind: str, norm: str | None) -> Tensor:
     op.check_input(x, 1, kind)
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+    if not is_int(dim) or not -x.dim() <= dim < x.dim():
         raise ValueError(f"{kind}: dim {dim!r} is out of range for a {x.dim()}-D tensor")
+    dim = int(dim)
     moved = x.movedim(dim, -1)
     return apply(op.dct_transform, moved, kind, canonical_norm(norm), [moved.shape[-1]], False).movedim(-1, dim)
 
@@ -93,6 +107,7 @@ class DCT2d(nn.Module):
     def __init__(self, norm: str | None = "ortho", keep: int | Sequence[int] | None = None) -> None:
         super().__init__()
         self.norm = canonical_norm(norm) if norm is not None else None
+        _keep_pair(keep, "DCT2d")  # a bad keep fails here, not at the first forward
         self.keep = keep
 
     def forward(self, x: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .. import backend, layout
 from ..autograd import apply, register, register_fold_vmap
+from ..checks import is_real
 from ..layout import channels_inner
 from .basis import KINDS, NORMS, device_matrix
 from .reference import (
@@ -165,8 +166,14 @@ def check_power(x: Tensor, p: float, op: str) -> None:
         raise ValueError(f"{op} expects (N, C, H, W) features, got shape {tuple(x.shape)}")
     if x.shape[1] < 1:
         raise ValueError(f"{op} needs at least one channel to average, got shape {tuple(x.shape)}")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 1 <= p < math.inf:
+    check_p(p, op)
+
+
+def check_p(p: float, op: str) -> float:
+    """The exponent of ``|x|^p`` as a float: a finite number >= 1 (numpy's too), ValueError otherwise."""
+    if not is_real(p) or not 1 <= p < math.inf:
         raise ValueError(f"{op}: p must be a finite number >= 1 (|x|^p must be differentiable), got {p!r}")
+    return float(p)
 
 
 def _map_dtype(x: Tensor) -> torch.dtype:

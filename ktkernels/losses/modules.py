@@ -84,7 +84,7 @@ def pixel_global_transfer_loss(
     student, teacher = _common_dtype(student, teacher)
     if global_mode not in GLOBAL_MODES:
         raise ValueError(f"global_mode must be one of {GLOBAL_MODES}, got {global_mode!r}")
-    op.check_keep(keep)  # before the op's schema, which would take True for 1 and refuse 2.0 with a RuntimeError
+    keep = op.check_keep(keep)  # before the op's schema, which would take True for 1 and refuse 2.0 with a RuntimeError
     mode = "none" if isinstance(w_global, (int, float)) and w_global == 0 else global_mode
     terms, _ = apply(op.pixel_global_terms, student, teacher, mode, keep)
     loss = w_pixel * terms[0] + w_global * terms[1]
@@ -209,9 +209,9 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
     >>> float(soft_target_loss(z, z))
     0.0
     """
-    op.check_temperature(temperature, "soft_target_loss")  # before float(): True is no temperature
+    temperature = op.check_temperature(temperature, "soft_target_loss")  # before float(): True is no temperature
     student_logits, teacher_logits = _common_dtype(student_logits, teacher_logits)
-    kl, _ = apply(op.soft_target_kl, student_logits, teacher_logits, float(temperature))
+    kl, _ = apply(op.soft_target_kl, student_logits, teacher_logits, temperature)
     return kl.sum() * (temperature * temperature / max(student_logits.shape[0], 1))
 
 
@@ -292,6 +292,7 @@ class PixelGlobalTransferLoss(_StageLoss):
         super().__init__(stages, weights)
         if global_mode not in GLOBAL_MODES:
             raise ValueError(f"global_mode must be one of {GLOBAL_MODES}, got {global_mode!r}")
+        keep = op.check_keep(keep)
         self.w_pixel, self.w_global, self.global_mode, self.keep = w_pixel, w_global, global_mode, keep
 
     def forward(self, student: Features, teacher: Features) -> LossOutput:
@@ -326,7 +327,7 @@ class DCTAttentionLoss(_StageLoss):
         super().__init__(stages, weights)
         if variant not in DCT_VARIANTS:
             raise ValueError(f"variant must be one of {tuple(DCT_VARIANTS)}, got {variant!r}")
-        self.variant, self.p = variant, p
+        self.variant, self.p = variant, dct_op.check_p(p, type(self).__name__)
 
     def forward(self, student: Features, teacher: Features, sample_weights: Tensor | None = None) -> LossOutput:
         total, terms = None, {}
@@ -351,7 +352,7 @@ class AttentionTransferLoss(_StageLoss):
         super().__init__(stages, weights)
         if mode not in AT_MODES:
             raise ValueError(f"mode must be one of {AT_MODES}, got {mode!r}")
-        self.p, self.mode = p, mode
+        self.p, self.mode = dct_op.check_p(p, type(self).__name__), mode
 
     def forward(self, student: Features, teacher: Features) -> LossOutput:
         total, terms = None, {}
@@ -367,8 +368,7 @@ class SoftTargetLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0, weight: float = 1.0) -> None:
         super().__init__()
-        op.check_temperature(temperature, "SoftTargetLoss")
-        self.temperature, self.weight = float(temperature), weight
+        self.temperature, self.weight = op.check_temperature(temperature, "SoftTargetLoss"), weight
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> LossOutput:
         loss = soft_target_loss(student_logits, teacher_logits, self.temperature)

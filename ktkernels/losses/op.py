@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .. import backend, layout
 from ..autograd import apply, register, register_fold_vmap
+from ..checks import is_int, is_real
 from ..layout import channels_inner
 from . import reference
 from .basis import MAP_KINDS, map_tables, projection_basis
@@ -65,9 +66,11 @@ def _check_pair(s: Tensor, t: Tensor, op: str) -> None:
         raise ValueError(f"{op}: student ({s.dtype}, {s.device}) and teacher ({t.dtype}, {t.device}) differ")
 
 
-def check_keep(keep: int) -> None:
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+def check_keep(keep: int) -> int:
+    """``keep`` as an int >= 1 (numpy's too); ValueError otherwise."""
+    if not is_int(keep) or keep < 1:
         raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    return int(keep)
 
 
 @torch.library.custom_op("ktkernels::pixel_global_terms", mutates_args=())
@@ -288,12 +291,13 @@ def check_logits(s: Tensor, t: Tensor, temperature: float, op: str) -> None:
     check_temperature(temperature, op)
 
 
-def check_temperature(temperature: float, op: str) -> None:
-    """A finite number > 0 whose square (the loss scale T^2) is finite and non-zero."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+def check_temperature(temperature: float, op: str) -> float:
+    """A finite number > 0 (numpy's too) whose square (the loss scale T^2) is finite and non-zero, as a float."""
+    if not is_real(temperature):
         raise ValueError(f"{op}: temperature must be a number > 0, got {temperature!r}")
     if not (0 < temperature < math.inf and 0 < temperature * temperature < math.inf):
         raise ValueError(f"{op}: temperature must be finite and > 0, with a finite non-zero square, got {temperature}")
+    return float(temperature)
 
 
 def _rows_contiguous(x: Tensor) -> Tensor:

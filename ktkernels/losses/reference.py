@@ -139,8 +139,9 @@ def attention_map_distance(map_s: Tensor, map_t: Tensor, kind: str) -> Tensor:
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
-    """sqrt with a zero (not NaN) gradient at 0: identical maps give a zero gradient, as the kernels do."""
-    return torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).sqrt(), x.new_zeros(()))
+    """sqrt with a zero (not NaN) gradient at 0: identical maps give a zero gradient, as the kernels do. NaN stays
+    NaN (clamp_min keeps it): a NaN feature must show in the loss, as it does in ``F.normalize`` or ``torch.norm``."""
+    return torch.where(x <= 0, x.new_zeros(()), x.clamp_min(torch.finfo(x.dtype).tiny).sqrt())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,12 +150,13 @@ def _safe_sqrt(x: Tensor) -> Tensor:
 
 def soft_target_rows(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """(N, K) logits -> (N,) ``KL(softmax(t/T) || softmax(s/T))`` per row (unscaled), stable in log space.
-    Classes with p_t = 0 (a -inf teacher logit) add 0 (0 log 0 = 0, as kl_div with a probability target)."""
+    Classes with p_t = 0 (a -inf teacher logit) add 0 (0 log 0 = 0, as kl_div with a probability target); a NaN
+    p_t (a NaN or +inf logit in the row) makes the row NaN, as in kl_div."""
     work = work_dtype(student_logits, teacher_logits)
     log_p_s = torch.log_softmax(student_logits.to(work) / temperature, dim=1)
     log_p_t = torch.log_softmax(teacher_logits.to(work) / temperature, dim=1)
     p_t = log_p_t.exp()
-    return torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum(dim=1)
+    return torch.where(p_t == 0, 0.0, p_t * (log_p_t - log_p_s)).sum(dim=1)
 
 
 def soft_target_stats(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -176,5 +178,5 @@ def soft_target_grads(
     p_t = log_p_t.exp()
     g = grad_rows.to(work)[:, None] / temperature
     grad_s = g * (log_p_s.exp() - p_t)
-    grad_t = torch.where(p_t > 0, g * p_t * (log_p_t - log_p_s - rows[:, 0:1]), 0.0)
+    grad_t = torch.where(p_t == 0, 0.0, g * p_t * (log_p_t - log_p_s - rows[:, 0:1]))
     return grad_s.to(student_logits.dtype), grad_t.to(teacher_logits.dtype)

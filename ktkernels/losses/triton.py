@@ -290,7 +290,7 @@ def _soft_target_forward_kernel(s_ptr, t_ptr, rows_ptr, K, ss, st, inv_t, BK: tl
         scale_t = tl.exp(m_t - new_mt)
         sum_t = sum_t * scale_t + tl.sum(e_t, axis=0)
         # e_t = 0 where masked or p_t = 0: adds 0, even for raw_t = -inf (0 log 0 = 0)
-        cross = cross * scale_t + tl.sum(tl.where(e_t > 0, e_t * (raw_t - raw_s), 0.0), axis=0)
+        cross = cross * scale_t + tl.sum(tl.where(e_t == 0, 0.0, e_t * (raw_t - raw_s)), axis=0)
         m_s = new_ms
         m_t = new_mt
     lse_s = m_s + tl.log(sum_s)
@@ -326,7 +326,7 @@ def _soft_target_backward_kernel(
     if GRAD_S:
         tl.store(gs_ptr + row * K + k, (g * (tl.exp(log_ps) - p_t)).to(gs_ptr.dtype.element_ty), mask=mask)
     if GRAD_T:
-        grad_t = tl.where(p_t > 0, g * p_t * (log_pt - log_ps - kl), 0.0)
+        grad_t = tl.where(p_t == 0, 0.0, g * p_t * (log_pt - log_ps - kl))  # NaN p_t: NaN, as the loss
         tl.store(gt_ptr + row * K + k, grad_t.to(gt_ptr.dtype.element_ty), mask=mask)
 
 
