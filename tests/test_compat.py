@@ -203,6 +203,38 @@ def test_kornia_package(k):
     assert kornia_compat.BlurPool2D(k).state_dict().keys() == kornia.filters.BlurPool2D(k).state_dict().keys()
 
 
+def test_kornia_edge_aware_blur_pool():
+    """``EdgeAwareBlurPool2D`` / ``edge_aware_blur_pool2d`` against kornia 0.9: every k (k > 7 and maps narrower than
+    the blur window take the reflect-extended path), thresholds, dilations, dtypes; and kornia's argument checks."""
+    kornia = pytest.importorskip("kornia", reason="kornia is a test dependency")
+    for (h, w), k, threshold, dilation in itertools.product(
+        [(3, 3), (3, 7), (5, 4), (9, 12)], range(1, 10), (1.05, 1.25, 2.0), (1, 3, 5)
+    ):
+        x = (torch.rand(2, 3, h, w, dtype=torch.float64) * 2) ** 3 + 0.01
+        x[:, :, h // 2 :] *= 4  # an edge
+        expected = kornia.filters.edge_aware_blur_pool2d(x, k, threshold, dilation)
+        torch.testing.assert_close(kornia_compat.edge_aware_blur_pool2d(x, k, threshold, dilation), expected)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = ((torch.rand(2, 3, 10, 11) * 2) ** 3 + 0.01).to(dtype)
+        ours, theirs = kornia_compat.EdgeAwareBlurPool2D(4, 1.5), kornia.filters.EdgeAwareBlurPool2D(4, 1.5)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(x, epsilon=1e-3), theirs(x, epsilon=1e-3), rtol=1e-5, atol=1e-5)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), kornia.filters.EdgeAwareBlurPool2D(3, 1.5, 5))
+    x = torch.rand(2, 3, 12, 9)
+    expected = model(x)
+    assert len(convert(model)) == 1 and isinstance(model[1], kornia_compat.EdgeAwareBlurPool2D)
+    torch.testing.assert_close(model(x), expected)
+    for call, error, match in [
+        (lambda: kornia_compat.EdgeAwareBlurPool2D(3, edge_dilation_kernel_size=2), ValueError, "odd"),
+        (lambda: kornia_compat.edge_aware_blur_pool2d(torch.rand(1, 1, 5, 5), 3, 1.0), ValueError, "greater than 1"),
+        (lambda: kornia_compat.edge_aware_blur_pool2d(torch.rand(1, 1, 2, 5), 3), ValueError, "H, W >= 3"),
+        (lambda: kornia_compat.edge_aware_blur_pool2d(torch.ones(1, 1, 5, 5, dtype=torch.long), 3), TypeError, "float"),
+        (lambda: kornia_compat.edge_aware_blur_pool2d(torch.rand(1, 1, 5, 5), (3, 5)), ValueError, "kernel shape"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()
+
+
 def test_kornia_legacy_padding_and_errors():
     # <= 0.8: identical to adobe-zero for odd k, and for even k on even sizes; one short on odd sizes
     x = torch.randn(1, 2, 8, 10)

@@ -54,6 +54,10 @@ def _kornia_max(m: nn.Module) -> nn.Module:
     return kornia.MaxBlurPool2D(m.kernel_size, m.stride, m.max_pool_size, legacy_even_padding=_kornia_legacy_padding(m))
 
 
+def _kornia_edge_aware(m: nn.Module) -> nn.Module:
+    return kornia.EdgeAwareBlurPool2D(m.kernel_size, m.edge_threshold, m.edge_dilation_kernel_size)
+
+
 def _timm_blur(m: nn.Module) -> nn.Module:
     return timm.BlurPool2d(m.channels, m.filt_size, m.stride, m.pad_mode, device=m.filt.device, dtype=m.filt.dtype)
 
@@ -84,7 +88,7 @@ def _ffcv_conv(m: nn.Module) -> nn.Module:
 _CONVERTERS: dict[str, dict[str, _Builder]] = {
     "antialiased_cnns": {"BlurPool": _adobe_2d, "BlurPool1D": _adobe_1d, "Downsample": _adobe_legacy},
     "models_lpf": {"Downsample": _adobe_legacy, "Downsample1D": _adobe_1d},
-    "kornia": {"BlurPool2D": _kornia_blur, "MaxBlurPool2D": _kornia_max},
+    "kornia": {"BlurPool2D": _kornia_blur, "MaxBlurPool2D": _kornia_max, "EdgeAwareBlurPool2D": _kornia_edge_aware},
     "timm": {"BlurPool2d": _timm_blur},
     "composer": {"BlurPool2d": _composer_blur, "BlurMaxPool2d": _composer_max, "BlurConv2d": _composer_conv},
     # ffcv-imagenet defines BlurPoolConv2d in its training script, not in the ffcv package.
