@@ -75,6 +75,30 @@ def test_dct2d_and_idct2d_match_scipy(target, norm, layout):
                 assert_close(ktkernels.dct2d(x, norm, keep=(kh, kw)), scipy_dct2(x, norm)[..., :kh, :kw], dtype)
 
 
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.values[0][0] == "triton"])
+def test_triton_takes_maps_up_to_its_on_chip_side(target, monkeypatch):
+    """The Triton kernel holds whole (padded) planes on chip: maps up to ``TRITON_MAX_SIDE`` a side run it, wider ones
+    (a 224 x 224 image) the reference's two GEMMs, with the same values, forward and backward, named or auto."""
+    from ktkernels.dct import triton as kernels
+
+    name, device = target
+    launched = []
+    basis2d = kernels.basis2d
+    monkeypatch.setattr(kernels, "basis2d", lambda *args: launched.append(args[0].shape[2:]) or basis2d(*args))
+    side = op.TRITON_MAX_SIDE
+    for shape, expect_kernel in (((1, 1, side, 2), True), ((1, 1, 3, side + 1), False), ((1, 1, side + 5, 3), False)):
+        launched.clear()
+        x = make(shape, torch.float32, device, "nchw").requires_grad_()
+        with ktkernels.use_backend(name):
+            y = ktkernels.dct2d(x, keep=(2, 2) if shape[2] > side else None)
+            (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        assert bool(launched) == expect_kernel, (shape, launched)
+        with ktkernels.use_backend("torch"):
+            reference = ktkernels.dct2d(x, keep=(2, 2) if shape[2] > side else None)
+        assert_close(y, reference, torch.float32)
+        assert_close(grad, torch.autograd.grad(reference, x, torch.ones_like(reference))[0], torch.float32)
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_roundtrip_any_rank_and_1d(target):
     name, device = target

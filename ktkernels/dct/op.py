@@ -32,6 +32,9 @@ from .reference import (
 )
 
 FAMILY = "dct"
+# Largest map side the Triton kernel takes: it holds a whole padded plane per program on chip, and at 64 x 64 its sm_90
+# build already spills (benchmarks/results/codegen_sm90.md); a 224 x 224 plane (a 256 x 256 tile) would not fit.
+TRITON_MAX_SIDE = 64
 
 
 def check_input(x: Tensor, dims: int, op: str) -> None:
@@ -89,11 +92,13 @@ def dct_transform(x: Tensor, kind: str, norm: str, out_size: list[int], adjoint:
     if out.numel() == 0:
         return out
     name = _resolve(x)
+    dims = len(out_size)
+    maps = _as_maps(x, dims)
+    if name == "triton" and max(*maps.shape[2:], *out_maps.shape[2:]) > TRITON_MAX_SIDE:
+        name = "torch"  # the Triton kernel holds whole planes on chip; larger maps are two GEMMs (cuBLAS)
     if name == "torch":
         out.copy_(transform_reference(x, kind, norm, list(out_size), adjoint))
         return out
-    dims = len(out_size)
-    maps = _as_maps(x, dims)
     basis_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     mats = []
     for size, out_len in zip(maps.shape[4 - dims :], out_size, strict=True):
