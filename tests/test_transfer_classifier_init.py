@@ -3,6 +3,7 @@ and a real source model trained here on scikit-learn's digits."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ def test_similarity_weights_by_hand():
     expected = torch.tensor([[2 / 3, 1 / 3, 0, 0], [0, 0, 3 / 4, 1 / 4]], dtype=torch.float64)
     torch.testing.assert_close(similarity_weights(sim, k=2), expected, rtol=0, atol=1e-15)
     torch.testing.assert_close(similarity_weights(sim, k=1), torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0]]).double())
+    torch.testing.assert_close(similarity_weights(sim, k=np.int64(2)), expected, rtol=0, atol=1e-15)  # numpy too
     full = similarity_weights(sim, k=4)  # k = S keeps every entry: plain row normalisation
     torch.testing.assert_close(full, sim.double() / sim.double().sum(1, keepdim=True))
 

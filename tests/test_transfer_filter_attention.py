@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -410,6 +411,7 @@ def test_prune_filters_masks_exact_indices_and_recomputes():
     assert masks["0"].tolist() == [False, True, True, True] and masks["2"].tolist() == [True, True, True]
     masks = prune_filters(net, 0.0)
     assert all(m.all() for m in masks.values())
+    assert prune_filters(net, np.float32(0.25))["0"].tolist() == [False, True, True, True]  # numpy scalars too
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

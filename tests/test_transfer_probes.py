@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -173,3 +174,30 @@ def test_repeated_pairs_are_refused():
 def test_annealed_weight_refuses_a_nan_epoch():
     with pytest.raises(ValueError, match="epoch"):
         AnnealedWeight(2.0, 0.1, 10)(float("nan"))
+    assert AnnealedWeight(2.0, 0.0, np.int64(10))(5) == 1.0  # a numpy epoch count is taken
+
+
+@pytest.mark.parametrize("whole_step", [False, True])
+def test_loss_under_torch_compile_fullgraph(whole_step):
+    """The probe loss compiles with fullgraph=True, alone (features captured by eager forwards, as when only the loss
+    function is compiled) or with both forwards in the graph, and gives eager's value and mentee gradient."""
+    torch._dynamo.reset()
+    mentor, mentee = _mentor(), _mentee()
+    x = torch.randn(3, 1, 8, 8)
+    with ProbePairs(mentor, mentee, [("1", "0"), ("", "")]) as probes:
+        _run(mentor, mentee, x)
+        expected = probes.loss()
+        (expected_grad,) = torch.autograd.grad(expected, mentee[0].weight)
+
+        def step():
+            if whole_step:
+                _run(mentor, mentee, x)
+            return probes.loss()
+
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        for _ in range(2):  # the second call reuses the graph
+            if not whole_step:
+                _run(mentor, mentee, x)
+            loss = compiled()
+            torch.testing.assert_close(loss, expected)
+            torch.testing.assert_close(torch.autograd.grad(loss, mentee[0].weight)[0], expected_grad)

@@ -22,6 +22,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..checks import is_int
+
 __all__ = ["init_classifier_from_similarity", "similarity_weights", "visual_similarity"]
 
 
@@ -41,9 +43,9 @@ def similarity_weights(similarity: Tensor, k: int) -> Tensor:
     """
     sim = _check_similarity(similarity)
     n_source = sim.shape[1]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_source:
+    if not is_int(k) or not 1 <= k <= n_source:
         raise ValueError(f"k must be an int in [1, {n_source}] (the number of source classes), got {k!r}")
-    values, index = sim.topk(k, dim=1)
+    values, index = sim.topk(int(k), dim=1)
     values = values / values[:, :1].clamp_min(torch.finfo(values.dtype).tiny)  # row max 1: the sum cannot overflow
     kept = torch.zeros_like(sim).scatter_(1, index, values)
     mass = kept.sum(dim=1, keepdim=True)

@@ -44,6 +44,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
+from ..checks import is_real
+
 __all__ = [
     "FilterAttentionConv2d",
     "FilterRanking",
@@ -480,7 +482,7 @@ def prune_filters(model: nn.Module, fraction: float) -> dict[str, Tensor]:
     Returns:
         qualified name -> bool mask ``(C_out,)`` (True = kept), a copy.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+    if not is_real(fraction) or not 0 <= fraction < 1:
         raise ValueError(f"fraction must be a number in [0, 1), got {fraction!r}")
     result = {}
     for name, layer in _require_layers(model, "prune_filters").items():

@@ -55,6 +55,7 @@ class FeatureTap:
         # name -> (output, its version counter at capture): an in-place change since then raises on reading
         self._outputs: dict[str, tuple[Tensor, int | None]] = {}
         self._handles: list[RemovableHandle] = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+        self._removed = False  # a flag, not the handle list: torch.compile cannot trace RemovableHandle objects
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
@@ -67,7 +68,7 @@ class FeatureTap:
         return hook
 
     def __getitem__(self, name: str) -> Tensor:
-        if not self._handles:
+        if self._removed:
             raise RuntimeError(f"the {self.role} tap was removed")
         try:
             output, version = self._outputs[name]
@@ -76,7 +77,8 @@ class FeatureTap:
                 f"no output captured from {self.role} module {name or '<output>'!r}: run the {self.role} forward "
                 "(again) first"
             ) from None
-        if version is not None and _version(output) != version:
+        current = _version(output)  # None inside torch.compile, whatever the version at an eager capture
+        if version is not None and current is not None and current != version:
             raise RuntimeError(
                 f"the output of {self.role} module {name or '<output>'!r} was modified in place after it was "
                 "captured (e.g. `out += identity` or ReLU(inplace=True) later in the forward): tap the enclosing "
@@ -97,6 +99,7 @@ class FeatureTap:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._removed = True
         self.clear()
 
     def __enter__(self) -> FeatureTap:

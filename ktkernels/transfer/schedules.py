@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..checks import is_int
+
 
 class AnnealedWeight:
     """Linear annealing of a loss weight (Venkatesan & Li 2016, the mentee networks' schedules).
@@ -16,9 +18,9 @@ class AnnealedWeight:
     """
 
     def __init__(self, start: float, end: float, epochs: int) -> None:
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        if not is_int(epochs) or epochs < 0:
             raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-        self.start, self.end, self.epochs = float(start), float(end), epochs
+        self.start, self.end, self.epochs = float(start), float(end), int(epochs)
 
     def __call__(self, epoch: float) -> float:
         if not epoch >= 0:  # NaN too
