@@ -115,6 +115,49 @@ def test_sigint_checkpoints_and_resume_from_cli_is_bit_identical(uninterrupted, 
     assert _rows(uninterrupted) == _rows(run_dir)
 
 
+def test_crash_after_a_checkpoint_at_an_epoch_end_resumes_bit_identical(uninterrupted, tmp_path):
+    """A periodic checkpoint that falls on an epoch's last step (5 batches per epoch) is written after the epoch row
+    and the validation, so a run that dies later and resumes from it logs that row once, as the uninterrupted run."""
+    run_dir = tmp_path / "crashed"
+
+    def crash(step: int) -> None:
+        if step == 6:
+            raise RuntimeError("out of memory (simulated)")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(_config(run_dir, checkpoint_every=5), log=lambda _: None, on_step=crash)
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 5
+    assert train(_config(run_dir, checkpoint_every=5), resume=True, log=lambda _: None).status == "done"
+    assert _same_weights(uninterrupted, run_dir)
+    assert _rows(uninterrupted) == _rows(run_dir)
+
+
+def test_tensorboard_keeps_the_rows_at_the_resume_step(tmp_path):
+    """TensorBoard gets every row once across a stop and resume: the events after the checkpoint's step are purged
+    (the resumed run logs them again), those at it are kept (it does not)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def logged_steps(run_dir) -> list[int]:
+        events = EventAccumulator(str(run_dir / "tensorboard"))
+        events.Reload()
+        return sorted(e.step for e in events.Scalars("step/loss/total"))
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(_config(full, tensorboard=True, log_every=2), log=lambda _: None)
+    train(_config(part, tensorboard=True, log_every=2, stop_after=4), log=lambda _: None)
+    train(_config(part, tensorboard=True, log_every=2), resume=True, log=lambda _: None)
+    assert logged_steps(full) == logged_steps(part) == [2, 4, 6]
+
+
+def test_epochs_and_explicit_steps_are_refused(tmp_path):
+    """RunConfig.epochs sets the length unless ktft.steps does: a KTFTConfig of one's own counts as giving steps
+    (its default is 100), so both together are refused rather than epochs silently ignored."""
+    with pytest.raises(ValueError, match="epochs=1 and ktft.steps=100 both set the run's length"):
+        train(RunConfig(run_dir=str(tmp_path / "r"), epochs=1, ktft=KTFTConfig(lr=0.02), progress=False))
+    assert not (tmp_path / "r" / "config.json").exists()
+
+
 def test_reference_switch_gives_the_same_losses(uninterrupted, tmp_path):
     run_dir = tmp_path / "reference"
     train(_config(run_dir, stop_after=4, ktft={"reference": True}), log=lambda _: None)
@@ -252,6 +295,10 @@ CLI_ERRORS = [
     (["train", "--per-class", "1000"], "fewer than per_class=1000 images"),
     (["prepare", "/no/such/folder", "--out", "{notes}/c"], "image folder not found"),
     ([], "give a command"),
+    (["train", "--run-dir", "{notes}/notes.txt"], "File exists"),  # a file where a folder belongs
+    (["train", "--run-dir", "{notes}/notes.txt/run"], "Not a directory"),
+    (["train", "--device", "foo"], "--device 'foo' is not a device"),
+    (["train", "--arch", "resnet18", "--tv-weights", "NOPE"], "resnet18 has no torchvision weights 'NOPE'"),
 ]
 
 

@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         return command(rest)
     except (DataError, ModelError, ValueError) as e:
         return _fail(str(e))
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:  # a path's bad
+        return _fail(f"{e.strerror}: {e.filename}" if e.filename else str(e))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -93,6 +93,12 @@ def build_teacher(
 
         if arch not in torchvision.models.list_models(module=torchvision.models):
             raise ModelError(f"unknown architecture {arch!r}: a torchvision classification model or timm:<name>")
+        if tv_weights is not None:
+            try:
+                torchvision.models.get_model_weights(arch)[tv_weights]
+            except KeyError:
+                names = ", ".join(w.name for w in torchvision.models.get_model_weights(arch))
+                raise ModelError(f"{arch} has no torchvision weights {tv_weights!r} (it has: {names})") from None
         model = torchvision.models.get_model(arch, weights=tv_weights, **kwargs)
     if weights is not None:
         load_weights(model, weights)

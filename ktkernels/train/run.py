@@ -260,6 +260,11 @@ class _Dist:
 
 
 def _setup_distributed(device: str | None) -> _Dist:
+    if device is not None:
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"--device {device!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     want_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if want_cuda and not torch.cuda.is_available():
@@ -463,7 +468,9 @@ class _Metrics:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)") from e
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+            # Events after the checkpoint's step go (a resumed run logs them again); those at it stay, as its rows do.
+            purge = None if resume_step is None else resume_step + 1
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
     def _paths(self) -> dict[str, Path]:
         if self.fmt == "jsonl":
@@ -703,6 +710,11 @@ def _train(
         )
     if c.new_head and (c.ktft.w_soft > 0 or c.ktft.anneal.get("soft", 0) > 0) and head != num_classes:
         raise ModelError("--w-soft needs the teacher's classes: it cannot be combined with a new head")
+    if ckpt is None and config.epochs is not None and config.ktft.steps >= 1:
+        raise ValueError(
+            f"epochs={config.epochs} and ktft.steps={config.ktft.steps} both set the run's length: give one "
+            "(KTFTConfig's default is 100 steps; KTFTConfig(steps=0, ...) lets epochs decide)"
+        )
     if c.epochs is not None and config.ktft.steps < 1:
         c.ktft.steps = c.epochs * data.num_batches
     total = c.ktft.steps
@@ -790,6 +802,9 @@ def _train(
     def run_eval() -> dict[str, float] | None:
         if data.val_batches is None:
             return None
+        if d.active:  # every rank evaluates rank 0's model, the one saved: DDP syncs BN statistics before forwards only
+            for buffer in core.buffers():
+                dist.broadcast(buffer, 0)
         counts = evaluate_counts(
             core, data.val_batches, max_shift=c.cache_size - c.image_size, seed=c.ktft.seed + d.rank,
             channels_last=c.ktft.channels_last,
@@ -836,7 +851,9 @@ def _train(
                         window, window_steps, window_start = None, 0, time.perf_counter()
                     else:
                         stopping = stop.requested and not d.active  # several ranks wait for the next row
-                    if step % c.checkpoint_every == 0 and step < total:
+                    # At an epoch's end the periodic checkpoint follows the epoch row (below), so a resumed run
+                    # never writes that row twice.
+                    if step % c.checkpoint_every == 0 and step < total and batch_in_epoch < data.num_batches:
                         save()
                     if stopping:
                         status = "interrupted"
@@ -868,6 +885,8 @@ def _train(
                     if c.plots:
                         metrics.plot()
                 epoch, batch_in_epoch, epoch_sums, epoch_start = epoch + 1, 0, None, time.perf_counter()
+                if step % c.checkpoint_every == 0 and step < total:
+                    save()
         save(final=status == "done")
     finally:
         bar.close()

@@ -141,7 +141,7 @@ def prepare_cache(
         raise DataError("the subset has no samples")
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise DataError(f"cache folder already exists: {out_dir} (pass overwrite=True to replace it)")
+        raise DataError(f"cache folder already exists: {out_dir} (overwrite=True, or prepare --overwrite, replaces it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
