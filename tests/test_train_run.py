@@ -346,6 +346,21 @@ def _torchrun(run_dir, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
+def _saved_student_accuracy(run_dir) -> list[float]:
+    """Top-1 and top-5 of ``student.pt`` on the run's validation images, in one process."""
+    from ktkernels.train.data import digits_dataset
+    from ktkernels.train.engine import evaluate
+    from ktkernels.train.models import build_teacher, make_student
+    from ktkernels.train.run import _array_eval_batches, _Dist
+
+    c = RunConfig(**{**json.loads((Path(run_dir) / "config.json").read_text()), "ktft": KTFTConfig()}).resolved()
+    images, labels, _ = digits_dataset("test", size=c.cache_size, seed=c.subset_seed)
+    student = make_student(build_teacher(c.arch)).to(memory_format=torch.channels_last)
+    student.load_state_dict(_weights(run_dir))
+    result = evaluate(student, _array_eval_batches(images, labels, c, _Dist()), max_shift=c.cache_size - c.image_size)
+    return [result["top1"], result["top5"]]
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_rank0_writes_and_resume_is_bit_identical(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
@@ -356,6 +371,8 @@ def test_ddp_two_processes_rank0_writes_and_resume_is_bit_identical(tmp_path):
     assert [r["step"] for r in rows if r["kind"] == "step"] == [2, 4]  # rank 0 alone writes: no duplicates
     ckpt = torch.load(full / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["step"] == 4
+    # The logged validation is the saved student's: every rank evaluates with rank 0's BatchNorm statistics.
+    assert _saved_student_accuracy(full) == pytest.approx([rows[-1]["val_top1"], rows[-1]["val_top5"]], abs=1e-9)
 
     stopped = _torchrun(part, "--stop-after", "2")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
