@@ -243,8 +243,10 @@ def test_prepare_then_train_from_the_cache(folder, tmp_path, capsys):
     assert "prepared" in out and "classes at 48x48" in out
     args = _folder_args(tmp_path)
     del args[args.index("--cache-size") : args.index("--cache-size") + 2]  # the cache decides: 48
+    args[args.index("--per-class") + 1] = "3"  # ... and its 4 per class
     assert main([*args, "--data", str(cache)]) == 0
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["cache_size"] == 48
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["cache_size"] == 48 and config["per_class"] == 4  # the cache's, whatever --per-class said
     subset = json.loads((tmp_path / "run" / "subset.json").read_text())
     assert subset["cache"] == str(cache) and subset["per_class"] == 4
     assert not (tmp_path / "run" / "cache").exists()  # a prepared cache is used in place

@@ -386,7 +386,10 @@ def _build_data(c: RunConfig, d: _Dist) -> _Data:
             if c.image_size > c.cache_size:
                 raise DataError(f"--image-size {c.image_size} is larger than the cache's {c.cache_size} px images")
         images, labels, classes = cache.images, cache.labels, cache.classes
-        record = {"source": "cache", "cache": str(cache.path), **cache.subset().to_dict(), "skipped": cache.skipped}
+        held = cache.subset()
+        if _is_cache(c.data) and held.per_class:  # a prepared cache holds its own subset: record it, not the flags
+            c.per_class, c.subset_seed = held.per_class, held.seed
+        record = {"source": "cache", "cache": str(cache.path), **held.to_dict(), "skipped": cache.skipped}
         val = None
         if c.val is not None:
             vcache = _cached(c, d, c.val, "val", c.val_per_class, "warn", classes)
