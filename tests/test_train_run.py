@@ -150,6 +150,20 @@ def test_tensorboard_keeps_the_rows_at_the_resume_step(tmp_path):
     assert logged_steps(full) == logged_steps(part) == [2, 4, 6]
 
 
+def test_validation_images_do_not_follow_the_subset_seed(tmp_path):
+    """--subset-seed picks the K training images per class; the validation images (for the digits, the train/test
+    split too) stay the same, so runs on different subsets are compared on the same images."""
+    from ktkernels.train.run import _build_data, _Dist
+
+    data = {
+        seed: _build_data(_config(tmp_path / str(seed), subset_seed=seed, val_per_class=3).resolved(), _Dist())
+        for seed in (0, 1)
+    }
+    assert data[0].record["indices"] != data[1].record["indices"]
+    val = {seed: [torch.cat(parts) for parts in zip(*data[seed].val_batches(), strict=True)] for seed in (0, 1)}
+    assert len(val[0][1]) == 30 and all(torch.equal(a, b) for a, b in zip(val[0], val[1], strict=True))
+
+
 def test_epochs_and_explicit_steps_are_refused(tmp_path):
     """RunConfig.epochs sets the length unless ktft.steps does: a KTFTConfig of one's own counts as giving steps
     (its default is 100), so both together are refused rather than epochs silently ignored."""
@@ -300,6 +314,8 @@ CLI_ERRORS = [
     (["train", "--run-dir", "{notes}/notes.txt"], "File exists"),  # a file where a folder belongs
     (["train", "--run-dir", "{notes}/notes.txt/run"], "Not a directory"),
     (["train", "--device", "foo"], "--device 'foo' is not a device"),
+    (["train", "--stages", ","], "expected module names, auto or none"),
+    (["train", "--val", "/no/such/folder"], "--val is for image folders and caches"),
     (["train", "--arch", "resnet18", "--tv-weights", "NOPE"], "resnet18 has no torchvision weights 'NOPE'"),
 ]
 

@@ -154,7 +154,12 @@ def _anneal(text: str) -> dict[str, float]:
 
 
 def _stages(text: str) -> list[str] | str:
-    return text if text in ("auto", "none") else [s.strip() for s in text.split(",") if s.strip()]
+    if text in ("auto", "none"):
+        return text
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:  # an empty list would quietly mean plain fine-tuning, which is spelled "none"
+        raise argparse.ArgumentTypeError(f"expected module names, auto or none, got {text!r}")
+    return names
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -170,7 +175,7 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--val", help="validation ImageFolder root or cache (the digits use their test split)")
     g.add_argument("--per-class", type=int, help="K training images per class (default 25)")
     g.add_argument("--val-per-class", type=int, help="validation images per class (default: all)")
-    g.add_argument("--subset-seed", type=int)
+    g.add_argument("--subset-seed", type=int, help="which K images per class (the validation images stay the same)")
     g.add_argument("--min-policy", choices=("error", "warn"), help="a class with fewer than K images")
     g.add_argument(
         "--loader", choices=("cache", "torchvision"), help="uint8 cache + GPU augmentation (default), or PIL"

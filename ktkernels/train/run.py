@@ -177,6 +177,8 @@ class RunConfig:
             value = getattr(c, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if digits and c.val is not None:
+            raise ValueError("--val is for image folders and caches: the digits validate on their own test split")
         if c.image_size > c.cache_size and not _is_cache(c.data):  # a prepared cache: checked once opened
             raise ValueError(f"--image-size {c.image_size} is larger than the cache size {c.cache_size}")
         if not 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1:
@@ -299,19 +301,31 @@ class _Data:
     record: dict[str, Any]  # what subset.json holds
 
 
+# The validation images (and the digits' train/test split) do not follow --subset-seed: runs on different training
+# subsets are compared on the same images.
+VAL_SEED = 0
+
+
 def _is_cache(path: str) -> bool:
     return (Path(path) / "index.json").is_file()
 
 
 def _cached(
-    c: RunConfig, d: _Dist, source: str, name: str, per_class: int | None, policy: str, classes: list[str] | None
+    c: RunConfig,
+    d: _Dist,
+    source: str,
+    name: str,
+    per_class: int | None,
+    seed: int,
+    policy: str,
+    classes: list[str] | None,
 ):
     """Open ``source`` if it is a cache, else select the subset and prepare it under ``run_dir/cache/name`` (rank 0
     prepares, the others wait), reusing an existing cache of the same subset."""
     if _is_cache(source):
         return open_cache(source)
     target = Path(c.run_dir) / "cache" / name
-    subset = select_subset(source, per_class, c.subset_seed, policy, classes=classes)  # every rank: same errors
+    subset = select_subset(source, per_class, seed, policy, classes=classes)  # every rank: same errors
     failure: Exception | None = None
     if d.main:
         try:
@@ -369,18 +383,18 @@ def _build_data(c: RunConfig, d: _Dist) -> _Data:
         )  # fmt: skip
 
     if c.is_digits:
-        train_x, train_y, classes = digits_dataset("train", size=c.cache_size, seed=c.subset_seed)
+        train_x, train_y, classes = digits_dataset("train", size=c.cache_size, seed=VAL_SEED)
         picked = per_class_indices(train_y, c.per_class, c.subset_seed, c.min_policy)
         images, labels = train_x[picked], train_y[picked]
         record = {"source": "digits", "split": "train", "per_class": c.per_class, "seed": c.subset_seed}
         record["indices"] = picked.tolist()
-        test_x, test_y, _ = digits_dataset("test", size=c.cache_size, seed=c.subset_seed)
+        test_x, test_y, _ = digits_dataset("test", size=c.cache_size, seed=VAL_SEED)
         if c.val_per_class is not None:
-            keep = per_class_indices(test_y, c.val_per_class, c.subset_seed, "warn")  # as for image folders
+            keep = per_class_indices(test_y, c.val_per_class, VAL_SEED, "warn")  # as for image folders
             test_x, test_y = test_x[keep], test_y[keep]
         val = _array_eval_batches(test_x, test_y, c, d)
     elif c.loader == "cache":
-        cache = _cached(c, d, c.data, "train", c.per_class, c.min_policy, None)
+        cache = _cached(c, d, c.data, "train", c.per_class, c.subset_seed, c.min_policy, None)
         if cache.size != c.cache_size:  # a prepared cache decides the stored size
             c.cache_size = cache.size
             if c.image_size > c.cache_size:
@@ -392,7 +406,7 @@ def _build_data(c: RunConfig, d: _Dist) -> _Data:
         record = {"source": "cache", "cache": str(cache.path), **held.to_dict(), "skipped": cache.skipped}
         val = None
         if c.val is not None:
-            vcache = _cached(c, d, c.val, "val", c.val_per_class, "warn", classes)
+            vcache = _cached(c, d, c.val, "val", c.val_per_class, VAL_SEED, "warn", classes)
             if vcache.classes != classes:
                 raise DataError(f"validation classes of {c.val} differ from the training classes")
             if vcache.size != c.cache_size:
@@ -437,7 +451,7 @@ def _torchvision_data(c: RunConfig, d: _Dist, mean, std) -> _Data:
 
     val = None
     if c.val is not None:
-        vsubset = select_subset(c.val, c.val_per_class, c.subset_seed, "warn", classes=subset.classes)
+        vsubset = select_subset(c.val, c.val_per_class, VAL_SEED, "warn", classes=subset.classes)
         vdata = folder_dataset(vsubset, c.cache_size, False, mean=mean, std=std, resize_size=c.cache_size)
         mine = list(range(d.rank, len(vsubset), d.world_size))
         plan = [mine[i : i + c.eval_batch_size] for i in range(0, len(mine), c.eval_batch_size)]
