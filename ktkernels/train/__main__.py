@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ModelError, ValueError) as e:
         return _fail(str(e))
     except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:  # a path's bad
-        return _fail(f"{e.strerror}: {e.filename}" if e.filename else str(e))
+        return _fail(f"{e.strerror or type(e).__name__}: {e.filename}" if e.filename else str(e))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
