@@ -209,7 +209,7 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
     >>> float(soft_target_loss(z, z))
     0.0
     """
-    temperature = op.check_temperature(temperature, "soft_target_loss")  # before float(): True is no temperature
+    temperature = op.check_temperature(temperature, "soft_target_loss")  # a float; True is no temperature
     student_logits, teacher_logits = _common_dtype(student_logits, teacher_logits)
     kl, _ = apply(op.soft_target_kl, student_logits, teacher_logits, temperature)
     return kl.sum() * (temperature * temperature / max(student_logits.shape[0], 1))
