@@ -7,6 +7,7 @@ sizes into a frame resumed after a graph break); bools are refused (``True`` is 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 
 import torch
 
@@ -25,6 +26,17 @@ def check_int(name: str, value: object, low: int, high: int | None = None) -> in
 def is_int(value: object) -> bool:
     """Whether ``value`` is an integer (numpy's and symbolic ones included), not a bool."""
     return not isinstance(value, bool) and isinstance(value, (numbers.Integral, torch.SymInt))
+
+
+def int_pair(value: object) -> tuple[int, int] | None:
+    """``value`` -- an int, or a sequence of two ints (not a string) -- as two ints; None for any other form. Callers
+    raise their own error for None, naming the argument."""
+    if is_int(value):
+        return int(value), int(value)
+    pair = value if isinstance(value, Sequence) and not isinstance(value, str) else ()
+    if len(pair) != 2 or not all(is_int(v) for v in pair):
+        return None
+    return int(pair[0]), int(pair[1])
 
 
 def is_real(value: object) -> bool:

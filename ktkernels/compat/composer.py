@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..blurpool import op
 from ..blurpool.geometry import binomial_filter2d
 from ..blurpool.modules import BlurLayer, FixedFilterState
-from ..checks import is_int
+from ..checks import int_pair
 
 __all__ = ["BlurConv2d", "BlurMaxPool2d", "BlurPool2d", "apply_blurpool", "blur_2d", "blurmax_pool2d"]
 
@@ -48,10 +48,10 @@ class _BlurFilterBuffer(FixedFilterState):
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     """An int or a pair of ints (numpy's too) as a pair, as ``nn.Conv2d`` and ``nn.MaxPool2d`` take them."""
-    pair = (value, value) if is_int(value) else tuple(value) if isinstance(value, (tuple, list)) else ()
-    if len(pair) != 2 or not all(is_int(v) for v in pair):
+    pair = int_pair(value)
+    if pair is None:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return int(pair[0]), int(pair[1])
+    return pair
 
 
 class _LiveAttributes(FixedFilterState):

@@ -26,7 +26,7 @@ from .. import blurpool
 from ..blurpool import op
 from ..blurpool.geometry import MAX_FILT_SIZE, binomial_filter2d, flavour_pads
 from ..blurpool.modules import BlurLayer
-from ..checks import is_int, is_real
+from ..checks import int_pair, is_real
 
 __all__ = [
     "BlurPool2D",
@@ -61,11 +61,10 @@ class _KorniaLayer(BlurLayer):
     def __init__(self, kernel_size, stride, legacy_even_padding: bool, max_pool_size: int = 1) -> None:
         super().__init__()
         k = _square_kernel(kernel_size)
-        pair = isinstance(stride, (tuple, list)) and len(stride) == 2
-        strides = [stride, stride] if is_int(stride) else list(stride) if pair else []
-        if not strides or not all(is_int(s) for s in strides):
+        pair = int_pair(stride)
+        if pair is None:
             raise ValueError(f"stride must be an int or a pair of ints, got {stride!r}")
-        strides = [int(s) for s in strides]
+        strides = list(pair)
         flavour = "kornia_legacy" if legacy_even_padding else "kornia09"
         pads = [*flavour_pads(flavour, k, strides[1]), *flavour_pads(flavour, k, strides[0])]
         self._configure(

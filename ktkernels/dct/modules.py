@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from ..autograd import apply
-from ..checks import is_int
+from ..checks import int_pair, is_int
 from . import op
 from .basis import canonical_norm
 
@@ -30,12 +30,12 @@ def _keep_pair(keep: int | Sequence[int] | None, name: str) -> list[int] | None:
     """``keep`` as [kh, kw] of ints >= 1 (numpy's too), or None: TypeError for another form, ValueError below 1."""
     if keep is None:
         return None
-    pair = [keep, keep] if is_int(keep) else list(keep) if isinstance(keep, Sequence) else None
-    if pair is None or len(pair) != 2 or not all(is_int(k) for k in pair):
+    pair = int_pair(keep)
+    if pair is None:
         raise TypeError(f"{name}: keep must be an int or a pair of ints (kh, kw), got {keep!r}")
     if min(pair) < 1:
         raise ValueError(f"{name}: keep must be >= 1, got {keep!r}")
-    return [int(k) for k in pair]
+    return list(pair)
 
 
 def _keep(x: Tensor, keep: int | Sequence[int] | None) -> list[int]:
