@@ -247,6 +247,28 @@ def test_imagefolder_cache_path_records_the_subset(folder, tmp_path, capsys):
     assert f"{len(subset['samples'])} training images" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("loader", ["cache", "torchvision"])
+def test_folder_validation_images_do_not_follow_the_subset_seed(folder, tmp_path, loader):
+    """As for the digits: with image folders too, --subset-seed picks the training images and not the
+    ``val_per_class`` validation images, on both loaders."""
+    from ktkernels.train.run import _build_data, _Dist
+
+    def data(seed: int):
+        kwargs = {"data": str(folder), "val": str(folder), "loader": loader, "workers": 0, "cache_size": 24, "image_size": 16}
+        c = _config(tmp_path / str(seed), per_class=4, val_per_class=3, subset_seed=seed, batch_size=2, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the corrupt files of class "a"
+            return _build_data(c.resolved(), _Dist())
+
+    picked = {seed: data(seed) for seed in (0, 1)}
+    assert picked[0].record["samples"] != picked[1].record["samples"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the torchvision loader replaces the corrupt ones with the next image
+        val = {s: [torch.cat(parts) for parts in zip(*picked[s].val_batches(), strict=True)] for s in (0, 1)}
+    assert len(val[0][1]) == {"cache": 7, "torchvision": 9}[loader]  # 3 per class, 2 corrupt ones in class "a"
+    assert all(torch.equal(a, b) for a, b in zip(val[0], val[1], strict=True))
+
+
 def test_prepare_then_train_from_the_cache(folder, tmp_path, capsys):
     cache = tmp_path / "cache"
     argv = ["prepare", str(folder), "--out", str(cache), "--per-class", "4", "--size", "48", "--workers", "0"]
