@@ -361,6 +361,23 @@ def test_cli_errors_are_one_line(argv, message, not_an_image_dir, capsys, tmp_pa
     assert not (tmp_path / "run" / "config.json").exists()  # refused before the run directory is written
 
 
+def test_torchrun_with_more_processes_than_gpus_is_refused(monkeypatch, tmp_path, capsys):
+    """torchrun --nproc-per-node 2 on a one-GPU box: rank 1 gets a one-line error naming the fix, before any
+    process group or run directory, instead of torch's "invalid device ordinal"."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: pytest.fail(f"set_device({dev}) was called"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert main(["train", "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "ktk-train: error: LOCAL_RANK 1 needs cuda:1, but 1 GPU(s) are visible: start torchrun with "
+        "--nproc-per-node 1 or fewer"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_refuses_changed_settings(uninterrupted, tmp_path, capsys):
     run_dir = tmp_path / "copy"
     shutil.copytree(uninterrupted, run_dir)

@@ -276,6 +276,12 @@ def _setup_distributed(device: str | None) -> _Dist:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device("cuda", local) if want_cuda else torch.device("cpu")
     if want_cuda:
+        visible = torch.cuda.device_count()
+        if local >= visible:  # torch's own error would be a bare "invalid device ordinal"
+            raise ValueError(
+                f"LOCAL_RANK {local} needs cuda:{local}, but {visible} GPU(s) are visible: start torchrun with "
+                f"--nproc-per-node {visible} or fewer"
+            )
         torch.cuda.set_device(dev)
     here = not dist.is_initialized()
     if here:
