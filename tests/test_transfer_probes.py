@@ -141,6 +141,39 @@ def test_remove_detaches_every_hook():
         probes.loss()
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_of_a_probed_network_is_not_probed(how):
+    """A frozen teacher is often a copy of the student: its forward must not overwrite the student's captured
+    features (the hooks travel with the modules). The copy runs with hooks that do nothing, and a whole probed
+    module can be saved and loaded."""
+    import copy
+    import io
+
+    mentor, mentee = _mentor(), _mentee()
+    probes = ProbePairs(mentor, mentee, [("1", "0"), ("", "")])
+    x = torch.randn(3, 1, 8, 8)
+    _run(mentor, mentee, x)
+    expected = probes.terms()
+    if how == "deepcopy":
+        copies = copy.deepcopy(mentor), copy.deepcopy(mentee)
+    else:
+        copies = []
+        for net in (mentor, mentee):
+            buffer = io.BytesIO()
+            torch.save(net, buffer)
+            buffer.seek(0)
+            copies.append(torch.load(buffer, weights_only=False))
+    for copied in copies:
+        with torch.no_grad():
+            for p in copied.parameters():
+                p.mul_(-3.0)
+            copied(torch.randn(3, 1, 8, 8))
+    got = probes.terms()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    probes.remove()
+    assert not any(m._forward_hooks for m in [*mentor.modules(), *mentee.modules()])
+
+
 def test_a_tap_refuses_an_output_changed_in_place_later_in_the_forward():
     """A tap keeps a reference: an in-place op after the tapped module (ReLU(inplace=True), ``out += identity``)
     would change what it returns, so reading it raises; an output nothing changes reads normally, also under

@@ -38,7 +38,9 @@ class FeatureTap:
     ``tap[name]`` is the latest output; :meth:`clear` forgets them all, :meth:`remove` also removes the hooks.
     The output is kept by reference, not copied: reading one that an in-place op later in the forward changed
     (``out += identity``, ``ReLU(inplace=True)`` after the tapped module) raises ``RuntimeError`` instead of
-    returning the changed values; tap the enclosing block instead.
+    returning the changed values; tap the enclosing block instead. A copy of the model (``copy.deepcopy``, or
+    ``torch.save`` of the whole module and loading it) is not tapped: its hooks do nothing, so a teacher made by
+    copying a tapped student cannot overwrite the student's features.
 
     >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
     >>> with FeatureTap(net, ["0"]) as tap:
@@ -54,18 +56,15 @@ class FeatureTap:
         self._detach = detach
         # name -> (output, its version counter at capture): an in-place change since then raises on reading
         self._outputs: dict[str, tuple[Tensor, int | None]] = {}
-        self._handles: list[RemovableHandle] = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+        self._handles: list[RemovableHandle] = [m.register_forward_hook(_TapHook(self, n)) for n, m in modules.items()]
         self._removed = False  # a flag, not the handle list: torch.compile cannot trace RemovableHandle objects
 
-    def _hook(self, name: str):
-        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-            if not isinstance(output, Tensor):
-                raise TypeError(
-                    f"{self.role} module {name!r} returned {type(output).__name__}: a tap needs a tensor output"
-                )
-            self._outputs[name] = (output.detach() if self._detach else output, _version(output))
-
-        return hook
+    def _capture(self, name: str, output: object) -> None:
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"{self.role} module {name!r} returned {type(output).__name__}: a tap needs a tensor output"
+            )
+        self._outputs[name] = (output.detach() if self._detach else output, _version(output))
 
     def __getitem__(self, name: str) -> Tensor:
         if self._removed:
@@ -212,6 +211,31 @@ class ProbePairs:
 
     def __repr__(self) -> str:
         return f"ProbePairs(pairs={self.pairs!r}, error={self.error!r})"
+
+
+class _TapHook:
+    """A tap's forward hook on one module. Hooks travel with the module they are on, so its copies are
+    :class:`_InertHook`: a closure would be copied by reference (a deepcopied teacher would write into the
+    student's tap) and could not be pickled."""
+
+    def __init__(self, tap: FeatureTap, name: str) -> None:
+        self.tap, self.name = tap, name
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        self.tap._capture(self.name, output)
+
+    def __deepcopy__(self, memo: dict) -> _InertHook:
+        return _InertHook()
+
+    def __reduce__(self) -> tuple:
+        return (_InertHook, ())
+
+
+class _InertHook:
+    """The hook a copied model keeps in place of a :class:`_TapHook`: it does nothing."""
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        return None
 
 
 def _resolve(model: nn.Module, role: str, names: list[str]) -> dict[str, nn.Module]:
