@@ -202,6 +202,23 @@ def triton_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
+# The Triton kernels of every family add one sample's (image's, row's) offsets in int32; the batch term is int64.
+TRITON_MAX_SAMPLE_SPAN = 2**31 - 1
+
+
+def check_triton_span(op: str, *tensors: torch.Tensor) -> None:
+    """Raise ``ValueError`` before a Triton launch if one sample (all but dim 0) of a tensor spans more elements
+    than the Triton kernels' 32-bit offsets reach: they would read and write wrapped addresses. The C++ kernels
+    index in int64."""
+    for t in tensors:
+        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
+        if span > TRITON_MAX_SAMPLE_SPAN:
+            raise ValueError(
+                f"{op}: one sample of the {tuple(t.shape)} tensor with strides {t.stride()} spans {span + 1} "
+                f"elements, more than the Triton kernels' 32-bit offsets reach (2^31); use backend 'cuda' or 'torch'"
+            )
+
+
 @functools.cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -356,10 +356,10 @@ def test_triton_refuses_images_past_its_32_bit_offsets():
 
     storage = torch.empty(2**31 + 2, dtype=torch.float16)
     fits = storage.as_strided((1, 1, 2, 2), (0, 0, 2**31 - 2, 1))  # last element at offset 2^31 - 1
-    op._check_triton_span("blur_pool", fits)
+    backend.check_triton_span("blur_pool", fits)
     too_far = storage.as_strided((1, 1, 2, 2), (0, 0, 2**31 - 1, 1))
     with pytest.raises(ValueError, match=r"spans 2147483649 elements.*backend 'cuda' or 'torch'"):
-        op._check_triton_span("blur_pool", too_far)
+        backend.check_triton_span("blur_pool", too_far)
     if backend.triton_interpreter():  # through the ops (CPU tensors run Triton only under the interpreter)
         with ktkernels.use_backend("triton"):
             for fn in (ktkernels.blur_pool2d, ktkernels.max_blur_pool2d):

@@ -100,6 +100,9 @@ def max_pool_output_size(size: int, kmax: int, pmax: int) -> int:
     return size + 2 * pmax - kmax + 1
 
 
+INT32_MAX = 2**31 - 1
+
+
 class Axis(NamedTuple):
     """One spatial axis of a blur pool (a NamedTuple: hashed in C, it keys the per-call caches)."""
 
@@ -131,8 +134,14 @@ def _fold(pos: np.ndarray, size: int, mode: str) -> tuple[np.ndarray, np.ndarray
 def forward_table(axis: Axis) -> tuple[np.ndarray, np.ndarray]:
     """Rows of ``R``: index and weight arrays of shape (out_size, filt_size).
 
-    Taps that fall in zero padding get weight 0 and index 0, so kernels never need a mask.
+    Taps that fall in zero padding get weight 0 and index 0, so kernels never need a mask. Every table derives
+    from this one, and their indices are int32: an axis past 2^31 - 1 positions (or outputs) is refused here.
     """
+    if max(axis.size, axis.out_size) > INT32_MAX:
+        raise ValueError(
+            f"blur pool along an axis of {axis.size} positions ({axis.out_size} outputs): the kernels' int32 index "
+            f"tables hold at most {INT32_MAX}; use backend 'torch'"
+        )
     i = np.arange(axis.out_size, dtype=np.int64)[:, None]
     u = np.arange(axis.filt_size, dtype=np.int64)[None, :]
     idx, valid = _fold(axis.stride * i + u - axis.pad_before, axis.size, axis.mode)

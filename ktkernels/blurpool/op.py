@@ -270,28 +270,13 @@ def _tables(axes: tuple[Axis, Axis], adjoint: bool, device: torch.device) -> tup
 # ----------------------------------------------------------------------------------------------
 # Kernel dispatch
 
-TRITON_MAX_IMAGE_SPAN = 2**31 - 1
-
-
-def _check_triton_span(op: str, *tensors: Tensor) -> None:
-    """The Triton kernels add an image's row and column offsets in int32 (its batch term is int64), so one image
-    must span fewer than 2^31 elements; larger ones would be read at wrapped addresses. The CUDA C++ kernels
-    index in int64."""
-    for t in tensors:
-        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
-        if span > TRITON_MAX_IMAGE_SPAN:
-            raise ValueError(
-                f"{op}: one image of the {tuple(t.shape)} tensor with strides {t.stride()} spans {span + 1} "
-                f"elements, more than the Triton kernels' 32-bit offsets reach (2^31); use backend 'cuda' or 'torch'"
-            )
-
 
 def _gather(name: str, x: Tensor, axes: tuple[Axis, Axis], adjoint: bool, out: Tensor) -> None:
     x, out = _as4d(x), _as4d(out)
     if name == "triton":
         from . import triton as kernels
 
-        _check_triton_span("blur_pool", x, out)
+        backend.check_triton_span("blur_pool", x, out)
         with backend.triton_device(x):
             kernels.blur(x, axes, adjoint, out)
     else:
@@ -422,7 +407,7 @@ def _max_blur_forward(x: Tensor, max_kernel: int, max_padding: int, filt_size: i
     if name == "triton":
         from . import triton as kernels
 
-        _check_triton_span("max_blur_pool2d", x, y, *([] if codes is None else [codes]))
+        backend.check_triton_span("max_blur_pool2d", x, y, *([] if codes is None else [codes]))
         with backend.triton_device(x):
             kernels.max_blur_forward(x, max_kernel, max_padding, axes, y, codes)
     else:
@@ -507,7 +492,7 @@ def max_blur_pool2d_backward(
     if name == "triton":
         from . import triton as kernels
 
-        _check_triton_span("max_blur_pool2d_backward", grad, codes, gx)
+        backend.check_triton_span("max_blur_pool2d_backward", grad, codes, gx)
         if not channels_inner(grad) and codes.stride(3) != 1:
             # The planar kernel loads code rows as unit-stride groups, as the forward writes them; codes a user
             # stored otherwise are copied to that layout.

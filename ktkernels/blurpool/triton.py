@@ -1180,7 +1180,7 @@ def blur(x: torch.Tensor, axes: tuple[Axis, Axis], adjoint: bool, out: torch.Ten
         return
     if not _windows_fit(axes):
         table = "adjoint" if adjoint else "forward"
-        blur_gather(x, *(device_table(table, axis, x.device) for axis in axes), out)
+        blur_gather(x, *(_table(table, axis, x.device) for axis in axes), out)
     elif adjoint:
         _rolling_adjoint(x, axes, out)
     else:
@@ -1224,8 +1224,8 @@ def _rolling_forward(x: torch.Tensor, axes: tuple[Axis, Axis], out: torch.Tensor
     _rolling_blur_kernel[_grid(n, c, ho, wo, options["BC"], rows, options["BW"])](
         x,
         out,
-        device_table("window", axes[0], x.device)[1],
-        device_table("window", axes[1], x.device)[1],
+        _table("window", axes[0], x.device)[1],
+        _table("window", axes[1], x.device)[1],
         c,
         h,
         ho,
@@ -1247,8 +1247,8 @@ def _rolling_adjoint(grad: torch.Tensor, axes: tuple[Axis, Axis], gx: torch.Tens
     _rolling_blur_adjoint_kernel[_grid(n, c, h, triton.cdiv(w, axes[1].stride), options["BC"], rows, options["BW"])](
         grad,
         gx,
-        device_table("window", axes[0], grad.device)[1],
-        device_table("window", axes[1], grad.device)[1],
+        _table("window", axes[0], grad.device)[1],
+        _table("window", axes[1], grad.device)[1],
         c,
         h,
         ho,
@@ -1316,10 +1316,10 @@ def max_blur_forward(
     if _windows_fit(axes, cover_owned=True):
         _rolling_max_blur(x, kmax, pmax, axes, out, codes)
         return
-    rbase, rband = device_table("banded", row_axis, x.device)
+    rbase, rband = _table("banded", row_axis, x.device)
     bc, _, bw, warps = _tile(c, 1, wo, _channels_inner(x), MAX_BLUR_PER_THREAD)
     grid = _grid(n, c, ho, wo, bc, 1, bw)
-    cbase, cband = device_table("banded", col_axis, x.device)
+    cbase, cband = _table("banded", col_axis, x.device)
     codes_ptr, (hm, wm), codes_strides = _codes_args(x, kmax, pmax, out, codes)
     _max_blur_kernel[grid](
         x,
@@ -1357,7 +1357,7 @@ def _rolling_max_blur(x: torch.Tensor, kmax: int, pmax: int, axes: tuple[Axis, A
     n, c, h, w = x.shape
     ho, wo = out.shape[2:]
     row_axis, col_axis = axes
-    (offset_h, rows), (offset, cols) = (device_table("window", axis, x.device, True) for axis in axes)
+    (offset_h, rows), (offset, cols) = (_table("window", axis, x.device, True) for axis in axes)
     t, per_thread, prefetch = MAX_BLUR_SHAPE[_channels_inner(x)]
     bc, _, bg, warps = _tile(c, 1, triton.cdiv(wo, t), _channels_inner(x), per_thread)
     # 3 x 3 pools (DenseNet) keep three x rows of the window live: with 7-8 rows per program, triton 3.8's ptxas
@@ -1422,8 +1422,8 @@ def max_blur_backward(
     if _windows_fit(axes):
         _rolling_max_blur_backward(grad, codes, kmax, pmax, axes, grad_input)
         return
-    rbase, rweight = device_table("routing", row_axis, grad.device, kmax, pmax)
-    cbase, cweight = device_table("routing", col_axis, grad.device, kmax, pmax)
+    rbase, rweight = _table("routing", row_axis, grad.device, kmax, pmax)
+    cbase, cweight = _table("routing", col_axis, grad.device, kmax, pmax)
     # Its window (DH x DW gradient values) is smaller than the forward's: 4 elements per thread fit when
     # channels are inner (16-byte fp32 vectors at 56 registers); planar gathers keep 2.
     inner = _channels_inner(grad_input)
@@ -1460,7 +1460,7 @@ def max_blur_backward(
 def _rolling_max_blur_backward(grad: torch.Tensor, codes: torch.Tensor, kmax: int, pmax: int, axes, gx) -> None:
     n, c, h, w = gx.shape
     row_axis, col_axis = axes
-    (offset_h, rows), (offset, cols) = (device_table("window", axis, grad.device) for axis in axes)
+    (offset_h, rows), (offset, cols) = (_table("window", axis, grad.device) for axis in axes)
     s, d = col_axis.stride, cols.shape[0]
     planar = _planar(grad, gx, axes)
     groups = triton.cdiv(w, s)
@@ -1511,3 +1511,16 @@ def _rolling_max_blur_backward(grad: torch.Tensor, codes: torch.Tensor, kmax: in
         BW=bw,
         num_warps=warps,
     )
+
+
+def _table(kind: str, axis: Axis, device: torch.device, *args: int) -> tuple:
+    """``geometry.device_table``, refused when the kernels' int32 offsets into a table would wrap (an axis of
+    some 10^8 positions): the rolling kernels read ``weight[e * OUT + i]``, the others ``index[p * WIDTH + k]``."""
+    table = device_table(kind, axis, device, *args)
+    for part in table:
+        if isinstance(part, torch.Tensor) and part.numel() > 2**31 - 1:
+            raise ValueError(
+                f"blur pool along an axis of {axis.size} positions: its {kind} table holds {part.numel()} "
+                "elements, more than the Triton kernels' 32-bit offsets reach (2^31); use backend 'cuda' or 'torch'"
+            )
+    return table

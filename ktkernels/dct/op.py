@@ -109,6 +109,7 @@ def dct_transform(x: Tensor, kind: str, norm: str, out_size: list[int], adjoint:
     if name == "triton":
         from . import triton as kernels
 
+        backend.check_triton_span("dct", maps, out_maps)
         with backend.triton_device(maps):
             kernels.basis2d(maps, mats[0], mats[1], out_maps)
     else:
@@ -197,6 +198,7 @@ def channel_power_mean(x: Tensor, p: float) -> Tensor:
     elif name == "triton":
         from . import triton as kernels
 
+        backend.check_triton_span("channel_power_mean", x)
         with backend.triton_device(x):
             kernels.power_mean(x, p, out)
     else:
@@ -224,6 +226,7 @@ def channel_power_mean_backward(x: Tensor, grad_map: Tensor, p: float) -> Tensor
     elif name == "triton":
         from . import triton as kernels
 
+        backend.check_triton_span("channel_power_mean_backward", x, grad_x)
         with backend.triton_device(x):
             kernels.power_mean_backward(x, grad_map, p, grad_x)
     else:

@@ -31,7 +31,7 @@ def _basis2d_kernel(
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    n = pid // C_BLOCKS
+    n = (pid // C_BLOCKS).to(tl.int64)  # n * stride would wrap in int32 past 2^31 elements
     c = (pid % C_BLOCKS) * BC + tl.arange(0, BC)
     h = tl.arange(0, BH)
     w = tl.arange(0, BW)
@@ -81,11 +81,13 @@ def _power(a, p, P_MODE: tl.constexpr):
 
 @triton.jit
 def _power_mean_kernel(
-    x_ptr, out_ptr, C, HW, W, sxn, sxc, sxh, sxw, p, inv_c,
+    x_ptr, out_ptr, C, HW, W, S_BLOCKS, sxn, sxc, sxh, sxw, p, inv_c,
     BC: tl.constexpr, BS: tl.constexpr, P_MODE: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    s = tl.program_id(0) * BS + tl.arange(0, BS)
-    n = tl.program_id(1)
+    # The batch rides on grid axis 0 (grid axes 1 and 2 stop at 65535), in int64 (n * stride can pass 2^31).
+    pid = tl.program_id(0)
+    n = (pid // S_BLOCKS).to(tl.int64)
+    s = (pid % S_BLOCKS) * BS + tl.arange(0, BS)
     s_mask = s < HW
     offset = n * sxn + (s // W) * sxh + (s % W) * sxw
     acc = tl.zeros([BS], dtype=ACC)
@@ -99,12 +101,13 @@ def _power_mean_kernel(
 
 @triton.jit
 def _power_mean_backward_kernel(
-    x_ptr, g_ptr, gx_ptr, C, HW, W, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, p, scale,
+    x_ptr, g_ptr, gx_ptr, C, HW, W, S_BLOCKS, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, p, scale,
     BC: tl.constexpr, BS: tl.constexpr, P_MODE: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    s = tl.program_id(0) * BS + tl.arange(0, BS)
+    pid = tl.program_id(0)  # (n, spatial block) as in _power_mean_kernel
+    n = (pid // S_BLOCKS).to(tl.int64)
+    s = (pid % S_BLOCKS) * BS + tl.arange(0, BS)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
-    n = tl.program_id(2)
     h, w = s // W, s % W
     mask = (c[:, None] < C) & (s[None, :] < HW)
     v = tl.load(x_ptr + n * sxn + c[:, None] * sxc + h[None, :] * sxh + w[None, :] * sxw, mask=mask, other=0.0)
@@ -138,8 +141,10 @@ def power_mean(x: torch.Tensor, p: float, out: torch.Tensor) -> None:
     n, c, h, w = x.shape
     bc, bs = _reduce_tile(x)
     acc = tl.float64 if out.dtype == torch.float64 else tl.float32
-    grid = (triton.cdiv(h * w, bs), n)
-    _power_mean_kernel[grid](x, out, c, h * w, w, *x.stride(), p, 1.0 / c, BC=bc, BS=bs, P_MODE=_p_mode(p), ACC=acc)
+    s_blocks = triton.cdiv(h * w, bs)
+    _power_mean_kernel[(n * s_blocks,)](
+        x, out, c, h * w, w, s_blocks, *x.stride(), p, 1.0 / c, BC=bc, BS=bs, P_MODE=_p_mode(p), ACC=acc
+    )  # fmt: skip
 
 
 def power_mean_backward(x: torch.Tensor, grad_map: torch.Tensor, p: float, grad_x: torch.Tensor) -> None:
@@ -147,8 +152,8 @@ def power_mean_backward(x: torch.Tensor, grad_map: torch.Tensor, p: float, grad_
     n, c, h, w = x.shape
     bc, bs = _reduce_tile(x)
     acc = tl.float64 if grad_map.dtype == torch.float64 else tl.float32
-    grid = (triton.cdiv(h * w, bs), triton.cdiv(c, bc), n)
-    _power_mean_backward_kernel[grid](
-        x, grad_map, grad_x, c, h * w, w, *x.stride(), *grad_x.stride(), p, p / c,
+    s_blocks = triton.cdiv(h * w, bs)
+    _power_mean_backward_kernel[(n * s_blocks, triton.cdiv(c, bc))](
+        x, grad_map, grad_x, c, h * w, w, s_blocks, *x.stride(), *grad_x.stride(), p, p / c,
         BC=bc, BS=bs, P_MODE=_p_mode(p), ACC=acc,
     )  # fmt: skip

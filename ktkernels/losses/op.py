@@ -89,6 +89,7 @@ def pixel_global_terms(s: Tensor, t: Tensor, global_mode: str, keep: int) -> tup
     else:
         sq = layout.alloc(s, (n, c), False, acc_dtype(s))
         if name == "triton":
+            backend.check_triton_span("pixel_global_terms", s, t)
             with backend.triton_device(s):
                 _kernels().transfer_stats(s, t, basis, sq, proj)
         else:
@@ -122,6 +123,7 @@ def transfer_grad(s: Tensor, t: Tensor, pixel_coef: Tensor, coef: Tensor, global
     if name == "torch":
         grad.copy_(reference.transfer_grad(s, t, basis, pixel_coef, coef))
     elif name == "triton":
+        backend.check_triton_span("transfer_grad", s, t, grad)
         with backend.triton_device(s):
             _kernels().transfer_grad(s, t, basis, pixel_coef, coef, grad)
     else:
@@ -317,6 +319,7 @@ def soft_target_kl(s: Tensor, t: Tensor, temperature: float) -> tuple[Tensor, Te
     else:
         rows = layout.alloc(s, (s.shape[0], 3), False, acc_dtype(s))
         if name == "triton":
+            backend.check_triton_span("soft_target_kl", s, t)
             with backend.triton_device(s):
                 _kernels().soft_target_forward(s, t, temperature, rows)
         else:
@@ -352,6 +355,7 @@ def soft_target_kl_backward(
         if need_t:
             grad_t.copy_(ref_t)
     elif name == "triton":
+        backend.check_triton_span("soft_target_kl_backward", s, t)
         with backend.triton_device(s):
             _kernels().soft_target_backward(s, t, temperature, rows, g, grad_s, grad_t)
     else:

@@ -39,7 +39,7 @@ def _transfer_stats_kernel(
     BC: tl.constexpr, BS: tl.constexpr, BJ: tl.constexpr, HAS_PROJ: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    n = pid // C_BLOCKS
+    n = (pid // C_BLOCKS).to(tl.int64)  # n * stride would wrap in int32 past 2^31 elements
     c = (pid % C_BLOCKS) * BC + tl.arange(0, BC)
     j = tl.arange(0, BJ)  # proj columns; BJ >= J
     c_mask = c < C
@@ -68,7 +68,7 @@ def _transfer_stats_kernel(
         out = (n * C + c[:, None]) * J + j[None, :]
         pmask = c_mask[:, None] & (j[None, :] < J)
         tl.store(proj_ptr + out, proj_s, mask=pmask)
-        tl.store(proj_ptr + N * C * J + out, proj_t, mask=pmask)
+        tl.store(proj_ptr + N.to(tl.int64) * C * J + out, proj_t, mask=pmask)
 
 
 def transfer_stats(s: torch.Tensor, t: torch.Tensor, basis: torch.Tensor, sq: torch.Tensor, proj: torch.Tensor):
@@ -91,7 +91,7 @@ def _transfer_grad_kernel(
     BC: tl.constexpr, BS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    n = pid // C_BLOCKS
+    n = (pid // C_BLOCKS).to(tl.int64)  # n * stride would wrap in int32 past 2^31 elements
     c = (pid % C_BLOCKS) * BC + tl.arange(0, BC)
     pos = tl.program_id(1) * BS + tl.arange(0, BS)
     h, w = pos // W, pos % W
@@ -178,7 +178,7 @@ def _map_distance_kernel(
     ms_ptr, mt_ptr, left_ptr, right_ptr, g_ptr, out_ptr, H, W,
     KIND: tl.constexpr, BACKWARD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
 ):  # fmt: skip
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # n * H * W can pass 2^31
     hh = tl.arange(0, BH)[:, None]
     ww = tl.arange(0, BW)[None, :]
     valid = (hh < H) & (ww < W)
@@ -270,7 +270,7 @@ def map_distance_backward(map_s, map_t, grad_dist, kind: int, left, right, grad_
 
 @triton.jit
 def _soft_target_forward_kernel(s_ptr, t_ptr, rows_ptr, K, ss, st, inv_t, BK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * K can pass 2^31 (e.g. token-level distillation)
     m_s = float("-inf")
     m_t = float("-inf")
     sum_s = 0.0
@@ -313,7 +313,7 @@ def _soft_target_backward_kernel(
     s_ptr, t_ptr, rows_ptr, g_ptr, gs_ptr, gt_ptr, K, ss, st, inv_t,
     BK: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1) * BK + tl.arange(0, BK)
     mask = k < K
     kl = tl.load(rows_ptr + row * 3)
