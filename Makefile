@@ -13,6 +13,9 @@ MAX_JOBS ?= $(shell nproc)
 # listed at the end, to keep an eye on CI time.
 TEST_JOBS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 
+# The demo's table goes to build/ (ignored): benchmarks/results/ holds the committed runs it would overwrite.
+DEMO_OUT ?= build/bench
+
 .PHONY: demo test build lint clean
 
 $(DEPS_STAMP): requirements-dev.txt
@@ -27,7 +30,7 @@ build: $(DEPS_STAMP)
 
 demo: build
 	$(PY) -m ktkernels.train --demo
-	$(PY) -m ktkernels.bench blurpool
+	$(PY) -m ktkernels.bench blurpool --out $(DEMO_OUT)
 
 test: build
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal --durations=20

@@ -352,7 +352,6 @@ def test_vmap_folds_into_the_batch_and_keeps_gradients(target):
 def test_triton_refuses_images_past_its_32_bit_offsets():
     """An image spanning 2^31 elements or more raises before any Triton kernel runs (they would read wrapped
     addresses). The storage is 4 GiB of untouched virtual memory: no kernel reads it."""
-    from ktkernels.blurpool import op
 
     storage = torch.empty(2**31 + 2, dtype=torch.float16)
     fits = storage.as_strided((1, 1, 2, 2), (0, 0, 2**31 - 2, 1))  # last element at offset 2^31 - 1

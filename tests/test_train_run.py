@@ -254,7 +254,8 @@ def test_folder_validation_images_do_not_follow_the_subset_seed(folder, tmp_path
     from ktkernels.train.run import _build_data, _Dist
 
     def data(seed: int):
-        kwargs = {"data": str(folder), "val": str(folder), "loader": loader, "workers": 0, "cache_size": 24, "image_size": 16}
+        kwargs = {"data": str(folder), "val": str(folder), "loader": loader, "workers": 0}
+        kwargs |= {"cache_size": 24, "image_size": 16}
         c = _config(tmp_path / str(seed), per_class=4, val_per_class=3, subset_seed=seed, batch_size=2, **kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the corrupt files of class "a"

@@ -89,7 +89,7 @@ def blurpool_table_from_log(parser: argparse.ArgumentParser, args: argparse.Name
     harness.finish(rows, args.copy_gbps)
     tune = _tune_of(args)
     notes = blurpool.tune_choices(rows, tune) if tune else ()
-    stem = _blurpool_stem(_device_tag(env["device"]), tune)
+    stem = _blurpool_stem(_device_tag(env["device"]), tune, args.eager)
     print(harness.write(rows, env, args.copy_gbps, args.out, stem, "pytorch", notes))
 
 

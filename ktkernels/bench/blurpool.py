@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .. import backend
 from ..blurpool import geometry, op
-from .harness import Row, graph_median_ms, median_ms, on_backend, rotating, step_for
+from .harness import Row, agreement, graph_median_ms, median_ms, on_backend, rotating, step_for
 
 # (case, channels, size, kind, filt_size, pads (l, r, t, b))
 RESNET50_CASES = [
@@ -81,6 +81,10 @@ def implementations(device: torch.device, compile_recipe: bool, kind: str, filt_
         impls[f"ktk-{name}"] = ours(kind, filt_size, pads, name)
     impls["pytorch"] = recipe(kind, filt_size, pads)
     if compile_recipe:
+        # A fresh Dynamo cache per case: every recipe shares one code object, each case compiles it about four
+        # times (its filter cache fills on the first call; forward and f+b), and past the recompile limit (8)
+        # Dynamo would silently run the recipe eagerly under the "+compile" name.
+        torch._dynamo.reset()
         impls["pytorch+compile"] = torch.compile(recipe(kind, filt_size, pads), dynamic=False)
     return impls
 
@@ -119,12 +123,16 @@ def _time_case(
         lambda: torch.randn(out_shape, dtype=dtype, device=device).to(memory_format=fmt), n_out * es, device
     )
     rows = []
+    x0, g0 = inputs(), grads()  # one input for the agreement check: every implementation computes the same
     for mode in ("fwd", "f+b"):
         chosen = impls if impls is not None else implementations(device, compiled, kind, filt_size, pads)
+        fixed = {impl: step_for(mode, fn, lambda: x0, lambda: g0) for impl, fn in chosen.items()}
+        differs = agreement(fixed, dtype)
         for impl, fn in chosen.items():
             step = step_for(mode, fn, inputs, grads)
             dtype_name = str(dtype).replace("torch.", "")
             row = Row("blurpool", case, shape, dtype_name, layout, mode, impl, None, bytes_by_mode[mode])
+            row.mismatch = differs.get(impl)
             try:
                 if device.type == "cuda" and graphs:
                     row.ms = graph_median_ms(step)
@@ -133,7 +141,8 @@ def _time_case(
             except Exception as exc:  # a failing baseline is a result too (recorded, not fatal)
                 row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
             rows.append(row)
-            print(f"{case} {shape} {dtype_name} {layout} {mode} {impl}: {row.ms or row.error}", flush=True)
+            differ = f" ≠ {row.mismatch}" if row.mismatch else ""  # rows_from_log reads it back
+            print(f"{case} {shape} {dtype_name} {layout} {mode} {impl}: {row.ms or row.error}{differ}", flush=True)
     return rows
 
 
@@ -358,7 +367,7 @@ def warm_triton_cache(device: torch.device, batch: int, jobs: list[tuple], worke
 
 _LOG_LINE = re.compile(
     r"^(?P<case>.+?) \((?P<shape>[\d, ]+)\) (?P<dtype>\w+) (?P<layout>NCHW|NHWC) (?P<mode>fwd|f\+b) "
-    r"(?P<impl>[^:]+?): (?P<ms>[\d.eE+-]+)$"  # tune tables' names hold a space: "ktk-triton T2xC1P1"
+    r"(?P<impl>[^:]+?): (?P<ms>[\d.eE+-]+)(?: ≠ (?P<mismatch>.+))?$"  # tune names hold a space: "ktk-triton T2xC1"
 )
 
 
@@ -385,6 +394,7 @@ def rows_from_log(text: str) -> list[Row]:
                 match["impl"],
                 float(match["ms"]),
                 nbytes,
+                mismatch=match["mismatch"],
             )
         )
     return rows

@@ -217,10 +217,14 @@ def _time_impls(
     """Every implementation of one (case, dtype, layout), forward then forward+backward, on shared inputs."""
     rows = []
     dtype_name = str(dtype).replace("torch.", "")
+    x0, g0 = inputs(), grads()  # one input for the agreement check: every implementation computes the same
     for mode in ("fwd", "f+b"):
+        fixed = {impl: harness.step_for(mode, fn, lambda: x0, lambda: g0) for impl, fn in impls.items()}
+        differs = harness.agreement(fixed, dtype)
         for impl, fn in impls.items():
             step = harness.step_for(mode, fn, inputs, grads)
             row = Row(family, case, shape, dtype_name, layout, mode, impl, None, bytes_by_mode[mode])
+            row.mismatch = differs.get(impl)
             try:
                 if device.type == "cuda" and graphs:
                     row.ms = graph_median_ms(step)
@@ -347,7 +351,7 @@ def markdown(rows: Sequence[Row], env: dict, copy_gbps: float) -> str:
         ]
         out += _table(attn_rows, RECIPES, targets=False, met=False, errors=errors)
     if errors:
-        out += ["", "Errors:", ""] + [f"{k + 1}. `{e}`" for k, e in enumerate(errors)]
+        out += ["", "Errors and mismatches:", ""] + [f"{k + 1}. `{e}`" for k, e in enumerate(errors)]
     return "\n".join(out) + "\n"
 
 

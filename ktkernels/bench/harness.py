@@ -38,6 +38,7 @@ class Row:
     gbps: float | None = None
     pct_copy: float | None = None
     error: str | None = None
+    mismatch: str | None = None  # how its result differs from the group's first implementation (see agreement)
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 20) -> float:
@@ -134,6 +135,69 @@ def step_for(
     return within
 
 
+# Largest |result - first implementation's result| / max |first|, by dtype, above which a row is flagged. fp32 allows
+# for TF32 convolutions and matmuls (torch's default for cuDNN convolutions), the 16-bit types for a rounding or two.
+AGREEMENT_TOLERANCE = {torch.float64: 1e-9, torch.float32: 3e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def _tensors(result: object) -> list[torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)):
+        return [t for part in result for t in _tensors(part)]
+    return []
+
+
+def agreement(steps: dict[str, Callable[[], object]], dtype: torch.dtype) -> dict[str, str]:
+    """Run each step once and compare its tensors (output, or input gradients) with the first step's.
+
+    The steps must see the same inputs (a fixed input, not :func:`rotating`). Returns ``{impl: what differs}``
+    for the implementations whose results differ by more than ``AGREEMENT_TOLERANCE`` (relative to the first
+    one's largest magnitude), or fail to run, so that a table never compares different work unnoticed. The first
+    step is the reference: if it is the one that is wrong, every other row is flagged.
+    """
+    results: dict[str, list[torch.Tensor] | str] = {}
+    for impl, step in steps.items():
+        try:
+            results[impl] = [t.detach().double() for t in _tensors(step())]
+        except Exception as exc:  # timing records the error itself
+            results[impl] = f"{type(exc).__name__}"
+    names = list(results)
+    if not names or isinstance(results[names[0]], str):
+        return {}
+    first, tol = results[names[0]], AGREEMENT_TOLERANCE.get(dtype, 1e-2)
+    found = {}
+    for impl in names[1:]:
+        got = results[impl]
+        if isinstance(got, str):
+            continue
+        if [t.shape for t in got] != [t.shape for t in first]:
+            found[impl] = f"shapes {[tuple(t.shape) for t in got]} vs {[tuple(t.shape) for t in first]} of {names[0]}"
+            continue
+        ratios = []
+        for a, b in zip(got, first, strict=True):
+            scale = b.abs().max().item() if b.numel() else 0.0
+            err = (a - b).abs().max().item() if b.numel() else 0.0
+            ratios.append(err / scale if scale > 0 else err)
+        worst = math.nan if any(math.isnan(r) for r in ratios) else max(ratios, default=0.0)  # max() drops NaN
+        if not worst <= tol:
+            found[impl] = f"differs from {names[0]} by {worst:.1e} of its largest value (tolerance {tol:.0e})"
+    return found
+
+
+def ms_cell(row: Row, notes: list[str]) -> str:
+    """A time cell: ms, or ``error [k]``; a mismatch appends ``≠ [k]``. ``notes`` collects the texts (k is 1-based)."""
+
+    def ref(text: str) -> str:
+        if text not in notes:
+            notes.append(text)
+        return f"[{notes.index(text) + 1}]"
+
+    if not row.ms:
+        return f"error {ref(row.error or 'not run')}"
+    return f"{row.ms:.3f}" + (f" ≠ {ref(f'{row.impl}: {row.mismatch}')}" if row.mismatch else "")
+
+
 def on_backend(name: str, fn: Callable) -> Callable:
     """``fn`` run under the ktkernels backend ``name``, tagged so that :func:`step_for` runs its backward there too."""
 
@@ -160,10 +224,25 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None) -> floa
     return 2 * nbytes / ms / 1e6
 
 
+def last_level_cache_bytes(device: torch.device) -> int:
+    """The GPU's L2, or the CPU's largest cache (Linux sysfs; 32 MiB where it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=32 << 20)
+
+
 def rotating(make: Callable[[], object], nbytes: int, device: torch.device) -> Callable[[], object]:
-    """Several copies of the inputs, cycled, so that small working sets do not live in L2."""
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
-    copies = [make() for _ in range(min(4, max(1, math.ceil(3 * l2 / max(nbytes, 1)))))]
+    """Up to 4 copies of the inputs, cycled, so that a working set that would fit in the last-level cache (the
+    GPU's L2, the CPU's L3) is read from memory, as the copy bandwidth it is compared with is."""
+    cache = last_level_cache_bytes(device)
+    copies = [make() for _ in range(min(4, max(1, math.ceil(3 * cache / max(nbytes, 1)))))]
     state = {"i": 0}
 
     def next_inputs():
@@ -173,17 +252,28 @@ def rotating(make: Callable[[], object], nbytes: int, device: torch.device) -> C
     return next_inputs
 
 
-def environment(device: torch.device) -> dict:
+def source_commit() -> str:
+    """``KTK_COMMIT`` when set (a copy of the tree without its ``.git``, as on a lent GPU box), else the commit of
+    the checkout this package runs from, ``-dirty`` when its files differ from it; "unknown" without git."""
+    if os.environ.get("KTK_COMMIT"):
+        return os.environ["KTK_COMMIT"]
+    root = Path(__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        done = subprocess.run(
+            ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True
+        )
     except OSError:
-        commit = ""
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
+def environment(device: torch.device) -> dict:
     info = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "commit": commit or os.environ.get("KTK_COMMIT", "unknown"),
+        "commit": source_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     try:
@@ -211,14 +301,7 @@ def comparison_cells(
     cells = []
     for impl in impls:
         r = by_impl.get(impl)
-        if r is None:
-            cells.append("")
-        elif r.ms:
-            cells.append(f"{r.ms:.3f}")
-        else:
-            if r.error not in errors:
-                errors.append(r.error)
-            cells.append(f"error [{errors.index(r.error) + 1}]")
+        cells.append("" if r is None else ms_cell(r, errors))
     timed = [r for i, r in by_impl.items() if i.startswith("ktk") and r.ms]
     best = min(timed, key=lambda r: r.ms) if timed else None
     cells += [f"{best.gbps:.0f} ({best.impl})" if best else "", f"{best.pct_copy:.0f}%" if best else ""]
@@ -241,6 +324,7 @@ def markdown(rows: Sequence[Row], env: dict, copy_gbps: float, baseline: str) ->
     )
     cols = ["case", "shape", "dtype", "layout", "mode", *impls, "best ktk GB/s", "% of copy", f"speed-up vs {baseline}"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    notes: list[str] = []  # errors and mismatches, listed under the table
     groups: dict[tuple, dict[str, Row]] = {}
     for r in rows:
         groups.setdefault((r.case, r.shape, r.dtype, r.layout, r.mode), {})[r.impl] = r
@@ -248,7 +332,7 @@ def markdown(rows: Sequence[Row], env: dict, copy_gbps: float, baseline: str) ->
         cells = [key[0], "x".join(map(str, key[1])), key[2], key[3], key[4]]
         for impl in impls:
             r = by_impl.get(impl)
-            cells.append("" if r is None else (f"{r.ms:.3f}" if r.ms else f"error: {r.error}"))
+            cells.append("" if r is None else ms_cell(r, notes))
         timed = [by_impl[i] for i in ours if i in by_impl and by_impl[i].ms]
         best = min(timed, key=lambda r: r.ms) if timed else None
         base = by_impl.get(baseline)
@@ -258,7 +342,8 @@ def markdown(rows: Sequence[Row], env: dict, copy_gbps: float, baseline: str) ->
             f"{base.ms / best.ms:.1f}x" if best and base and base.ms else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
+    listed = "".join(f"\n[{k}] {text}" for k, text in enumerate(notes, 1))
+    return head + "\n".join(lines) + "\n" + (listed[1:] + "\n" if notes else "")
 
 
 def plot(rows: Sequence[Row], path: Path, title: str) -> None:

@@ -285,10 +285,15 @@ def _time_case(
     bytes_by_mode = {"fwd": 2 * n * es, "f+b": 3 * n * es}
     dtype_name = str(dtype).replace("torch.", "")
     rows = []
+    features = inputs()  # one input for the agreement check: every implementation computes the same
     for mode in ("fwd", "f+b"):
+        differs = harness.agreement(
+            {name: loss_step(mode, impl, lambda: features) for name, impl in impls.items()}, dtype
+        )
         for name, impl in impls.items():
             step = loss_step(mode, impl, inputs)
             row = Row("losses", case, shape, dtype_name, layout, mode, name, None, bytes_by_mode[mode])
+            row.mismatch = differs.get(name)
             try:
                 if device.type == "cuda" and graphs:
                     row.ms = graph_median_ms(step)
@@ -412,7 +417,7 @@ def markdown(rows: Sequence[Row], env: dict, copy_gbps: float) -> str:
         out += ["", f"### {TITLES.get(case, case)}", ""]
         out += _table([r for r in rows if r.case == case], RECIPES.get(case, ()), targets=gpu, errors=errors)
     if errors:
-        out += ["", "Errors:", ""] + [f"{k + 1}. `{e}`" for k, e in enumerate(errors)]
+        out += ["", "Errors and mismatches:", ""] + [f"{k + 1}. `{e}`" for k, e in enumerate(errors)]
     return "\n".join(out) + "\n"
 
 
