@@ -90,9 +90,9 @@ def test_inputs_that_fit_in_the_cpu_cache_rotate(monkeypatch):
     monkeypatch.setattr(harness, "last_level_cache_bytes", lambda device: 32 << 20)
     made = []
     next_input = harness.rotating(lambda: made.append(1) or len(made), 12 << 20, torch.device("cpu"))
-    assert len(made) == 4 and [next_input() for _ in range(5)] == [2, 3, 4, 1, 2]
+    assert len(made) == 8 and [next_input() for _ in range(9)] == [2, 3, 4, 5, 6, 7, 8, 1, 2]  # 96 MiB in all
     harness.rotating(lambda: made.append(1), 200 << 20, torch.device("cpu"))
-    assert len(made) == 5  # larger than the cache: one copy
+    assert len(made) == 9  # larger than three caches: one copy
     assert harness.last_level_cache_bytes(torch.device("cpu")) > 0
 
 

@@ -239,10 +239,10 @@ def last_level_cache_bytes(device: torch.device) -> int:
 
 
 def rotating(make: Callable[[], object], nbytes: int, device: torch.device) -> Callable[[], object]:
-    """Up to 4 copies of the inputs, cycled, so that a working set that would fit in the last-level cache (the
-    GPU's L2, the CPU's L3) is read from memory, as the copy bandwidth it is compared with is."""
+    """Copies of the inputs, cycled, enough to fill three times the last-level cache (the GPU's L2, the CPU's
+    L3), so that a small working set is read from memory, as the copy bandwidth it is compared with is."""
     cache = last_level_cache_bytes(device)
-    copies = [make() for _ in range(min(4, max(1, math.ceil(3 * cache / max(nbytes, 1)))))]
+    copies = [make() for _ in range(max(1, math.ceil(3 * cache / max(nbytes, 1))))]
     state = {"i": 0}
 
     def next_inputs():
