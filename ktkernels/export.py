@@ -21,7 +21,7 @@ __all__ = ["decomposed", "export_onnx"]
 
 def export_onnx(
     model: nn.Module,
-    args: Sequence[Any],
+    args: Sequence[Any] | torch.Tensor,
     f: str | os.PathLike,
     *,
     zero_pad: bool = False,
@@ -32,7 +32,7 @@ def export_onnx(
 
     Args:
         model: any module containing ktkernels layers.
-        args: example positional inputs; the first is (N, C, H, W).
+        args: example positional inputs (or one tensor); the first is (N, C, H, W).
         f: output path.
         zero_pad: export zero padding instead of reflect/replicate, for runtimes without them
             (older TensorRT). This changes the border values: check they are acceptable.
@@ -41,6 +41,8 @@ def export_onnx(
 
     Returns what ``torch.onnx.export`` returns (an ``ONNXProgram``).
     """
+    if isinstance(args, torch.Tensor):  # one input, as torch.onnx.export accepts (tuple() would split its batch)
+        args = (args,)
     if dynamic_batch and "dynamic_shapes" not in kwargs:
         batch = torch.export.Dim("batch")
         kwargs["dynamic_shapes"] = tuple({0: batch} if isinstance(a, torch.Tensor) else None for a in args)

@@ -831,6 +831,30 @@ def test_onnx_export_roundtrip(tmp_path):
             torch.testing.assert_close(expected, model(x).detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_onnx_export_of_the_edge_aware_blur(tmp_path):
+    """kornia's ``EdgeAwareBlurPool2D`` blurs through the fused op: under ``decomposed()`` (and so in ONNX) it must
+    take pad + conv like every layer, or the exporter meets a ktkernels op it cannot write. The example input is a
+    bare tensor, as ``torch.onnx.export`` accepts."""
+    pytest.importorskip("onnxscript", reason="the torch.export-based ONNX exporter needs onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    from ktkernels.export import export_onnx
+
+    for k in (3, 4):  # the fused path (k <= 7, maps wider than k // 2)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Sigmoid(), kornia_compat.EdgeAwareBlurPool2D(k)).eval()
+        x = torch.rand(2, 3, 16, 16)
+        with decomposed():
+            exported = torch.export.export(model, (x,))
+        assert not [node for node in exported.graph.nodes if "ktkernels" in str(node.target)]
+        path = tmp_path / f"edge_{k}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_onnx(model, x, path)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        x = torch.rand(3, 3, 16, 16)
+        (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(y), model(x).detach(), rtol=1e-4, atol=1e-5)
+
+
 def test_antialiased_resnet_under_compilers_and_exporters():
     torchvision = pytest.importorskip("torchvision")
     model = ktkernels.antialias(torchvision.models.resnet18(num_classes=10)).eval()

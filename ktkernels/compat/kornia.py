@@ -171,10 +171,11 @@ def _reflect_extend(x: Tensor, before: int, after: int) -> Tensor:
 
 def _blur_same_size(x: Tensor, k: int) -> Tensor:
     """The k x k binomial blur at stride 1 with a reflected border (window ``(k-1)//2`` before, ``k//2`` after):
-    the fused op while one reflection covers the window, else the reflect-extended input blurred unpadded."""
+    the fused op while one reflection covers the window, else the reflect-extended input blurred unpadded. Both
+    go through layers, so that ``decomposed()`` (and ONNX export) sees pad + conv here too."""
     before, after = (k - 1) // 2, k // 2
     if after < min(x.shape[-2:]) and k <= MAX_FILT_SIZE:
-        return blurpool.blur_pool2d(x, k, 1, (before, after, before, after), "reflect")
+        return _layer(blurpool.BlurPool2d, None, "reflect", k, 1)(x)  # antialiased-cnns' pads at stride 1
     extended = _reflect_extend(x, before, after)
     return _layer(BlurPool2D, k, 1, False)(extended)[..., before : before + x.shape[-2], before : before + x.shape[-1]]
 
