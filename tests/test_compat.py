@@ -434,6 +434,38 @@ class _StandardisedConv2d(nn.Conv2d):
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+@pytest.mark.parametrize("blur_first", [True, False])
+def test_composer_surgery_keeps_the_conv_it_wraps(blur_first):
+    """apply_blurpool wraps each strided conv itself: a subclass keeps its forward (weight standardisation, as in
+    timm's StdConv2d), a weight-normed conv its parametrization, and the numbers are those of blur-then-conv (or
+    conv-then-blur); Composer's own copy into a plain Conv2d changed them. A second call changes nothing."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), _StandardisedConv2d(16, 16, 3, 2, 1), weight_norm(nn.Conv2d(16, 8, 3, 2, 1))
+    ).double()
+    convs, params = list(model)[1:], {id(p) for p in model.parameters()}
+    x = torch.randn(2, 3, 11, 10, dtype=torch.float64)
+    blur = lambda y, s: recipe(y, 3, s, (1, 1, 1, 1), "zero")  # noqa: E731  Composer's 3x3 zero-padded blur
+    y = model[0](x)
+    for conv in convs:
+        stride = conv.stride[0]
+        if blur_first:
+            y = conv(blur(y, 1))
+        else:
+            conv.stride = (1, 1)
+            y = blur(conv(y), stride)
+            conv.stride = (stride, stride)
+    composer.apply_blurpool(model, blur_first=blur_first)
+    assert [type(m).__name__ for m in model] == ["Conv2d", "BlurConv2d", "BlurConv2d"]
+    assert [m.conv for m in list(model)[1:]] == convs and {id(p) for p in model.parameters()} == params
+    torch.testing.assert_close(model(x), y)
+    kinds = [type(m).__name__ for m in model.modules()]
+    composer.apply_blurpool(model, blur_first=blur_first)
+    assert [type(m).__name__ for m in model.modules()] == kinds
+
+
 @pytest.mark.parametrize("wrap", ["ffcv", "composer"])
 def test_strided_1x1_shortcut_keeps_the_wrapped_conv_forward_and_hooks(wrap):
     """The strided 1x1 rewrite (blur-pool, then the conv at stride 1) skips ``conv.forward``: it must not run for a

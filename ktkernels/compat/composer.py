@@ -294,6 +294,7 @@ class BlurConv2d(BlurThenConv):
 
     def adopt_conv(self, conv: nn.Conv2d) -> None:
         """Wrap ``conv`` itself (its Parameters, subclass and hooks) instead of the conv built here."""
+        conv._already_blurpooled = True  # apply_blurpool passes it by
         self.conv = conv  # live: rebuilds the rewrite for it
 
     @staticmethod
@@ -369,8 +370,11 @@ def apply_blurpool(
     """Composer's surgery, in place: strided ``nn.Conv2d`` (subclasses too) with ``in_channels >= min_channels``
     become :class:`BlurConv2d`; every ``nn.MaxPool2d`` becomes :class:`BlurMaxPool2d`. Idempotent.
 
-    The new convs hold the original ``Parameter`` objects, so ``optimizers`` (accepted for Composer's
-    signature) need no rebuilding. Returns ``model``.
+    Each :class:`BlurConv2d` wraps the original conv itself, so ``optimizers`` (accepted for Composer's signature)
+    need no rebuilding, and a conv subclass keeps its own forward (e.g. timm's weight-standardised ``StdConv2d``),
+    parametrizations and hooks; Composer copies the weights into a plain ``nn.Conv2d`` instead, which changes such
+    a model's numbers. With ``blur_first=False`` the conv is set to stride 1, as Composer builds its conv.
+    Returns ``model``.
     """
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -382,10 +386,14 @@ def apply_blurpool(
                 and child.in_channels >= min_channels
                 and not getattr(child, "_already_blurpooled", False)
             ):
-                replacement = BlurConv2d.from_conv2d(child, blur_first=blur_first)
-                replacement.conv.weight = child.weight
-                if child.bias is not None:
-                    replacement.conv.bias = child.bias
+                replacement = BlurConv2d(
+                    child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                    child.dilation, child.groups, child.bias is not None, blur_first, child.padding_mode,
+                    device=_device_of(child, model),
+                )  # fmt: skip
+                if not blur_first:
+                    child.stride = (1, 1)  # the blur after it takes the stride
+                replacement.adopt_conv(child)
             elif replace_maxpools and isinstance(child, nn.MaxPool2d):
                 replacement = BlurMaxPool2d.from_maxpool2d(child).to(_device_of(child, model))
             if replacement is not None:
