@@ -747,6 +747,33 @@ def test_convert_is_all_or_nothing():
     assert [type(m).__module__.split(".")[0] for m in model] == ["antialiased_cnns", "timm"]
 
 
+def test_convert_keeps_shared_layers_shared_and_their_hooks():
+    """One layer used twice gets one replacement; forward, pre-forward and full backward hooks registered on it
+    keep firing after convert, and their handles still remove them."""
+    aa = pytest.importorskip("antialiased_cnns")
+    blur = aa.BlurPool(4, filt_size=3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), blur, nn.Sequential(blur))
+    calls = []
+    handles = [
+        blur.register_forward_pre_hook(lambda m, args: calls.append("pre")),
+        blur.register_forward_hook(lambda m, args, kwargs, out: calls.append("post"), with_kwargs=True),
+        blur.register_full_backward_hook(lambda m, gin, gout: calls.append("backward")),
+    ]
+    x = torch.randn(1, 3, 20, 20)
+    model(x).sum().backward()
+    expected, calls[:] = list(calls), []
+    report = convert(model)
+    assert model[1] is model[2][0] and isinstance(model[1], adobe.BlurPool)
+    assert [name for name, _, _ in report.replaced] == ["1", "2.0"]
+    model(x).sum().backward()
+    assert calls == expected == ["pre", "post", "pre", "post", "backward", "backward"]
+    for handle in handles:
+        handle.remove()
+    calls.clear()
+    model(x).sum().backward()
+    assert calls == []
+
+
 def test_convert_refuses_a_bare_layer():
     kornia = pytest.importorskip("kornia")
     with pytest.raises(TypeError, match="wrap"):

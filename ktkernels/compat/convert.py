@@ -130,12 +130,37 @@ def _match_buffers(new: nn.Module, old: nn.Module) -> None:
             setattr(new, name, buffer.to(old_buffers[name].dtype))
 
 
+# The hook tables of nn.Module that a forward or backward reads. The replacement takes the original's very dicts,
+# so the handles the user holds (weak references to those dicts) still remove the hooks.
+_HOOK_TABLES = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _move_hooks(new: nn.Module, old: nn.Module) -> None:
+    for table in _HOOK_TABLES:
+        hooks = getattr(old, table, None)
+        if hooks:
+            hooks.update(getattr(new, table, {}))  # none so far: the replacements register no hooks of their own
+            setattr(new, table, hooks)
+    if old._backward_hooks or old._backward_pre_hooks:
+        new._is_full_backward_hook = old._is_full_backward_hook
+
+
 def convert(model: nn.Module) -> ConversionReport:
     """Replace, in place, every antialiased-cnns / kornia / timm / Composer / FFCV blur layer in ``model``.
 
     Outputs stay equal to the originals' within fp32 rounding and ``state_dict()`` keys are unchanged
-    (buffers are loaded from the original layers). A ``model`` that is itself such a layer cannot be
-    replaced in place: wrap it (e.g. in ``nn.Sequential``) first.
+    (buffers are loaded from the original layers). A layer used in several places gets one replacement, used in
+    all of them, and the forward and backward hooks registered on a layer move to its replacement (their handles
+    still remove them). A ``model`` that is itself such a layer cannot be replaced in place: wrap it (e.g. in
+    ``nn.Sequential``) first.
 
     >>> import torch
     >>> report = convert(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)))   # nothing to replace
@@ -148,15 +173,19 @@ def convert(model: nn.Module) -> ConversionReport:
     names = {id(m): name for name, m in model.named_modules()}
     # Build every replacement first: a layer that cannot be converted leaves the model untouched.
     swaps = []
+    built: dict[int, nn.Module] = {}  # id(original) -> its one replacement
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             build = _builder_for(child)
             if build is None:
                 continue
-            new = build(child)
-            new.load_state_dict(child.state_dict(), strict=True)
-            _match_buffers(new, child)
-            new.train(child.training)
+            new = built.get(id(child))
+            if new is None:
+                new = built[id(child)] = build(child)
+                new.load_state_dict(child.state_dict(), strict=True)
+                _match_buffers(new, child)
+                new.train(child.training)
+                _move_hooks(new, child)
             swaps.append((parent, child_name, child, new))
     for parent, child_name, child, new in swaps:
         setattr(parent, child_name, new)
