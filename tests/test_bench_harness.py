@@ -52,7 +52,7 @@ def test_bench_flags_a_recipe_that_computes_something_else():
     table = harness.markdown(
         rows, {"device": "cpu", "torch": "x", "triton": "y", "commit": "z", "date": "d"}, 10.0, "pytorch"
     )
-    assert " ≠ [1]" in table and "[1] zero-padded: differs from ktk-torch by" in table
+    assert " ≠ [1]" in table and "|\n\n- [1] zero-padded: differs from ktk-torch by" in table
     assert " ≠ [2]" in table  # f+b: its own note, its own size
 
 
@@ -93,6 +93,8 @@ def test_inputs_that_fit_in_the_cpu_cache_rotate(monkeypatch):
     assert len(made) == 8 and [next_input() for _ in range(9)] == [2, 3, 4, 5, 6, 7, 8, 1, 2]  # 96 MiB in all
     harness.rotating(lambda: made.append(1), 200 << 20, torch.device("cpu"))
     assert len(made) == 9  # larger than three caches: one copy
+    harness.rotating(lambda: made.append(1), 1000, torch.device("cpu"))
+    assert len(made) == 9 + harness.MAX_INPUT_COPIES
     assert harness.last_level_cache_bytes(torch.device("cpu")) > 0
 
 

@@ -238,11 +238,15 @@ def last_level_cache_bytes(device: torch.device) -> int:
     return max(sizes, default=32 << 20)
 
 
+MAX_INPUT_COPIES = 64
+
+
 def rotating(make: Callable[[], object], nbytes: int, device: torch.device) -> Callable[[], object]:
     """Copies of the inputs, cycled, enough to fill three times the last-level cache (the GPU's L2, the CPU's
-    L3), so that a small working set is read from memory, as the copy bandwidth it is compared with is."""
+    L3), so that a small working set is read from memory, as the copy bandwidth it is compared with is; at most
+    ``MAX_INPUT_COPIES`` (inputs of a few kB, as in the tests, are not worth 10^4 copies)."""
     cache = last_level_cache_bytes(device)
-    copies = [make() for _ in range(max(1, math.ceil(3 * cache / max(nbytes, 1))))]
+    copies = [make() for _ in range(min(MAX_INPUT_COPIES, max(1, math.ceil(3 * cache / max(nbytes, 1)))))]
     state = {"i": 0}
 
     def next_inputs():
@@ -342,8 +346,8 @@ def markdown(rows: Sequence[Row], env: dict, copy_gbps: float, baseline: str) ->
             f"{base.ms / best.ms:.1f}x" if best and base and base.ms else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    listed = "".join(f"\n[{k}] {text}" for k, text in enumerate(notes, 1))
-    return head + "\n".join(lines) + "\n" + (listed[1:] + "\n" if notes else "")
+    listed = "".join(f"- [{k}] {text}\n" for k, text in enumerate(notes, 1))  # after a blank line: not a table row
+    return head + "\n".join(lines) + "\n" + ("\n" + listed if notes else "")
 
 
 def plot(rows: Sequence[Row], path: Path, title: str) -> None:
