@@ -8,7 +8,8 @@
 # The `test` part runs every gpu test under pytest-xdist (the box has it; TEST_K="expr" selects as pytest -k,
 # TEST_ARGS adds words without spaces); `triton` re-runs only the Triton ones
 # in shards, for a box without xdist. Pass KTK_COMMIT=<sha> when the copied tree has no .git: the tables' headers
-# record it (ktkernels.bench.harness.source_commit). The tables compile their Triton kernels first in JIT_WORKERS processes (one
+# record it (ktkernels.bench.harness.source_commit).
+# The tables compile their Triton kernels first in JIT_WORKERS processes (one
 # max-blur kernel can take a minute of ptxas; serially, the compiles took most of a 300 s part). The device tool returns at most 8 files: PACK=1 tars $OUT into one archive.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
