@@ -3,6 +3,8 @@
 KTK_BUILD_CUDA=auto (default) builds CUDA when torch is a CUDA build and nvcc exists;
 KTK_BUILD_CUDA=1 insists (and fails loudly otherwise); KTK_BUILD_CUDA=0 skips it.
 KTK_DEBUG_INFO=1 keeps host debug info (-g); by default it is off (-g0).
+KTK_SANITIZE=1 builds the host code with AddressSanitizer and UBSan (-O1 -g, signed overflow checked): load it with
+LD_PRELOAD of gcc's libasan and libubsan (benchmarks/NOTES.md, "Sanitizers"). For checking only: never ship it.
 No -std= flag is passed: torch picks C++17 (2.11) or C++20 (2.14) itself.
 """
 
@@ -65,6 +67,12 @@ sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
 # -g0 comes after them and wins. KTK_DEBUG_INFO=1 keeps it, for a debugger.
 debug_info = os.environ.get("KTK_DEBUG_INFO", "0").strip().lower() in ("1", "on", "true", "yes")
 cxx_flags = ["-O3", "-fopenmp", "-g" if debug_info else "-g0"]
+if os.environ.get("KTK_SANITIZE", "0").strip().lower() in ("1", "on", "true", "yes"):
+    # -fno-wrapv undoes Python's -fwrapv, under which UBSan drops its signed-overflow checks; the vptr check is off
+    # (it needs every polymorphic class instrumented, and torch's are not).
+    sanitize = ["-fsanitize=address,undefined", "-fsanitize=float-cast-overflow", "-fno-sanitize=vptr"]
+    cxx_flags = ["-O1", "-fopenmp", "-g", "-fno-omit-frame-pointer", "-fno-wrapv", *sanitize]
+    link_args.append("-fsanitize=address,undefined")
 if with_cuda:
     sources += sorted(glob.glob("csrc/*/*_cuda.cu")) + sorted(glob.glob("csrc/*/*_cuda.cpp"))
     extension = CUDAExtension(
