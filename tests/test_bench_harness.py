@@ -85,8 +85,8 @@ def test_from_log_keeps_the_eager_name(tmp_path):
 
 def test_inputs_that_fit_in_the_cpu_cache_rotate(monkeypatch):
     """On the CPU too, small inputs are cycled through copies that together outgrow the last-level cache (the
-    copy bandwidth they are compared with is DRAM's): a single 12 MiB input stayed in a 32 MiB L3 and read at
-    113-189% of copy in dct_cpu.md."""
+    copy bandwidth they are compared with is DRAM's): with one copy, inputs smaller than the 32 MiB L3 stayed in
+    it, and dct_cpu.md had rows at 113% and 189% of copy."""
     monkeypatch.setattr(harness, "last_level_cache_bytes", lambda device: 32 << 20)
     made = []
     next_input = harness.rotating(lambda: made.append(1) or len(made), 12 << 20, torch.device("cpu"))
