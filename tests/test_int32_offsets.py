@@ -1,6 +1,6 @@
 """Offsets past 2^31 elements: the Triton kernels compute a sample's base in int64 and its inner offsets in int32.
 
-Inputs are views of one 8 GiB fp16 storage of untouched virtual memory (only the few pages the views cover are
+Inputs are views of one 7 GiB fp16 storage of untouched virtual memory (only the few pages the views cover are
 written). Three samples lie 2^30 + 16 elements apart from offset 2^31, so sample 2 starts past 2^32: an int32
 ``n * stride`` wraps to offset 32, which holds a sentinel, and a kernel that wrapped returns values made of it.
 Inputs whose one sample spans 2^31 elements or more must raise before any kernel runs.
