@@ -1516,9 +1516,11 @@ def _rolling_max_blur_backward(grad: torch.Tensor, codes: torch.Tensor, kmax: in
 def _table(kind: str, axis: Axis, device: torch.device, *args: int) -> tuple:
     """``geometry.device_table``, refused when the kernels' int32 offsets into a table would wrap (an axis of
     some 10^8 positions): the rolling kernels read ``weight[e * OUT + i]``, the others ``index[p * WIDTH + k]``."""
+    from .geometry import INT32_MAX  # here, not at the top: a line added there moves every kernel's cache key
+
     table = device_table(kind, axis, device, *args)
     for part in table:
-        if isinstance(part, torch.Tensor) and part.numel() > 2**31 - 1:
+        if isinstance(part, torch.Tensor) and part.numel() > INT32_MAX:
             raise ValueError(
                 f"blur pool along an axis of {axis.size} positions: its {kind} table holds {part.numel()} "
                 "elements, more than the Triton kernels' 32-bit offsets reach (2^31); use backend 'cuda' or 'torch'"
