@@ -1,8 +1,9 @@
 """Export helpers: ONNX through the pad + grouped-conv decomposition of every ktkernels blur layer.
 
 ``torch.export`` and ``torch.compile`` keep the ktkernels custom ops (fake impls, dynamic shapes) and need
-nothing from here. ONNX runtimes do not know those ops, so :func:`export_onnx` exports the decomposition,
-which ONNX spells ``Pad`` + ``Conv(group=C)`` (+ ``MaxPool`` for max-blur layers).
+nothing from here. ONNX runtimes do not know those ops, so under ``torch.onnx.export`` (either exporter) the layers
+and the functional API emit the decomposition, which ONNX spells ``Pad`` + ``Conv(group=C)`` (+ ``MaxPool`` for
+max-blur layers). :func:`export_onnx` adds a dynamic batch and the ``zero_pad`` choice.
 """
 
 from __future__ import annotations

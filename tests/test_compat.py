@@ -890,6 +890,48 @@ def test_onnx_export_roundtrip(tmp_path):
             torch.testing.assert_close(expected, model(x).detach(), rtol=1e-5, atol=1e-6)
 
 
+class _FunctionalBlurs(nn.Module):
+    """The functional API inside a model: each call must become pad + conv (+ max pool) in ONNX as the layers do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = ktkernels.max_blur_pool2d(x, filt_size=3)
+        y = ktkernels.blur_pool2d(y, filt_size=5, stride=1, pad_mode="replicate")
+        return ktkernels.blur_pool1d(y.flatten(2), filt_size=2, pad_mode="zero")
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["torch.export-based", "TorchScript-based"])
+def test_plain_torch_onnx_export(tmp_path, dynamo):
+    """``torch.onnx.export`` itself, not only ``export_onnx``, writes the decomposition: ONNX runtimes do not know
+    the ktkernels ops. Layers (fused and not), compat layers and the functional API, under both exporters; the
+    TorchScript-based one must not warn about the checks it traces."""
+    if dynamo:
+        pytest.importorskip("onnxscript", reason="the torch.export-based ONNX exporter needs onnxscript")
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        ktkernels.MaxBlurPool2d(8),
+        adobe.BlurPool(8, filt_size=3),
+        kornia_compat.MaxBlurPool2D(3),
+        composer.BlurConv2d.from_conv2d(nn.Conv2d(8, 8, 1, 2)),
+        timm_compat.BlurPool2d(8),
+        kornia_compat.BlurPool2D(3, stride=(2, 1)),  # no fused op: the layer's own decomposition
+        _FunctionalBlurs(),
+    ).eval()
+    x = torch.randn(2, 3, 256, 192)  # six halvings, then the functional blurs
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.onnx.export(model, (x,), path, dynamo=dynamo)
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    graph = onnx.load(path).graph
+    assert {node.domain for node in graph.node} <= {"", "ai.onnx"}, "an op ONNX runtimes do not know"
+    assert {"Conv", "MaxPool", "Pad"} <= {node.op_type for node in graph.node}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(y), model(x).detach(), rtol=1e-4, atol=1e-5)
+
+
 def test_onnx_export_of_the_edge_aware_blur(tmp_path):
     """kornia's ``EdgeAwareBlurPool2D`` blurs through the fused op: under ``decomposed()`` (and so in ONNX) it must
     take pad + conv like every layer, or the exporter meets a ktkernels op it cannot write. The example input is a

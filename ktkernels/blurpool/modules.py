@@ -298,13 +298,13 @@ class BlurLayer(FixedFilterState):
             op.check_input(x, self._spatial_dims, type(self).__name__)
             self._check_channels(x)
             if _DECOMPOSE.active:
-                return self._decomposed(x, "zero" if _DECOMPOSE.zero_pad else self._pad_mode)
+                return op.fixed_in_trace(self._decomposed, x, "zero" if _DECOMPOSE.zero_pad else self._pad_mode)
             # Parameters the fused ops do not cover run pad + conv, but a named backend must still be able to run
             # on x's device: the same RuntimeError as the fused path, never a silent fallback. (A compiled graph
             # holds the pad + conv itself.)
             if not torch.compiler.is_compiling():
                 backend.resolve(op.FAMILY, x.device)
-            return self._decomposed(x, self._pad_mode)
+            return op.fixed_in_trace(self._decomposed, x, self._pad_mode)
         self._check_channels(x)
         return self._fused(x)
 

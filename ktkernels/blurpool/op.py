@@ -24,7 +24,9 @@ ops do too.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -40,6 +42,7 @@ from .geometry import (
     MAX_STRIDE,
     PAD_MODES,
     Axis,
+    binomial_taps,
     device_table,
     max_pool_output_size,
 )
@@ -48,10 +51,13 @@ from .reference import (
     blur_pool1d_reference,
     blur_pool2d_backward_reference,
     blur_pool2d_reference,
+    blur_pool_decomposed,
     max_blur_pool2d_backward_reference,
     max_blur_pool2d_reference,
     max_map_gather,
 )
+
+T = TypeVar("T")
 
 FAMILY = "blurpool"
 MAX_FAMILY = "maxblur"  # its own entry in backend.AUTO_CUDA_ORDER: the fastest backend differs
@@ -624,11 +630,40 @@ def linear(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return fwAD.make_dual(fn(fwAD.unpack_dual(x).primal), fn(tangent))
 
 
+def _exporting_onnx() -> bool:
+    """Whether ``torch.onnx.export`` (either exporter) is tracing: ONNX runtimes do not know the ktkernels ops, so
+    the entry points then emit what :func:`ktkernels.export_onnx` does, ``Pad`` + ``Conv(group=C)`` (+ ``MaxPool``).
+    """
+    # Either exporter traces (the legacy one with torch.jit.trace, the torch.export-based one as torch.export), and
+    # the two cheap flags spare eager calls the exporter's (about 1 us).
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling()) and torch.onnx.is_in_onnx_export()
+
+
+def fixed_in_trace(fn: Callable[..., T], *args) -> T:
+    """``fn(*args)``. Under ``torch.jit.trace`` (the TorchScript-based ONNX exporter traces with it) without the
+    tracer's warnings that the checks on sizes and the constant filter are fixed in the trace: they are meant to be."""
+    if not torch.jit.is_tracing():
+        return fn(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return fn(*args)
+
+
+def _blur_for_onnx(x: Tensor, spatial_dims: int, filt_size: int, stride: int, padding: list[int], pad_mode: str):
+    name = f"blur_pool{spatial_dims}d"
+    check_input(x, spatial_dims, name)
+    blur_plan(tuple(x.shape[2:]), filt_size, stride, padding, pad_mode, name)  # the op's ValueErrors
+    taps = binomial_taps(filt_size)
+    return blur_pool_decomposed(autocast_input(x), taps, [stride] * spatial_dims, padding, pad_mode, spatial_dims)
+
+
 def blur(x: Tensor, spatial_dims: int, filt_size: int, stride: int, padding: list[int], pad_mode: str) -> Tensor:
     """``blur_pool2d`` (``spatial_dims`` 2) or ``blur_pool1d`` (1) of ``x``."""
     forward_op = blur_pool1d if spatial_dims == 1 else blur_pool2d
     if not isinstance(x, Tensor):
         return forward_op(x, filt_size, stride, padding, pad_mode)  # its TypeError
+    if _exporting_onnx():
+        return fixed_in_trace(_blur_for_onnx, x, spatial_dims, filt_size, stride, padding, pad_mode)
     return linear(lambda t: apply(forward_op, t, filt_size, stride, padding, pad_mode), autocast_input(x))
 
 
@@ -650,15 +685,16 @@ def max_blur(
     x: Tensor, max_kernel: int, max_padding: int, filt_size: int, stride: int, padding: list[int], pad_mode: str
 ) -> Tensor:
     """``max_blur_pool2d``'s output. Where no derivative can come it runs ``max_blur_pool2d_inference`` (no argmax
-    codes); with a ``torch.autograd.forward_ad`` tangent, ``max_pool2d`` (which carries the tangent along its argmax)
-    and then the blur: the same values, unfused. (torch.func's tangents go through the op's autograd.Function.)"""
+    codes); with a ``torch.autograd.forward_ad`` tangent or under ``torch.onnx.export``, ``max_pool2d`` (which
+    carries the tangent along its argmax) and then the blur: the same values, unfused. (torch.func's tangents go
+    through the op's autograd.Function.)"""
     if not isinstance(x, Tensor):
         return max_blur_pool2d(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)[0]  # its TypeError
     x = autocast_input(x)
-    if _tangent(x) is None:
+    if _tangent(x) is None and not _exporting_onnx():
         args = (max_kernel, max_padding, filt_size, stride, padding, pad_mode)
         if _derivative_can_come(x):
             return apply(max_blur_pool2d, x, *args)[0]
         return max_blur_pool2d_inference(x, *args)  # no argmax codes
-    max_blur_output_size(x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)  # validation
+    fixed_in_trace(max_blur_output_size, x, max_kernel, max_padding, filt_size, stride, padding, pad_mode)  # checks
     return blur(F.max_pool2d(x, max_kernel, 1, max_padding), 2, filt_size, stride, padding, pad_mode)

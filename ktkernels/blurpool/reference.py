@@ -60,6 +60,9 @@ def blur_pool_decomposed(
     k = len(taps)
     a = torch.tensor(taps, dtype=torch.float64)
     c = x.shape[1]
+    if torch.jit.is_tracing():
+        # The TorchScript-based ONNX exporter traces sizes as values; a Conv weight must have a static shape.
+        c = int(c)
     if pad_mode == "zero":
         xp = F.pad(x, padding)
     else:
