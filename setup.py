@@ -59,8 +59,9 @@ def _torch_libstdcxx() -> list[str]:
 with_cuda = _build_cuda()
 link_args = ["-fopenmp", *_torch_libstdcxx()]
 if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-    # With no GPU to detect (CI), torch's arch detection fails; Ampere + Hopper cover our targets.
-    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
+    # With no GPU to detect (CI), torch's arch detection fails; Ampere + Hopper cover our targets, and Ampere's PTX
+    # lets the driver compile the kernels for newer GPUs (Blackwell) instead of failing with "no kernel image".
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0+PTX;9.0a"
 
 sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
 # Python's own CFLAGS bring -g (debug info), which took a third of the host compile time and made _C 61 MB;

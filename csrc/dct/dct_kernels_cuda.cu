@@ -375,6 +375,7 @@ struct BasisPlan {
   bool lane_fast;
   int S;
   int64_t smem;      // fused: dynamic smem bytes
+  int64_t smem_max;  // the most this device lets a block have (what the opt-in sets)
   int64_t chunk;     // fallback: planes per pair of GEMM launches
   int64_t ws_bytes;  // fallback: scratch bytes (chunk intermediates)
 };
@@ -414,6 +415,7 @@ const char* plan_basis(int acc_size, const Tensor4& x, const Tensor4& out, Basis
   p.fused = S >= 1;
   p.S = static_cast<int>(S);
   p.smem = p.fused ? fixed + S * per_plane : 0;
+  p.smem_max = smem_max;
   p.chunk = p.fused ? 0 : std::max<int64_t>(1, std::min<int64_t>(NC, kWorkspaceCap / (mid * acc_size)));
   p.ws_bytes = p.chunk * mid * acc_size;
   *plan = p;
@@ -455,9 +457,11 @@ const char* launch_basis(const Tensor4& x, const void* left, const void* right, 
     const int64_t blocks = p.lane_fast ? N * a.chunks : ceil_div<int64_t>(N * C, p.S);
     if (blocks > INT_MAX) return "dct_basis2d: tensor too large for the grid";
     if (p.smem > kSmemDefault) {
+      // The device's most, not this launch's size: the attribute belongs to the kernel, and two host threads
+      // launching different sizes must not lower it under each other. (The kernel has no static shared memory.)
       const cudaError_t e = cudaFuncSetAttribute(dct_basis_fused_kernel<T>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(p.smem));
+                                                 static_cast<int>(p.smem_max));
       if (e != cudaSuccess) return cudaGetErrorString(e);
     }
     dct_basis_fused_kernel<T><<<static_cast<unsigned>(blocks), kThreads, static_cast<size_t>(p.smem), stream>>>(a);

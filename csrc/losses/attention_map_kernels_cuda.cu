@@ -38,7 +38,7 @@ using namespace ktk_cuda;  // last_error (csrc/common/cuda_device.cuh)
 
 constexpr int kThreads = 256;  // every kernel's block size; the reductions assume exactly this
 constexpr int kWarps = kThreads / 32;
-constexpr int64_t kSmemDefault = 48 * 1024;  // dynamic smem per block without an opt-in
+constexpr int64_t kSmemDefault = 48 * 1024;  // shared memory per block (static + dynamic) without an opt-in
 constexpr double kNormEps = 1e-12;           // the clamp of every normalising denominator (reference.py)
 
 // ------------------------------------------------------------------------------------------------
@@ -488,12 +488,16 @@ const char* launch(const Args<T>& a, int64_t N, cudaStream_t stream) {
   cudaError_t e = cudaGetDevice(&dev);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (e != cudaSuccess) return cudaGetErrorString(e);
-  if (smem + static_cast<int64_t>(sizeof(Scratch<T>)) > (optin > kSmemDefault ? optin : kSmemDefault)) {
-    return "attention_map_distance: the map does not fit in this device's shared memory";
-  }
-  if (smem > kSmemDefault) {
+  // The kernel's static Scratch counts against the same per-block limit as the dynamic buffer: without the opt-in
+  // a launch may ask for 48 KiB minus it (a 32 x 64 fp32 map asks for 48 KiB exactly and failed to launch).
+  const int64_t static_bytes = static_cast<int64_t>(sizeof(Scratch<T>));
+  const int64_t dynamic_max = (optin > kSmemDefault ? optin : kSmemDefault) - static_bytes;
+  if (smem > dynamic_max) return "attention_map_distance: the map does not fit in this device's shared memory";
+  if (smem > kSmemDefault - static_bytes) {
+    // The device's most, not this launch's size: the attribute belongs to the kernel, and two host threads
+    // launching different sizes must not lower it under each other.
     e = cudaFuncSetAttribute(dct_kernel<T, BACKWARD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem));
+                             static_cast<int>(dynamic_max));
     if (e != cudaSuccess) return cudaGetErrorString(e);
   }
   dct_kernel<T, BACKWARD><<<blocks, kThreads, static_cast<size_t>(smem), stream>>>(a);
