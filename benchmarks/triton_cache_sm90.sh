@@ -36,9 +36,8 @@ KTK_RECORD_TRITON_LAUNCHES="$PWD/build/test-launches.jsonl" .venv/bin/python -m 
 rm -rf build/triton-cache-sm90 build/triton-cache-sm90.tgz
 PYTHONPATH=. "$VENV/bin/python" -m ktkernels.bench codegen --fill-cache build/triton-cache-sm90 \
   --test-launches build/test-launches.jsonl --jobs "${JOBS:-$(nproc)}"
-# Which Triton build made the keys: run_gpu.sh prints the box's for comparison.
-"$VENV/bin/python" -c "import hashlib, triton; from triton.runtime.cache import triton_key
-print(triton.__version__, hashlib.sha256(triton_key().encode()).hexdigest()[:16])" > build/triton-cache-sm90/BUILD
+# Which Triton build and ptxas made the keys: run_gpu.sh prints the box's for comparison.
+PYTHONPATH=. "$VENV/bin/python" -m ktkernels.bench codegen --triton-build > build/triton-cache-sm90/BUILD
 # Which kernels: a move of one line above a kernel changes its key, and the box would compile it again.
 fingerprint > build/triton-cache-sm90/KERNELS
 # A launch needs only the cubin and the metadata: Triton loads those files of a cached group that exist, and the IRs

@@ -18,6 +18,7 @@ from ktkernels.blurpool import geometry, op
 from ktkernels.blurpool import reference as ref
 
 KERNEL_TARGETS = [t for t in TARGETS if t.values[0][0] != "torch"]
+TRITON_TARGETS = [t for t in TARGETS if t.values[0][0] == "triton"]
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -552,16 +553,19 @@ THREAD_SHAPE_CASES = [
 ]
 
 
-@pytest.mark.skipif(not INTERPRET, reason="the per-thread shapes of the Triton forward, under the interpreter")
+@pytest.mark.parametrize("target", TRITON_TARGETS)
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("kmax,pmax,filt_size,stride,mode,padded,half", THREAD_SHAPE_CASES)
-def test_max_blur_forward_thread_shapes(layout, kmax, pmax, filt_size, stride, mode, padded, half, monkeypatch):
+def test_max_blur_forward_thread_shapes(target, layout, kmax, pmax, filt_size, stride, mode, padded, half, monkeypatch):
     """Every per-thread shape that ``bench blurpool --tune-max-blur`` may pick for the Triton kernels (T outputs
     of a row, channels, rows loaded ahead: forward and backward) gives the reference's values, codes and
     gradient, with ties, NaN and poisoned outputs: 13 output columns leave the last thread's group partly empty
     for every T, without pads the last output owns a remainder of codes, and 37 rows take several row blocks (a
-    first x row inside the image). Each geometry runs one half of the shapes (``THREAD_SHAPE_CASES``)."""
+    first x row inside the image). Each geometry runs one half of the shapes (``THREAD_SHAPE_CASES``). In fp32 on
+    the interpreter and the GPU alike, so that the GPU run's kernels are those the precompiled cache recorded."""
     from ktkernels.bench.blurpool import MAX_BLUR_TUNE, max_blur_shape
+
+    device = target[1]
 
     pads = list(geometry.adobe_pads(filt_size)) * 2 if padded else [0, 0, 0, 0]
     forward = _spy_kernel_options(monkeypatch, "_rolling_max_blur_kernel")
@@ -569,11 +573,11 @@ def test_max_blur_forward_thread_shapes(layout, kmax, pmax, filt_size, stride, m
     poison_outputs(monkeypatch)
     size = (1, 3, 37, 27)
     rng = torch.Generator().manual_seed(sum(size) + kmax)
-    x = torch.randint(-2, 3, size, generator=rng).double()
+    x = torch.randint(-2, 3, size, generator=rng).double()  # small integers: ties, and exact fp32 forwards
     x[0, 1, 4, 5] = x[0, 0, 8, 3] = float("nan")
     x = x.contiguous(memory_format=torch.channels_last if layout == "NHWC" else torch.contiguous_format)
     exp_y, exp_codes = ref.max_blur_pool2d_reference(x, kmax, pmax, filt_size, stride, tuple(pads), mode)
-    grad = torch.randn(exp_y.shape, dtype=torch.float64, generator=rng)
+    grad = torch.randn(exp_y.shape, dtype=torch.float64, generator=rng).float().double()
     x64 = x.clone().requires_grad_()
     pooled = torch.nn.functional.max_pool2d(x64, kmax, 1, pmax)
     ref.blur_pool2d_reference(pooled, filt_size, stride, tuple(pads), mode).backward(grad)
@@ -581,18 +585,18 @@ def test_max_blur_forward_thread_shapes(layout, kmax, pmax, filt_size, stride, m
     shapes = MAX_BLUR_TUNE[layout][half::2]
     for thread_shape in shapes:
         t, _, prefetch = thread_shape
-        xg = x.clone().requires_grad_(prefetch not in backward_checked)
+        xg = x.to(device, torch.float32, copy=True).requires_grad_(prefetch not in backward_checked)
         with ktkernels.use_backend("triton"), max_blur_shape(layout, thread_shape):
             y, codes = op.max_blur_pool2d(xg, kmax, pmax, filt_size, stride, pads, mode)
             if xg.requires_grad:
-                y.backward(grad)
+                y.backward(grad.to(device, torch.float32))
         assert (forward[-1]["T"], forward[-1]["PREFETCH"]) == (t, prefetch)
-        assert torch.equal(codes, exp_codes), f"argmax codes differ at {thread_shape}"
-        assert torch.equal(y.isnan(), exp_y.isnan()), f"NaN pattern differs at {thread_shape}"
-        assert_close(y.nan_to_num(0.0), exp_y.nan_to_num(0.0), torch.float64)
+        assert torch.equal(codes.cpu(), exp_codes), f"argmax codes differ at {thread_shape}"
+        assert torch.equal(y.isnan().cpu(), exp_y.isnan()), f"NaN pattern differs at {thread_shape}"
+        assert torch.equal(y.nan_to_num(0.0).double().cpu(), exp_y.nan_to_num(0.0)), f"values differ at {thread_shape}"
         if xg.requires_grad:
             assert backward[-1]["PREFETCH"] == prefetch
-            assert_close(xg.grad, x64.grad, torch.float64)
+            assert_close(xg.grad, x64.grad, torch.float32)
             backward_checked.add(prefetch)
     assert backward_checked == {p for _, _, p in shapes}
     if half == 1:
@@ -603,34 +607,36 @@ def test_max_blur_forward_thread_shapes(layout, kmax, pmax, filt_size, stride, m
 BLUR_PREFETCH_CASES = [(4, 2, "reflect", True), (3, 2, "zero", True), (1, 2, "replicate", False), (2, 3, "zero", False)]
 
 
-@pytest.mark.skipif(not INTERPRET, reason="the Triton blur kernels' prefetch, under the interpreter")
+@pytest.mark.parametrize("target", TRITON_TARGETS)
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("filt_size,stride,mode,padded", BLUR_PREFETCH_CASES)
-def test_blur_prefetch_matches_reference(layout, filt_size, stride, mode, padded, monkeypatch):
+def test_blur_prefetch_matches_reference(target, layout, filt_size, stride, mode, padded, monkeypatch):
     """Every rows-ahead value ``bench blurpool --tune-blur`` may pick for the Triton blur kernels gives the
     reference's values and gradient (outputs poisoned), on a 37 x 27 image: several row blocks, so that the
-    prefetched rows include a first one inside the image."""
+    prefetched rows include a first one inside the image. In fp32 on the interpreter and the GPU alike."""
     from ktkernels.bench.blurpool import BLUR_TUNE, blur_prefetch
+
+    device = target[1]
 
     pads = list(geometry.adobe_pads(filt_size)) * 2 if padded else [0, 0, 0, 0]
     forward = _spy_kernel_options(monkeypatch, "_rolling_blur_kernel")
     adjoint = _spy_kernel_options(monkeypatch, "_rolling_blur_adjoint_kernel")
     poison_outputs(monkeypatch)
     rng = torch.Generator().manual_seed(filt_size * 10 + stride)
-    x = torch.randn(1, 3, 37, 27, dtype=torch.float64, generator=rng)
+    x = torch.randn(1, 3, 37, 27, generator=rng)
     x = x.contiguous(memory_format=torch.channels_last if layout == "NHWC" else torch.contiguous_format)
-    x64 = x.clone().requires_grad_()
+    x64 = x.double().requires_grad_()
     expected = ref.blur_pool2d_reference(x64, filt_size, stride, tuple(pads), mode)
-    grad = torch.randn(expected.shape, dtype=torch.float64, generator=rng)
-    expected.backward(grad)
+    grad = torch.randn(expected.shape, generator=rng)
+    expected.backward(grad.double())
     for prefetch in BLUR_TUNE:
-        xg = x.clone().requires_grad_()
+        xg = x.to(device, copy=True).requires_grad_()
         with ktkernels.use_backend("triton"), blur_prefetch(layout, prefetch):
             y = op.blur_pool2d(xg, filt_size, stride, pads, mode)
-            y.backward(grad)
+            y.backward(grad.to(device))
         assert (forward[-1]["PREFETCH"], adjoint[-1]["PREFETCH"]) == (prefetch, prefetch)
-        assert_close(y, expected, torch.float64)
-        assert_close(xg.grad, x64.grad, torch.float64)
+        assert_close(y, expected, torch.float32)
+        assert_close(xg.grad, x64.grad, torch.float32)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="times the Triton kernels under the interpreter")
@@ -767,6 +773,39 @@ def test_bench_tune_choice_from_cut_off_log(tmp_path, monkeypatch):
     (choice,) = blurpool.tune_choices(blur_rows, "blur")
     assert choice.startswith("NCHW: ktk-triton P2, f+b geometric mean 0.100 ms") and "1.72x" in choice, choice
     assert choice.endswith("-> triton.BLUR_PREFETCH[False] = 2"), choice
+
+
+def test_tune_tables_start_with_the_defaults():
+    """A tune table checks every setting's results against the first one's (``harness.agreement``), so the first
+    must be the setting the library runs today."""
+    pytest.importorskip("triton")
+    from ktkernels.bench.blurpool import BLUR_TUNE, MAX_BLUR_TUNE
+    from ktkernels.blurpool import triton as kernels
+
+    for layout in ("NCHW", "NHWC"):
+        assert MAX_BLUR_TUNE[layout][0] == kernels.MAX_BLUR_SHAPE[layout == "NHWC"], layout
+        assert BLUR_TUNE[0] == kernels.BLUR_PREFETCH[layout == "NHWC"], layout
+
+
+def test_bench_warm_up_goes_on_past_a_failing_job(monkeypatch, capsys):
+    """One kernel that fails to compile or launch in the warm-up must not cost the table's other rows: it is
+    reported, and the other jobs run."""
+    from ktkernels.bench import blurpool
+
+    ran = []
+
+    def warm_job(device, batch, case, dtype_name, layout, setting):
+        if setting == ("maxblur", (4, 1, 0)):
+            raise RuntimeError("out of resources: shared memory")
+        ran.append((case[0], dtype_name, layout, setting))
+
+    monkeypatch.setattr(blurpool, "_warm_job", warm_job)
+    stem = ("tiny stem", 2, 12, "maxblur", 4, (1, 2, 1, 2))
+    jobs = blurpool.triton_warm_jobs([torch.float32], ["NCHW"], [stem], tune="max-blur")
+    blurpool.warm_triton_cache(torch.device("cpu"), 1, jobs, workers=1)
+    assert len(ran) == len(jobs) - 1 and ("maxblur", (4, 1, 0)) not in {r[3] for r in ran}
+    out = capsys.readouterr().out
+    assert "warm-up failed: tiny stem float32 NCHW ('maxblur', (4, 1, 0)): RuntimeError: out of resources" in out
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernels under the interpreter")

@@ -329,3 +329,20 @@ def test_kernel_fingerprint_follows_source_and_line(tmp_path, monkeypatch):
         prints[name] = codegen.kernel_fingerprint(("fp_kernels",))
     assert prints["below"] == prints["base"], prints
     assert len({prints["base"], prints["moved"], prints["edited"]}) == 3, prints
+
+
+def test_triton_build_names_the_parts_of_the_cache_key(monkeypatch):
+    """``--triton-build`` (stored with a packed cache, printed by run_gpu.sh on the box): Triton's version, its key and
+    a hash of the sm_90 backend's ptxas, the parts of every kernel's cache key that come from the machine."""
+    import re
+
+    import triton
+    from triton.backends.nvidia import compiler
+
+    from ktkernels.bench import codegen
+
+    line = codegen.triton_build()
+    assert re.fullmatch(rf"{re.escape(triton.__version__)} [0-9a-f]{{16}} ptxas [0-9a-f]{{8}}", line), line
+    monkeypatch.setattr(compiler, "get_ptxas_version", lambda arch=80: "another ptxas")
+    other = codegen.triton_build()
+    assert other.split()[:2] == line.split()[:2] and other != line

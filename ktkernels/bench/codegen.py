@@ -481,6 +481,25 @@ def kernel_fingerprint(modules: tuple[str, ...] = CACHED_KERNEL_MODULES) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
+def triton_build() -> str:
+    """``version key ptxas P`` of this Triton: its ``triton_key()`` and the sm_90 backend's ptxas, hashed (16 and 8
+    hex digits). Both enter the cache key of every kernel Triton compiles here, so a carried cache serves a box
+    only where both agree; ``benchmarks/triton_cache_sm90.sh`` stores the line and ``run_gpu.sh`` prints the box's."""
+    import hashlib
+
+    import triton
+    from triton.runtime.cache import triton_key
+
+    key = hashlib.sha256(triton_key().encode()).hexdigest()[:16]
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas_version
+
+        ptxas = hashlib.sha256(get_ptxas_version(90).encode()).hexdigest()[:8]
+    except Exception as error:  # noqa: BLE001 (a Triton without it, or no ptxas: say so, the line still helps)
+        ptxas = f"unknown ({type(error).__name__})"
+    return f"{triton.__version__} {key} ptxas {ptxas}"
+
+
 def _short(value: object) -> str:
     return str(value).removeprefix("fp").replace("triton.language.", "")
 
@@ -547,7 +566,14 @@ def main(argv: list[str] | None = None) -> None:
         help="no analysis: print the hash of the Triton cache keys of the kernels in MODULE (default: "
         f"{', '.join(CACHED_KERNEL_MODULES)}), which a carried cache must match (kernel_fingerprint)",
     )
+    parser.add_argument(
+        "--triton-build",
+        action="store_true",
+        help="no analysis: print this Triton's version, cache key and ptxas hash (triton_build)",
+    )
     args = parser.parse_args(argv)
+    if args.triton_build:
+        return print(triton_build())
     if args.fingerprint is not None:
         return print(kernel_fingerprint(tuple(args.fingerprint) or CACHED_KERNEL_MODULES))
     dtypes = tuple(getattr(torch, name) for name in args.dtypes.split(","))
