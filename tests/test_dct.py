@@ -35,6 +35,18 @@ def assert_close(actual: torch.Tensor, expected: np.ndarray | torch.Tensor, dtyp
         assert err <= TOL[dtype] * scale, f"max abs error {err:.3e} > {TOL[dtype] * scale:.3e} ({dtype})"
 
 
+def assert_rounded(actual: torch.Tensor, expected: np.ndarray | torch.Tensor, dtype: torch.dtype) -> None:
+    """fp16/bf16 outputs: each element within one ulp of its own magnitude of the float64 value, plus 4e-6 of the
+    largest for the fp32 accumulation. That is what rounding the fp32 result once gives; rounding an intermediate
+    to the input dtype costs hundreds of ulps, which ``assert_close``'s scale-relative bound lets through."""
+    actual = actual.detach().double().cpu()
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    if expected.numel():
+        bound = torch.finfo(dtype).eps * expected.abs() + 4e-6 * expected.abs().max()
+        excess = ((actual - expected).abs() - bound).max().item()
+        assert excess <= 0, f"{dtype}: an element is {excess:.3e} past one ulp of the float64 value"
+
+
 def make(shape, dtype, device, layout: str) -> torch.Tensor:
     if layout == "strided":
         big = torch.randn(*shape[:-2], 2 * shape[-2] + 1, shape[-1] + 3, dtype=torch.float64)
@@ -68,11 +80,61 @@ def test_dct2d_and_idct2d_match_scipy(target, norm, layout):
                 x = make((2, 3, h, w), dtype, device, layout)
                 y = ktkernels.dct2d(x, norm)
                 assert_close(y, scipy_dct2(x, norm), dtype)
+                if dtype in (torch.float16, torch.bfloat16):
+                    assert_rounded(y, scipy_dct2(x, norm), dtype)
                 if layout == "channels_last" and min(h, w) > 1:
                     assert y.is_contiguous(memory_format=torch.channels_last)
                 assert_close(ktkernels.idct2d(x, norm), scipy_dct2(x, norm, inverse=True), dtype)
                 kh, kw = rng.randint(1, h), rng.randint(1, w)
                 assert_close(ktkernels.dct2d(x, norm, keep=(kh, kw)), scipy_dct2(x, norm)[..., :kh, :kw], dtype)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_dct2d_many_channels(target, layout):
+    """More channels than one Triton program's tile holds (40 channels of 8 x 8 maps, 9 of 24 x 24): the last
+    channel block is partly empty, and every channel must be transformed."""
+    name, device = target
+    with ktkernels.use_backend(name):
+        for shape in ((1, 40, 8, 8), (2, 9, 24, 24)):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = make(shape, dtype, device, layout)
+                assert_close(ktkernels.dct2d(x), scipy_dct2(x, "ortho"), dtype)
+                assert_close(ktkernels.idct2d(x, None), scipy_dct2(x, None, inverse=True), dtype)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_op_refuses_sizes_past_the_transform(target):
+    """``ktkernels::dct_transform`` itself (torch.ops, below the functional API's checks): keep beyond the size, or
+    an adjoint input larger than its output, raises on every backend instead of reading past the planes."""
+    name, device = target
+    x = torch.randn(2, 3, 4, 4, device=device)
+    with ktkernels.use_backend(name):
+        with pytest.raises(ValueError, match=r"keep \[5, 4\] exceeds"):
+            torch.ops.ktkernels.dct_transform(x, "dct", "ortho", [5, 4], False)
+        with pytest.raises(ValueError, match="exceeds its output size"):
+            torch.ops.ktkernels.dct_transform(x, "dct", "ortho", [4, 3], True)
+
+
+def test_named_triton_backend_refuses_float64():
+    """The Triton DCT kernels run fp32/fp16/bf16: a named ``triton`` backend raises on fp64 (``auto`` takes the
+    reference), for every op of the family."""
+    if not ktkernels.backend.has_triton():
+        pytest.skip("triton is not installed")
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    calls = {
+        "dct2d": lambda: ktkernels.dct2d(x),
+        "idct2d": lambda: ktkernels.idct2d(x),
+        "dct": lambda: ktkernels.dct(x, dim=1),
+        "dct_attention_map": lambda: ktkernels.dct_attention_map(x),
+        "channel_power_mean": lambda: op.channel_power_mean(x, 2.0),
+        "channel_power_mean_backward": lambda: op.channel_power_mean_backward(x, torch.ones(2, 4, 5).double(), 2.0),
+    }
+    with ktkernels.use_backend("triton"):
+        for what, call in calls.items():
+            with pytest.raises(RuntimeError, match="fp64"):
+                call()
+                pytest.fail(what)
 
 
 @pytest.mark.parametrize("target", [t for t in TARGETS if t.values[0][0] == "triton"])
@@ -239,6 +301,28 @@ def test_dct_attention_map(target, layout):
             tol_dtype = dtype if dtype != torch.float32 else torch.float32
             assert_close(f.grad, ref.grad if dtype == torch.float64 else _map_grad(f.detach(), p, grad), tol_dtype)
             assert f.grad.stride() == f.stride() or layout == "strided"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_dct_attention_map_tails_zeros_and_norm(target, layout):
+    """17 x 17 maps (289 positions: more than one Triton spatial block, the last partly empty) of ReLU features
+    (exact zeros, where |x|^p has gradient 0 for every p >= 1), and both norms."""
+    name, device = target
+    f64 = make((2, 3, 17, 17), torch.float64, "cpu", layout).relu()
+    for p in (1, 2, 2.5):
+        for norm in ("ortho", None):
+            ref = f64.clone().requires_grad_()
+            expected = ktkernels.dct2d(ref.abs().pow(p).mean(1), norm)  # the definition, through the torch reference
+            grad = torch.randn_like(expected)
+            (expected * grad).sum().backward()
+            f = f64.to(device, torch.float32).requires_grad_()
+            with ktkernels.use_backend(name):
+                a = ktkernels.dct_attention_map(f, p, norm)
+                (a * grad.to(device, a.dtype)).sum().backward()
+            assert_close(a, expected, torch.float32)
+            assert_close(f.grad, ref.grad, torch.float32)
+            assert (f.grad.cpu()[f64 == 0] == 0).all(), f"p={p}: a zero feature must get gradient 0"
 
 
 def _map_of(f: torch.Tensor, p: float) -> torch.Tensor:

@@ -90,17 +90,46 @@ def test_soft_targets_read_past_2_31(storage):
     close(grad_t, ref_t)
 
 
-def test_a_sample_past_the_32_bit_offsets_is_refused(storage):
-    """One sample spanning 2^31 elements (a channel stride of 2^31): each family raises before its kernel."""
+def test_a_sample_past_the_32_bit_offsets_is_refused(storage, monkeypatch):
+    """One sample spanning 2^31 elements (a channel stride of 2^31): each family raises before its kernel. Every
+    Triton kernel is replaced by one that fails when launched: a missing check must fail here, not interpret a
+    row of 2^31 classes."""
+    import importlib
+
+    from triton.runtime import JITFunction
+    from triton.runtime.interpreter import InterpretedFunction
+
+    class NotLaunched:
+        def __getitem__(self, grid):
+            raise AssertionError("a Triton kernel was launched: the span check is missing")
+
+    replaced = False
+    for module in ("ktkernels.blurpool.triton", "ktkernels.dct.triton", "ktkernels.losses.triton"):
+        kernels = importlib.import_module(module)
+        for attr, value in list(vars(kernels).items()):
+            if isinstance(value, (JITFunction, InterpretedFunction)):
+                monkeypatch.setattr(kernels, attr, NotLaunched())
+            replaced = True
+    assert replaced
     x = storage.as_strided((1, 2, 2, 2), (0, 2**31, 2, 1))
+    logits = storage.as_strided((1, 2**31 + 1), (0, 1))  # one row of 2^31 + 1 classes
+    rows, one = torch.zeros(1), torch.ones(1)
     with ktkernels.use_backend("triton"):
         for call in (
             lambda: dct_op.dct_transform(x, "dct", "ortho", [2, 2], False),
             lambda: dct_op.channel_power_mean(x, 2.0),
+            lambda: dct_op.channel_power_mean_backward(x, torch.ones(1, 2, 2), 2.0),
             lambda: loss_op.pixel_global_terms(x, x, "none", 1),
+            lambda: loss_op.transfer_grad(x, x, one, torch.zeros(1, 2, 1), "gap", 1),
             lambda: ktkernels.blur_pool2d(x, filt_size=1, stride=1, padding=0),
         ):
             with pytest.raises(ValueError, match=r"spans 2147483652 elements.*32-bit offsets reach"):
+                call()
+        for call in (
+            lambda: loss_op.soft_target_kl(logits, logits, 2.0),
+            lambda: loss_op.soft_target_kl_backward(logits, logits, 2.0, rows, torch.zeros(1, 2), one, True, True),
+        ):
+            with pytest.raises(ValueError, match=r"spans 2147483649 elements.*32-bit offsets reach"):
                 call()
 
 

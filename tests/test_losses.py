@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from backend_targets import TARGETS
+from backend_targets import GPU, TARGETS
 
 import ktkernels
 from ktkernels.losses import op, reference
@@ -120,6 +120,22 @@ def test_pixel_global_on_resnet50_stages(target):
                 value, ref_s, _ = grads64(reference_pixel_global(1.0, 2.0, "gap", 1), s, teacher[key])
                 assert_close(out.terms[f"{key}.pixel"] + 2.0 * out.terms[f"{key}.global"], value, TOL[dtype], key)
                 assert_close(grad, ref_s, TOL[dtype], key + " grad")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pixel_global_weights_of_any_sign(target):
+    """Negative, zero and Tensor weights: ``w_global == 0`` may skip the global reduction, a negative one may not."""
+    name, device = target
+    s = features((2, 3, 4, 5), torch.float32, device, "nchw").requires_grad_(True)
+    t = features((2, 3, 4, 5), torch.float32, device, "nchw")
+    with ktkernels.use_backend(name):
+        for w_pixel, w_global in [(1.0, -0.5), (-1.0, 2.0), (0.0, 1.0), (1.0, 0.0), (1.0, torch.tensor(-0.5))]:
+            loss = ktkernels.pixel_global_transfer_loss(s, t, w_pixel, w_global, "gap")
+            (grad,) = torch.autograd.grad(loss, s)
+            value, ref_s, _ = grads64(reference_pixel_global(w_pixel, float(w_global), "gap", 1), s, t)
+            what = f"w_pixel={w_pixel} w_global={w_global}"
+            assert_close(loss, value, TOL[torch.float32], what)
+            assert_close(grad, ref_s, TOL[torch.float32], what + " grad")
 
 
 def test_teacher_without_grad_gets_none_and_batch_zero():
@@ -237,6 +253,87 @@ def test_map_distance_edge_cases(target):
             assert_close(op.attention_map_distance(big_s, big_t, "dct_b"), expected, MAP_TOL[torch.float32])
 
 
+def _map_distance_and_grad(m: torch.Tensor, other: torch.Tensor, kind: str, backend_name: str):
+    m = m.detach().requires_grad_()
+    with ktkernels.use_backend(backend_name):
+        dist = op.attention_map_distance(m, other, kind)
+        (grad,) = torch.autograd.grad(dist, m, torch.linspace(0.5, 1.5, len(dist), device=m.device))
+    return dist, grad
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_map_distance_of_zero_and_transposed_maps(target):
+    """A student map of zeros (a dead layer: AT's normalisation divides by its clamped norm, so the gradient is
+    large, not 0) and maps that are transposed views (non-contiguous), against float64 on every kind."""
+    name, device = target
+    rng = torch.Generator().manual_seed(5)
+    t = torch.rand(2, 5, 6, generator=rng, dtype=torch.float64)
+    zero = torch.zeros(2, 5, 6, dtype=torch.float64)
+    wide = torch.rand(2, 6, 5, generator=rng, dtype=torch.float64)
+    wide_t = torch.rand(2, 6, 5, generator=rng, dtype=torch.float64)
+    for kind in op.MAP_KINDS:
+        cases = {"transposed": (wide.transpose(1, 2), wide_t.transpose(1, 2))}
+        if kind.startswith("at"):  # DCT-KD's min-max normalisation of a constant map is its own edge (clamped)
+            cases["zero student"] = (zero, t)
+        for what, (m, other) in cases.items():
+            expected, expected_grad = _map_distance_and_grad(m, other, kind, "torch")
+            m32, other32 = m.to(device, torch.float32), other.to(device, torch.float32)
+            dist, grad = _map_distance_and_grad(m32, other32, kind, name)
+            assert_close(dist, expected, MAP_TOL[torch.float32], f"{kind} {what}")
+            assert_close(grad, expected_grad, MAP_TOL[torch.float32] * 10, f"{kind} {what} grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="no GPU")
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
+def test_map_distance_past_2_31_elements(backend_name):
+    """The map kernels offset sample n by n * H * W: with 64 x 64 maps, samples past 524288 start past 2^31
+    elements, where an int32 offset wraps (the interpreter cannot run half a million programs: a GPU test)."""
+    n = 2**31 // (64 * 64) + 2
+    if torch.cuda.mem_get_info()[0] < 4 * n * 64 * 64 * 4 + 2**30:  # s, t, the gradient, the reference copies
+        pytest.skip("needs about 36 GB of free GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    s = torch.rand(n, 64, 64, device="cuda", generator=gen)
+    t = torch.rand(n, 64, 64, device="cuda", generator=gen)
+    _check_the_last_maps(s, t, backend_name)
+
+
+def _check_the_last_maps(s: torch.Tensor, t: torch.Tensor, backend_name: str) -> None:
+    last = slice(len(s) - 3, len(s))
+    for kind in ("at_code", "dct_b"):
+        with ktkernels.use_backend(backend_name):
+            dist = op.attention_map_distance(s, t, kind)
+            grad = op.attention_map_distance_backward(s, t, torch.ones_like(dist), kind)
+        ref_s = s[last].double().requires_grad_()
+        with ktkernels.use_backend("torch"):
+            expected = op.attention_map_distance(ref_s, t[last].double(), kind)
+        (expected_grad,) = torch.autograd.grad(expected.sum(), ref_s)
+        assert_close(dist[last], expected, MAP_TOL[torch.float32], kind)
+        assert_close(grad[last], expected_grad, MAP_TOL[torch.float32] * 10, f"{kind} grad")
+        del dist, grad
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.values[0][0] == "triton"])
+def test_triton_takes_maps_up_to_its_on_chip_side(target, monkeypatch):
+    """The Triton map kernel holds a whole map on chip: maps up to ``MAP_MAX`` a side run it, a map wider or taller
+    than that the reference, forward and backward, with the same values."""
+    from ktkernels.losses import triton as kernels
+
+    name, device = target
+    launched = []
+    launch = kernels._map_launch
+    monkeypatch.setattr(kernels, "_map_launch", lambda *args: launched.append(args[0].shape[1:]) or launch(*args))
+    side = op.MAP_MAX
+    for shape, expect_kernel in (((1, side, 3), True), ((1, 3, side + 6), False), ((1, side + 6, 3), False)):
+        launched.clear()
+        m, other = torch.rand(shape, device=device), torch.rand(shape, device=device)
+        dist, grad = _map_distance_and_grad(m, other, "dct_b", name)
+        assert bool(launched) == expect_kernel, (shape, launched)
+        expected, expected_grad = _map_distance_and_grad(m.double(), other.double(), "dct_b", "torch")
+        assert_close(dist, expected, MAP_TOL[torch.float32], str(shape))
+        assert_close(grad, expected_grad, MAP_TOL[torch.float32] * 10, f"{shape} grad")
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy, on NaN
 @pytest.mark.parametrize("target", TARGETS)
 def test_non_finite_inputs_make_every_loss_non_finite(target):
@@ -295,7 +392,8 @@ def reference_soft_target(temperature):
 @pytest.mark.parametrize("target", TARGETS)
 def test_soft_target_matches_distill_kl(target):
     name, device = target
-    sizes = [(3, 1), (4, 7), (2, 1000)] + ([] if interpreted(target) else [(5, 5000), (64, 1000)])
+    # K past one Triton block (forward 4096 classes, backward 1024): the online log-sum-exp and the tail block
+    sizes = [(3, 1), (4, 7), (2, 1000), (2, 1500), (1, 5000)] + ([] if interpreted(target) else [(64, 1000)])
     with ktkernels.use_backend(name):
         for n, k in sizes:
             for dtype in dtypes_for(target):
