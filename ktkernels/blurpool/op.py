@@ -649,7 +649,10 @@ def fixed_in_trace(fn: Callable[..., T], *args) -> T:
         return fn(*args)
 
 
-def _blur_for_onnx(x: Tensor, spatial_dims: int, filt_size: int, stride: int, padding: list[int], pad_mode: str):
+def _blur_for_onnx(
+    x: Tensor, spatial_dims: int, filt_size: int, stride: int, padding: list[int], pad_mode: str
+) -> Tensor:
+    """The op's checks, then pad + depthwise conv: what an exporter writes as ``Pad`` + ``Conv(group=C)``."""
     name = f"blur_pool{spatial_dims}d"
     check_input(x, spatial_dims, name)
     blur_plan(tuple(x.shape[2:]), filt_size, stride, padding, pad_mode, name)  # the op's ValueErrors
