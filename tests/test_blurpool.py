@@ -296,6 +296,23 @@ def test_max_blur_pool2d_backward_sums_signed_zeros_as_torch(target, kmax, pmax,
     assert not torch.signbit(x.grad).any(), "a sum of -0 terms kept the sign: the sum did not start from +0"
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_input_gradients_keep_the_input_layout(target):
+    """The backward of every op writes its input gradient in the input's memory format (channels_last in, channels_last
+    out; a (N, C, L) input whose channels are innermost likewise): no layout conversion on the way back."""
+    name, device = target
+    with ktkernels.use_backend(name):
+        for layout in ("nchw", "channels_last"):
+            for shape, fn in (
+                ((2, 3, 9, 8), lambda t: ktkernels.blur_pool2d(t, filt_size=3)),
+                ((2, 3, 9, 8), lambda t: ktkernels.max_blur_pool2d(t, filt_size=3)),
+                ((2, 3, 9), lambda t: ktkernels.blur_pool1d(t, filt_size=3)),
+            ):
+                x = make_input(shape, torch.float32, device, layout).requires_grad_()
+                (grad,) = torch.autograd.grad(fn(x).sum(), x)
+                assert grad.stride() == x.stride(), (layout, shape, grad.stride(), x.stride())
+
+
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("codes_layout", ["channels_last", "strided", "transposed"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

@@ -386,6 +386,65 @@ def test_composer_blurmaxpool_sizes_and_values(kernel, stride, padding, dilation
     assert set(layer.state_dict()) == {"filt2d"}
 
 
+@pytest.mark.parametrize(
+    "kernel,stride,padding,ceil_mode",
+    [(3, (2, 3), 1, True), ((2, 3), 2, (0, 1), False), (3, (3, 2), (1, 0), True)],
+)
+def test_composer_blurmaxpool_rectangular_pools(kernel, stride, padding, ceil_mode):
+    """Non-square max pools and strides (no fused op: pad + conv per axis), with ceil_mode's extra zero rows and
+    columns differing per axis, on an input of odd height and width."""
+    pool = nn.MaxPool2d(kernel, stride, padding, ceil_mode=ceil_mode)
+    layer = composer.BlurMaxPool2d.from_maxpool2d(pool)
+    x = torch.randn(1, 2, 11, 14, dtype=torch.float64)
+    y = layer(x)
+    assert y.shape == pool(x).shape
+    sh, sw = stride if isinstance(stride, tuple) else (stride, stride)
+    extra_h, extra_w = (sh - 1, sw - 1) if ceil_mode else (0, 0)
+    maxs = F.max_pool2d(x, kernel, 1, padding)
+    expected = recipe(maxs, 3, (sh, sw), (1, 1 + extra_w, 1, 1 + extra_h), "zero")[:, :, : y.shape[2], : y.shape[3]]
+    torch.testing.assert_close(y, expected)
+
+
+def test_max_then_blur_runs_its_children_when_the_pool_is_not_the_fused_one():
+    """``MaxThenBlur`` fuses only a stride-1 max pool of kernel 2 (pad 0) or 3 (pad 1): a strided one, a square one
+    of another size, or one changed after construction runs the two children, with their values."""
+    from ktkernels.blurpool.modules import MaxThenBlur
+
+    x = torch.randn(2, 4, 17, 15, dtype=torch.float64)
+    for pool in (nn.MaxPool2d(2, stride=2), nn.MaxPool2d((2, 3), stride=1), nn.MaxPool2d(3, 1, padding=(1, 0))):
+        layer = MaxThenBlur(pool, ktkernels.BlurPool2d(4))
+        torch.testing.assert_close(layer(x), layer[1](pool(x)), msg=str(pool))
+    layer = MaxThenBlur(nn.MaxPool2d(2, stride=1), ktkernels.BlurPool2d(4))
+    layer[0].stride = 2  # live, as in torch's own layers
+    torch.testing.assert_close(layer(x), layer[1](F.max_pool2d(x, 2, 2)))
+
+
+def test_convert_reads_each_anchor_setting(monkeypatch):
+    """antialiased-cnns' zero and replicate pad types (kept only as the pad module's class) and kornia's version
+    boundary (0.8.x pads (k-1)//2 on both sides, 0.9 does not) survive ``convert``."""
+    aa = pytest.importorskip("antialiased_cnns")
+    kornia = pytest.importorskip("kornia")
+    x = torch.randn(2, 3, 11, 10)
+    for pad_type in ("zero", "repl", "refl"):
+        model = nn.Sequential(aa.BlurPool(3, pad_type=pad_type, filt_size=4)).eval()
+        expected = model(x)
+        convert(model)
+        assert type(model[0]).__module__.startswith("ktkernels."), pad_type
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6, msg=pad_type)
+    for version, legacy in (("0.8.1", True), ("0.8.0", True), ("0.9.0", False)):
+        monkeypatch.setattr(kornia, "__version__", version)
+        model = nn.Sequential(kornia.filters.BlurPool2D(4))
+        convert(model)
+        assert model[0].legacy_even_padding == legacy, version
+
+
+def test_composer_apply_blurpool_takes_convs_strided_on_one_axis():
+    """Composer replaces a conv whose stride exceeds 1 on either axis."""
+    model = nn.Sequential(nn.Conv2d(16, 8, 3, stride=(1, 2), padding=1), nn.Conv2d(8, 8, 3, stride=(2, 1)))
+    composer.apply_blurpool(model, min_channels=1)
+    assert all(isinstance(m, composer.BlurConv2d) for m in model), model
+
+
 def test_composer_ceil_mode_examples_from_the_reference():
     assert composer.BlurMaxPool2d(3, 2, 0, ceil_mode=True)(torch.randn(1, 1, 112, 112)).shape[2] == 56
     assert composer.BlurMaxPool2d(3, 2, 1, ceil_mode=True)(torch.randn(1, 1, 56, 56)).shape[2] == 29
