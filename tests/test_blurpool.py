@@ -346,8 +346,13 @@ def test_max_blur_pool2d_backward_takes_codes_in_any_layout(target, codes_layout
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize(
     "shape,pads",
-    [((1, 2, 37, 11), [1, 2, 1, 2]), ((1, 2, 12, 12), [5, 5, 5, 5]), ((1, 53, 11, 41), [1, 2, 1, 2])],
-    ids=["row-blocks", "wide-windows", "long-rows"],
+    [
+        ((1, 2, 37, 11), [1, 2, 1, 2]),
+        ((1, 2, 12, 12), [5, 5, 5, 5]),
+        ((1, 2, 12, 10), [0, 0, 5, 5]),
+        ((1, 53, 11, 41), [1, 2, 1, 2]),
+    ],
+    ids=["row-blocks", "wide-windows", "wide-rows-unpadded-columns", "long-rows"],
 )
 @pytest.mark.parametrize("kmax,pmax", [(2, 0), (3, 1)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

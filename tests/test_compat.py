@@ -388,14 +388,15 @@ def test_composer_blurmaxpool_sizes_and_values(kernel, stride, padding, dilation
 
 @pytest.mark.parametrize(
     "kernel,stride,padding,ceil_mode",
-    [(3, (2, 3), 1, True), ((2, 3), 2, (0, 1), False), (3, (3, 2), (1, 0), True)],
+    [(3, (2, 3), 1, True), ((2, 3), 2, (0, 1), False), (3, (3, 2), (1, 0), True), (2, (1, 2), 0, True)],
 )
-def test_composer_blurmaxpool_rectangular_pools(kernel, stride, padding, ceil_mode):
+@pytest.mark.parametrize("size", [(11, 14), (3, 3)])
+def test_composer_blurmaxpool_rectangular_pools(kernel, stride, padding, ceil_mode, size):
     """Non-square max pools and strides (no fused op: pad + conv per axis), with ceil_mode's extra zero rows and
-    columns differing per axis, on an input of odd height and width."""
+    columns differing per axis."""
     pool = nn.MaxPool2d(kernel, stride, padding, ceil_mode=ceil_mode)
     layer = composer.BlurMaxPool2d.from_maxpool2d(pool)
-    x = torch.randn(1, 2, 11, 14, dtype=torch.float64)
+    x = torch.randn(1, 2, *size, dtype=torch.float64)
     y = layer(x)
     assert y.shape == pool(x).shape
     sh, sw = stride if isinstance(stride, tuple) else (stride, stride)
