@@ -432,7 +432,7 @@ def test_convert_reads_each_anchor_setting(monkeypatch):
         convert(model)
         assert type(model[0]).__module__.startswith("ktkernels."), pad_type
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6, msg=pad_type)
-    for version, legacy in (("0.8.1", True), ("0.8.0", True), ("0.9.0", False)):
+    for version, legacy in (("0.8.1", True), ("0.8.0", True), ("0.9.0", False), ("1", False)):
         monkeypatch.setattr(kornia, "__version__", version)
         model = nn.Sequential(kornia.filters.BlurPool2D(4))
         convert(model)

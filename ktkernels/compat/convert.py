@@ -42,8 +42,8 @@ def _adobe_pad_type(m: nn.Module) -> str:
 def _kornia_legacy_padding(m: nn.Module) -> bool:
     """kornia <= 0.8 padded (k-1)//2 on both sides (0.9: ((k-1)//2, k//2)); the layer's own package says which."""
     version = getattr(sys.modules.get(type(m).__module__.split(".")[0]), "__version__", "0.9")
-    major, minor = (int(part) for part in re.findall(r"\d+", version)[:2])
-    return (major, minor) <= (0, 8)
+    numbers = [int(part) for part in re.findall(r"\d+", version)[:2]]
+    return tuple(numbers + [0] * (2 - len(numbers))) <= (0, 8)  # "1" is (1, 0)
 
 
 def _kornia_blur(m: nn.Module) -> nn.Module:
