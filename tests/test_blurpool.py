@@ -467,6 +467,46 @@ def test_blur_pool2d_inf_stays_local_and_every_output_is_written(
         assert_close(got.nan_to_num(posinf=0.0), want.detach().nan_to_num(posinf=0.0), dtype)
 
 
+# Every input position once: the reflected window's first and last slots and its zero-weight holes.
+ONE_INF_CASES = [
+    ((8, 7), 4, 2, [1, 2, 1, 2], "reflect"),  # even H, odd W: rows and columns have different holes
+    ((4, 4), 3, 1, [2, 2, 2, 2], "reflect"),  # pads as wide as the filter reflect the edge rows twice
+    ((5, 6), 7, 1, [3, 3, 3, 3], "reflect"),
+    ((6, 5), 5, 3, [1, 3, 2, 2], "replicate"),
+    ((5, 7), 6, 4, [2, 3, 3, 2], "zero"),
+]
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("size,filt_size,stride,padding,mode", ONE_INF_CASES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_blur_pool2d_inf_at_every_position(target, size, filt_size, stride, padding, mode, layout, monkeypatch):
+    """Channel c holds +inf at input position c (and its gradient +inf at output position c), so one launch puts
+    an inf at every position, edges and corners included: it must reach exactly the outputs whose taps read it."""
+    name, device = target
+    dtype = torch.float64 if name != "cuda" else torch.float32
+    h, w = size
+    gen = torch.Generator().manual_seed(h * 100 + w * 10 + filt_size)
+    x = torch.rand((1, h * w, h, w), dtype=torch.float64, generator=gen)
+    x.view(h * w, h * w)[torch.arange(h * w), torch.arange(h * w)] = float("inf")
+    x = make_input(x.shape, dtype, device, layout).copy_(x.to(dtype)).requires_grad_()
+    poison_outputs(monkeypatch)
+    with ktkernels.use_backend(name):
+        y = op.blur_pool2d(x, filt_size, stride, padding, mode)
+        outputs = y.shape[2] * y.shape[3]
+        grad = torch.rand(y.shape, dtype=torch.float64, generator=gen)
+        grad.view(h * w, outputs)[torch.arange(h * w), torch.arange(h * w) % outputs] = float("inf")
+        y.backward(grad.to(device=device, dtype=dtype))
+    x64 = x.detach().double().cpu().requires_grad_()
+    expected = ref.blur_pool2d_reference(x64, filt_size, stride, tuple(padding), mode)
+    expected.backward(grad)
+    for got, want in ((y, expected), (x.grad, x64.grad)):
+        got = got.detach().double().cpu()
+        assert not got.isnan().any() and not want.isnan().any()
+        assert torch.equal(got.isinf(), want.isinf()), "inf reached other outputs than the reference's"
+        assert_close(got.nan_to_num(posinf=0.0), want.detach().nan_to_num(posinf=0.0), dtype)
+
+
 @pytest.mark.skipif(not INTERPRET, reason="spies on the Triton launchers under the interpreter")
 def test_triton_blur_takes_the_rolling_kernels(monkeypatch):
     """Every layout and stride runs the rolling kernels, forward and backward, planar (phase split) where rows
