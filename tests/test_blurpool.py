@@ -37,6 +37,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert err <= TOL[dtype] * scale, f"max abs error {err:.3e} > {TOL[dtype] * scale:.3e} ({dtype})"
 
 
+def assert_same_infs(pairs, dtype: torch.dtype) -> None:
+    """Each (got, want): no NaN, +inf at exactly the reference's positions, the finite values close."""
+    for got, want in pairs:
+        got = got.detach().double().cpu()
+        assert not got.isnan().any() and not want.isnan().any()
+        assert torch.equal(got.isinf(), want.isinf()), "inf reached other outputs than the reference's"
+        assert_close(got.nan_to_num(posinf=0.0), want.detach().nan_to_num(posinf=0.0), dtype)
+
+
 def make_input(shape, dtype, device, layout: str) -> torch.Tensor:
     """Fresh random input in the requested memory layout: nchw | channels_last | strided."""
     if layout == "strided":
@@ -414,11 +423,7 @@ def test_max_blur_pool2d_inf_stays_local(target, kmax, pmax, filt_size, stride, 
         torch.nn.functional.max_pool2d(x64, kmax, 1, pmax), filt_size, stride, tuple(pads), mode
     )
     expected.backward(grad)
-    for got, want in ((y, expected), (x.grad, x64.grad)):
-        got = got.detach().double().cpu()
-        assert not got.isnan().any() and not want.isnan().any()
-        assert torch.equal(got.isinf(), want.isinf()), "inf reached other outputs than the reference's"
-        assert_close(got.nan_to_num(posinf=0.0), want.detach().nan_to_num(posinf=0.0), dtype)
+    assert_same_infs(((y, expected), (x.grad, x64.grad)), dtype)
 
 
 BLUR_EDGE_CASES = [
@@ -460,11 +465,7 @@ def test_blur_pool2d_inf_stays_local_and_every_output_is_written(
     x64 = x.detach().double().cpu().requires_grad_()
     expected = ref.blur_pool2d_reference(x64, filt_size, stride, tuple(padding), mode)
     expected.backward(grad.double().cpu())
-    for got, want in ((y, expected), (x.grad, x64.grad)):
-        got = got.detach().double().cpu()
-        assert not got.isnan().any() and not want.isnan().any()
-        assert torch.equal(got.isinf(), want.isinf()), "inf reached other outputs than the reference's"
-        assert_close(got.nan_to_num(posinf=0.0), want.detach().nan_to_num(posinf=0.0), dtype)
+    assert_same_infs(((y, expected), (x.grad, x64.grad)), dtype)
 
 
 # Every input position once: the reflected window's first and last slots and its zero-weight holes.
@@ -500,11 +501,7 @@ def test_blur_pool2d_inf_at_every_position(target, size, filt_size, stride, padd
     x64 = x.detach().double().cpu().requires_grad_()
     expected = ref.blur_pool2d_reference(x64, filt_size, stride, tuple(padding), mode)
     expected.backward(grad)
-    for got, want in ((y, expected), (x.grad, x64.grad)):
-        got = got.detach().double().cpu()
-        assert not got.isnan().any() and not want.isnan().any()
-        assert torch.equal(got.isinf(), want.isinf()), "inf reached other outputs than the reference's"
-        assert_close(got.nan_to_num(posinf=0.0), want.detach().nan_to_num(posinf=0.0), dtype)
+    assert_same_infs(((y, expected), (x.grad, x64.grad)), dtype)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="spies on the Triton launchers under the interpreter")
