@@ -107,6 +107,19 @@ def test_model_verdicts_only_at_the_target_setup():
     assert "target <= +5%: met" in model.markdown(results, env, gpu)
 
 
+def test_step_time_percentiles():
+    times = [float(t) for t in range(10, 0, -1)]  # 1..10 ms, unordered
+    median, p10, p90 = harness.median_and_deciles(times)
+    assert (median, p10, p90) == (5.5, 1.9, 9.1)
+    assert harness.median_and_deciles([3.0]) == (3.0, 3.0, 3.0)
+
+
+def test_timing_note_names_how_each_device_is_timed():
+    assert "perf_counter" in harness.timing_note(torch.device("cpu"), eager=False)
+    assert "CUDA graph" in harness.timing_note(torch.device("cuda"), eager=False)
+    assert "eager" in harness.timing_note(torch.device("cuda"), eager=True)
+
+
 def test_commit_recorded(monkeypatch):
     monkeypatch.setenv("KTK_COMMIT", "1234abc")
     assert harness.source_commit() == "1234abc"

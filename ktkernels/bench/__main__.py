@@ -176,13 +176,7 @@ def blurpool_main(argv: list[str]) -> None:
         return print(f"launched {len(jobs)} Triton steps once each")
     compile_cases = set() if args.no_compile else blurpool.COMPILE_CASES
     env = harness.environment(device)
-    env["timing"] = (
-        "CUDA events around eager calls, host overhead included"
-        if args.eager or not gpu
-        else "device time: 10 calls captured in a CUDA graph, median of 10 replays"
-    )
-    if not gpu:
-        env["timing"] = "wall clock (perf_counter), median"
+    env["timing"] = harness.timing_note(device, args.eager)
     copy_gbps = harness.copy_bandwidth_gbps(device)
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s (read + write)", flush=True)  # for --from-log if the run is cut
     reps, graphs, layouts = 5 if args.quick else 20, not args.eager, args.layouts.split(",")

@@ -390,12 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         attention_cases = [c for c in attention_cases if c[0] in QUICK_CASES]
     env = harness.environment(device)
     env["device_type"] = device.type
-    if not gpu:
-        env["timing"] = "wall clock (perf_counter), median"
-    elif args.eager:
-        env["timing"] = "CUDA events around eager calls, host overhead included"
-    else:
-        env["timing"] = "device time: 10 calls captured in a CUDA graph, median of 10 replays"
+    env["timing"] = harness.timing_note(device, args.eager)
     env["notes"] = list(available_backends(device)[1])
     if not compile_recipe:
         env["notes"].append("matmul+compile not run (--no-compile, the CPU default)")

@@ -101,6 +101,24 @@ def graph_median_ms(fn: Callable[[], object], calls: int = 10, reps: int = 10) -
     return statistics.median(times)
 
 
+def timing_note(device: torch.device, eager: bool) -> str:
+    """How a kernel table's times were taken (its header line): :func:`graph_median_ms` or :func:`median_ms`."""
+    if device.type != "cuda":
+        return "wall clock (perf_counter), median"
+    if eager:
+        return "CUDA events around eager calls, host overhead included"
+    return "device time: 10 calls captured in a CUDA graph, median of 10 replays"
+
+
+def median_and_deciles(times: Sequence[float]) -> tuple[float, float, float]:
+    """(median, 10th, 90th percentile) of step times; one sample is all three."""
+    median = statistics.median(times)
+    if len(times) < 2:
+        return median, median, median
+    deciles = statistics.quantiles(times, n=10, method="inclusive")
+    return median, deciles[0], deciles[-1]
+
+
 def step_for(
     mode: str,
     fn: Callable[[torch.Tensor], torch.Tensor],

@@ -468,12 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     cases = QUICK_CASES if args.quick else CASES
     env = harness.environment(device)
     env["device_type"] = device.type
-    if not gpu:
-        env["timing"] = "wall clock (perf_counter), median"
-    elif args.eager:
-        env["timing"] = "CUDA events around eager calls, host overhead included"
-    else:
-        env["timing"] = "device time: 10 calls captured in a CUDA graph, median of 10 replays"
+    env["timing"] = harness.timing_note(device, args.eager)
     env["notes"] = [note for case in cases for note in available_backends(device, case, candidates)[1]]
     if not compile_recipe:
         env["notes"].append("the +compile recipes not run (--no-compile, the CPU default)")

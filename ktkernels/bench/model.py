@@ -362,9 +362,7 @@ def run(cfg: Config) -> list[Result]:
         res = results[name]
         if times and not res.error:
             res.samples = len(times)
-            res.ms = statistics.median(times)
-            deciles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [res.ms] * 9
-            res.p10_ms, res.p90_ms = deciles[0], deciles[-1]
+            res.ms, res.p10_ms, res.p90_ms = harness.median_and_deciles(times)
             res.img_s = cfg.batch / res.ms * 1e3
     ref = {name: results[name].ms for name in ("aa-floor", "aa-recipe", "aa-recipe+compile") if name in results}
     for res in results.values():

@@ -287,9 +287,7 @@ def run_steps(cfg: Config) -> list[StepResult]:
         times = samples.get(name)
         if times and not res.error:
             res.samples = len(times)
-            res.ms = statistics.median(times)
-            deciles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [res.ms] * 9
-            res.p10_ms, res.p90_ms = deciles[0], deciles[-1]
+            res.ms, res.p10_ms, res.p90_ms = harness.median_and_deciles(times)
             res.img_s = cfg.batch / res.ms * 1e3
     ref = results.get("reference")
     ref_c = results.get("reference+compile")
