@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .. import backend
 from ..blurpool import geometry, op
-from .harness import Row, agreement, graph_median_ms, median_ms, on_backend, rotating, step_for
+from .harness import Row, agreement, on_backend, rotating, step_for, time_row
 
 # (case, channels, size, kind, filt_size, pads (l, r, t, b))
 RESNET50_CASES = [
@@ -133,13 +133,7 @@ def _time_case(
             dtype_name = str(dtype).replace("torch.", "")
             row = Row("blurpool", case, shape, dtype_name, layout, mode, impl, None, bytes_by_mode[mode])
             row.mismatch = differs.get(impl)
-            try:
-                if device.type == "cuda" and graphs:
-                    row.ms = graph_median_ms(step)
-                else:
-                    row.ms = median_ms(step, device, reps=reps)
-            except Exception as exc:  # a failing baseline is a result too (recorded, not fatal)
-                row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+            time_row(row, step, device, reps, graphs, warmup=3)
             rows.append(row)
             differ = f" ≠ {row.mismatch}" if row.mismatch else ""  # rows_from_log reads it back
             print(f"{case} {shape} {dtype_name} {layout} {mode} {impl}: {row.ms or row.error}{differ}", flush=True)

@@ -35,7 +35,7 @@ import ktkernels
 
 from .. import backend
 from . import harness
-from .harness import Row, graph_median_ms, median_ms, rotating
+from .harness import Row, rotating
 
 # (case, channels, size): ResNet-50 stage outputs at 224 px, then at FFCV's 192 px training resolution.
 RESNET50_CASES = [
@@ -225,13 +225,7 @@ def _time_impls(
             step = harness.step_for(mode, fn, inputs, grads)
             row = Row(family, case, shape, dtype_name, layout, mode, impl, None, bytes_by_mode[mode])
             row.mismatch = differs.get(impl)
-            try:
-                if device.type == "cuda" and graphs:
-                    row.ms = graph_median_ms(step)
-                else:
-                    row.ms = median_ms(step, device, warmup=2, reps=reps)
-            except Exception as exc:  # a failing recipe is a result too (recorded, not fatal)
-                row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+            harness.time_row(row, step, device, reps, graphs, warmup=2)
             rows.append(row)
             print(f"{family} {case} {shape} {dtype_name} {layout} {mode} {impl}: {row.ms or row.error}", flush=True)
     return rows

@@ -101,6 +101,18 @@ def graph_median_ms(fn: Callable[[], object], calls: int = 10, reps: int = 10) -
     return statistics.median(times)
 
 
+def time_row(row: Row, step: Callable[[], object], device: torch.device, reps: int, graphs: bool, warmup: int) -> None:
+    """Set ``row.ms``: :func:`graph_median_ms` on CUDA with ``graphs``, else :func:`median_ms`. A step that raises
+    sets ``row.error`` instead: a failing implementation is a result too (recorded, not fatal)."""
+    try:
+        if device.type == "cuda" and graphs:
+            row.ms = graph_median_ms(step)
+        else:
+            row.ms = median_ms(step, device, warmup=warmup, reps=reps)
+    except Exception as exc:
+        row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+
+
 def timing_note(device: torch.device, eager: bool) -> str:
     """How a kernel table's times were taken (its header line): :func:`graph_median_ms` or :func:`median_ms`."""
     if device.type != "cuda":

@@ -48,7 +48,7 @@ import ktkernels
 
 from .. import backend
 from . import harness
-from .harness import Row, graph_median_ms, median_ms, rotating
+from .harness import Row, rotating
 
 # ResNet-50's stage outputs at 224 px: (name, channels, size).
 RESNET50_STAGES = [("layer1", 256, 56), ("layer2", 512, 28), ("layer3", 1024, 14), ("layer4", 2048, 7)]
@@ -294,13 +294,7 @@ def _time_case(
             step = loss_step(mode, impl, inputs)
             row = Row("losses", case, shape, dtype_name, layout, mode, name, None, bytes_by_mode[mode])
             row.mismatch = differs.get(name)
-            try:
-                if device.type == "cuda" and graphs:
-                    row.ms = graph_median_ms(step)
-                else:
-                    row.ms = median_ms(step, device, warmup=2, reps=reps)
-            except Exception as exc:  # a failing implementation is a result too (recorded, not fatal)
-                row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+            harness.time_row(row, step, device, reps, graphs, warmup=2)
             rows.append(row)
             print(f"losses {case} {dtype_name} {layout} {mode} {name}: {row.ms or row.error}", flush=True)
     return rows
