@@ -471,7 +471,7 @@ def test_blur_pool2d_inf_stays_local_and_every_output_is_written(
 # Every input position once: the reflected window's first and last slots and its zero-weight holes.
 ONE_INF_CASES = [
     ((8, 7), 4, 2, [1, 2, 1, 2], "reflect"),  # even H, odd W: rows and columns have different holes
-    ((4, 4), 3, 1, [2, 2, 2, 2], "reflect"),  # pads as wide as the filter reflect the edge rows twice
+    ((4, 4), 3, 1, [2, 2, 2, 2], "reflect"),  # pads wider than the filter's own (1, 1)
     ((5, 6), 7, 1, [3, 3, 3, 3], "reflect"),
     ((6, 5), 5, 3, [1, 3, 2, 2], "replicate"),
     ((5, 7), 6, 4, [2, 3, 3, 2], "zero"),
@@ -482,8 +482,9 @@ ONE_INF_CASES = [
 @pytest.mark.parametrize("size,filt_size,stride,padding,mode", ONE_INF_CASES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_blur_pool2d_inf_at_every_position(target, size, filt_size, stride, padding, mode, layout, monkeypatch):
-    """Channel c holds +inf at input position c (and its gradient +inf at output position c), so one launch puts
-    an inf at every position, edges and corners included: it must reach exactly the outputs whose taps read it."""
+    """Channel c holds +inf at input position c (its gradient at output position c mod the output count), so one
+    launch puts an inf at every position, edges and corners included: it must reach exactly the outputs whose taps
+    read it, forward and backward."""
     name, device = target
     dtype = torch.float64 if name != "cuda" else torch.float32
     h, w = size
