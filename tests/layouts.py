@@ -2,8 +2,9 @@
 
 Inputs: nchw | channels_last | strided_c (x[:, ::2] of a channels_last tensor) | strided_w (x[..., ::2]) |
 transposed (H and W swapped in memory) | permuted (memory order H, N, W, C). Outputs are NaN-filled views of a
-backing buffer: nchw | channels_last | strided (every other W), so a kernel that skips an element or writes
-outside its view is caught by :func:`check_untouched`.
+backing buffer: nchw | channels_last | strided (every other W) | strided_c (every other channel of a
+channels_last buffer), so a kernel that skips an element or writes outside its view is caught by
+:func:`check_untouched`.
 """
 
 from __future__ import annotations
@@ -34,11 +35,16 @@ def make_input(values: torch.Tensor, dtype, device, layout: str) -> torch.Tensor
 
 
 def make_output(shape, dtype, device, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """NaN-filled output (view, backing buffer) in a layout: nchw | channels_last | strided (every other W)."""
+    """NaN-filled output (view, backing buffer) in a layout: nchw | channels_last | strided (every other W) |
+    strided_c (every other channel of a channels_last buffer: the channel stride is 2)."""
     n, c, h, w = shape
     if layout == "strided":
         buf = torch.full((n, c, h, 2 * w + 1), float("nan"), dtype=dtype, device=device)
         return buf[..., 1::2], buf
+    if layout == "strided_c":
+        buf = torch.full((n, 2 * c, h, w), float("nan"), dtype=dtype, device=device)
+        buf = buf.to(memory_format=torch.channels_last)
+        return buf[:, 1::2], buf
     buf = torch.full((n, c, h, w), float("nan"), dtype=dtype, device=device)
     if layout == "channels_last":
         buf = buf.to(memory_format=torch.channels_last)
@@ -49,6 +55,8 @@ def check_untouched(view: torch.Tensor, buf: torch.Tensor) -> None:
     """Elements of buf outside view must still be NaN."""
     if view.data_ptr() == buf.data_ptr() and view.shape == buf.shape:
         return
-    mask = torch.ones(buf.shape, dtype=torch.bool, device=buf.device)
-    mask[..., 1::2] = False
-    assert torch.isnan(buf[mask].float()).all(), "kernel wrote outside its output view"
+    # A mask with buf's strides; the view's elements sit at the same offsets in it.
+    outside = torch.ones_like(buf, dtype=torch.bool)
+    offset = (view.data_ptr() - buf.data_ptr()) // buf.element_size()
+    outside.as_strided(view.shape, view.stride(), outside.storage_offset() + offset).fill_(False)
+    assert torch.isnan(buf[outside].float()).all(), "kernel wrote outside its output view"

@@ -106,6 +106,11 @@ def test_basis_edge_shapes(device, dtype):
     for shape in [(0, 3, 8, 8), (2, 0, 8, 8)]:
         x = make_x(shape, dtype, device, "nchw")
         run_basis(x, 4, 4, "nchw")
+    # Empty planes into a non-empty output: empty sums, so zeros (the NaN-poisoned output must be written).
+    for h, w, ho, wo in [(0, 4, 3, 2), (5, 0, 2, 3)]:
+        for layout in ["nchw", "channels_last"]:
+            out = run_basis(make_x((2, 10, h, w), dtype, device, layout), ho, wo, layout)
+            assert (out == 0).all()
     # 1-pixel planes and lines, to and from larger grids.
     for h, w, ho, wo in [(1, 1, 1, 1), (1, 1, 5, 3), (1, 7, 1, 7), (6, 1, 2, 1), (3, 2, 1, 1)]:
         for layout in ["nchw", "channels_last"]:
@@ -202,7 +207,8 @@ def power_grad_reference(x: torch.Tensor, g: torch.Tensor, p: float) -> torch.Te
 @pytest.mark.parametrize("p", PS)
 def test_power_mean(device, dtype, x_layout, p):
     rng = random.Random(int(p * 10) + len(x_layout))
-    shapes = [(2, 1, 5, 7), (3, 3, 1, 1), (1, 8, 9, 4), (2, 17, 6, 6), (2, 40, 3, 5), (1, 70, 33, 2)]
+    # (2, 5, 7, 1): one column, so the positions are one axis along H (its stride differs from W's when transposed).
+    shapes = [(2, 1, 5, 7), (3, 3, 1, 1), (1, 8, 9, 4), (2, 17, 6, 6), (2, 40, 3, 5), (1, 70, 33, 2), (2, 5, 7, 1)]
     shapes.append((rng.randint(1, 3), rng.randint(1, 64), rng.randint(1, 40), rng.randint(1, 40)))
     for shape in shapes:
         x = make_x(shape, dtype, device, x_layout, zeros=True)
@@ -218,7 +224,8 @@ def test_power_mean(device, dtype, x_layout, p):
 @pytest.mark.parametrize("x_layout", X_LAYOUTS)
 @pytest.mark.parametrize("p", PS)
 def test_power_mean_backward(device, dtype, x_layout, p):
-    shapes = [(2, 1, 5, 7), (3, 3, 1, 1), (1, 8, 9, 4), (2, 17, 6, 6), (2, 40, 3, 5)]
+    # The last, one column (positions along H), gets the strided grad_x (OUT_LAYOUTS[5 % 3]).
+    shapes = [(2, 1, 5, 7), (3, 3, 1, 1), (1, 8, 9, 4), (2, 17, 6, 6), (2, 40, 3, 5), (2, 5, 7, 1)]
     for i, shape in enumerate(shapes):
         x = make_x(shape, dtype, device, x_layout, zeros=True)
         g = torch.randn(shape[0], shape[2], shape[3], dtype=acc_dtype(dtype), device=device)
@@ -228,6 +235,26 @@ def test_power_mean_backward(device, dtype, x_layout, p):
         assert_close(gx, ref, torch.full_like(ref, 1e-3), TOL[dtype] if dtype != torch.float32 else 1e-5)
         check_untouched(gx, buf)
         if p in (1.0, 2.0, 1.5):  # sign(0) = 0 and |0|^(p-1) = 0 give exact zeros
+            assert (gx[x == 0] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("x_layout", ["nchw", "channels_last"])
+def test_power_mean_high_exponents(device, dtype, x_layout):
+    # Exponents up to 15.5 use square-and-multiply on the CPU (every bit of k, and the half's sqrt); 16 and 17.25
+    # take pow. 3 channels run the planar loops, 20 the channel-inner ones.
+    for p in [8.0, 9.5, 13.0, 15.5, 16.0, 17.25]:
+        for shape in [(2, 3, 5, 4), (2, 20, 3, 5)]:
+            x = make_x(shape, dtype, device, x_layout, zeros=True)
+            out = torch.full((shape[0], shape[2], shape[3]), float("nan"), dtype=dtype, device=device)
+            ops.channel_power_mean_(x, p, out)
+            tol = 1e-12 if dtype == torch.float64 else 1e-5
+            assert_close(out, power_reference(x, p), torch.zeros(out.shape), tol)
+            g = torch.randn(shape[0], shape[2], shape[3], dtype=dtype, device=device)
+            gx, buf = make_output(shape, dtype, device, "nchw")
+            ops.channel_power_mean_backward_(x, g, p, gx)
+            assert_close(gx, power_grad_reference(x, g, p), torch.zeros(shape), tol)
             assert (gx[x == 0] == 0).all()
 
 
@@ -251,8 +278,9 @@ def test_power_mean_empty_and_errors(device):
 
 
 def test_power_mean_large_channels_threads():
-    # Many channels and positions: several OpenMP tasks, the 16-lane partial sums and their tail.
-    x = make_x((3, 203, 17, 19), torch.float32, "cpu", "channels_last")
+    # Many channels and positions: several OpenMP tasks, two chunks of channels (256 + 44) and the 16-lane
+    # partial sums with their zero-padded tail.
+    x = make_x((3, 300, 17, 19), torch.float32, "cpu", "channels_last")
     for p in PS:
         out = torch.full((3, 17, 19), float("nan"))
         ops.channel_power_mean_(x, p, out)

@@ -264,7 +264,8 @@ def _map_distance_and_grad(m: torch.Tensor, other: torch.Tensor, kind: str, back
 @pytest.mark.parametrize("target", TARGETS)
 def test_map_distance_of_zero_and_transposed_maps(target):
     """A student map of zeros (a dead layer: AT's normalisation divides by its clamped norm, so the gradient is
-    large, not 0) and maps that are transposed views (non-contiguous), against float64 on every kind."""
+    large, not 0) or of tiny values (a norm just below the clamp, which then passes no gradient to it), and maps that
+    are transposed views (non-contiguous), against float64 on every kind."""
     name, device = target
     rng = torch.Generator().manual_seed(5)
     t = torch.rand(2, 5, 6, generator=rng, dtype=torch.float64)
@@ -275,6 +276,7 @@ def test_map_distance_of_zero_and_transposed_maps(target):
         cases = {"transposed": (wide.transpose(1, 2), wide_t.transpose(1, 2))}
         if kind.startswith("at"):  # DCT-KD's min-max normalisation of a constant map is its own edge (clamped)
             cases["zero student"] = (zero, t)
+            cases["tiny student"] = (t * (0.9e-12 / t.norm(dim=(1, 2), keepdim=True)), t)
         for what, (m, other) in cases.items():
             expected, expected_grad = _map_distance_and_grad(m, other, kind, "torch")
             m32, other32 = m.to(device, torch.float32), other.to(device, torch.float32)

@@ -121,9 +121,10 @@ def test_transfer_stats_projection_bases(device, layout):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided_w"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided_w", "transposed"])
 def test_transfer_stats_large_planes(device, dtype, layout):
-    # More positions than a CPU segment (planar) or a GPU split; channels-inner blocks of positions.
+    # More positions than a CPU segment (planar) or a GPU split; channels-inner blocks of positions. Transposed
+    # planes do not merge into one axis, so a CPU segment ends inside a row (4096 = 57 x 71 + 49).
     for shape, j in [((1, 2, 67, 71), 2), ((2, 24, 40, 33), 3), ((1, 9, 1, 5000), 1)]:
         s = make_x(shape, dtype, device, layout)
         t = make_x(shape, dtype, device, layout)
@@ -201,10 +202,28 @@ def test_transfer_grad(device, dtype, layout):
 @pytest.mark.parametrize("grad_layout", GRAD_LAYOUTS)
 def test_transfer_grad_large(device, grad_layout):
     # Basis rows in groups of four and a remainder.
-    for shape, j, layout in [((1, 2, 67, 71), 6, "nchw"), ((2, 24, 40, 33), 5, "channels_last")]:
+    for shape, j, layout in [
+        ((1, 2, 67, 71), 6, "nchw"),
+        ((1, 2, 67, 71), 2, "transposed"),  # a CPU segment ends inside a row (see the stats test)
+        ((2, 24, 40, 33), 5, "channels_last"),
+    ]:
         s = make_x(shape, torch.float32, device, layout)
         t = make_x(shape, torch.float32, device, "channels_last")
         run_grad(s, t, make_basis(j, shape[2] * shape[3], torch.float32, device), grad_layout)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_transfer_mixed_layouts(device, dtype):
+    # The student's layout picks the loops (channels-inner here, with whole vectors of channels); the teacher and
+    # the gradient may each be in another layout, the gradient also a view with a channel stride of 2.
+    for shape, j in [((2, 16, 5, 7), 3), ((1, 24, 3, 4), 1)]:
+        basis = make_basis(j, shape[2] * shape[3], dtype, device)
+        s = make_x(shape, dtype, device, "channels_last")
+        for t_layout, grad_layout in [("nchw", "strided_c"), ("strided_c", "channels_last"), ("transposed", "nchw")]:
+            t = make_x(shape, dtype, device, t_layout)
+            run_stats(s, t, basis)
+            run_grad(s, t, basis, grad_layout)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -175,6 +175,26 @@ def test_constant_maps(device, dtype, kind):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: MAP_KINDS[k])
+def test_maps_below_the_norm_clamp(device, dtype, kind):
+    # Tiny but non-zero maps: the norm (AT) and the range (DCT-KD) fall below the 1e-12 clamp, which then
+    # passes no gradient to them; sample 1's norm sits just below the clamp (0.999999e-12).
+    s = make_maps(3, 6, 7, torch.float64)
+    t = make_maps(3, 6, 7, torch.float64)
+    s[0] *= 1e-15
+    s[1] *= 1e-12 / s[1].norm()
+    s[1] *= 0.999999
+    t[2] *= 1e-16
+    s, t = s.to(device, dtype), t.to(device, dtype)
+    g = torch.randn(3, dtype=torch.float64).to(device, dtype)
+    if dtype == torch.float64:
+        check_against_reference(s, t, g, kind)
+    else:
+        check_against_reference(s, t, g, kind, bwd_tol=2e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: MAP_KINDS[k])
 def test_empty_batch(device, kind):
     s = torch.empty(0, 5, 9, dtype=torch.float64, device=device)
