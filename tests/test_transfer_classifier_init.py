@@ -106,6 +106,7 @@ def test_visual_similarity_is_the_mean_softmax_per_class():
     model.train()
     sim = visual_similarity(model, (x, y), target_labels=3, batch_size=5)
     assert model.training and model.modes and not any(model.modes)  # eval inside, training flag restored
+    assert len(model.modes) == 5  # the pair of tensors split into ceil(23 / 5) batches
     assert sim.shape == (3, 4) and sim.dtype == torch.float32 and not sim.requires_grad
     expected = _mean_softmax_by_class(model, x, y, range(3))
     torch.testing.assert_close(sim.double(), expected, rtol=1e-6, atol=1e-7)

@@ -224,6 +224,9 @@ def test_auto_strategy_picks_the_smaller_tensor():
     assert layer.resolved_strategy((512, 7, 7)) == "output"  # unbatched
     assert layer.resolved_strategy((94, 512, 7, 7)) == "output"  # 94·49 = 4606 < 4608
     assert layer.resolved_strategy((95, 512, 7, 7)) == "weight"  # 95·49 = 4655
+    tie = FilterAttentionConv2d(4, 4, 3, padding=1, device="meta")  # 36 weights per filter
+    assert tie.resolved_strategy((1, 4, 6, 6)) == "weight"  # 36 positions: a tie scales the weight
+    assert tie.resolved_strategy((1, 4, 5, 7)) == "output"  # 35
     layer1 = FilterAttentionConv2d(64, 64, 3, padding=1, bias=False, device="meta")
     assert layer1.weight.numel() == 36_864
     assert layer1.resolved_strategy((256, 64, 56, 56)) == "weight"
@@ -447,6 +450,9 @@ def test_fold_filter_attention(shape):
     for name in CONV_NAMES:
         conv = net.get_submodule(name)
         assert type(conv) is nn.Conv2d and not conv.training and conv.weight.requires_grad
+    # A frozen weight stays frozen.
+    frozen = nn.Sequential(FilterAttentionConv2d(3, 4, 3, shape=shape).requires_grad_(False))
+    assert not fold_filter_attention(frozen)[0].weight.requires_grad
     assert net.conv4.bias is bias and net.conv4.padding_mode == "reflect" and net.conv3.padding == "same"
     torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-6)
 
@@ -483,6 +489,22 @@ def test_apply_phase_selects_exactly_one_group(phase):
     F.cross_entropy(net(torch.randn(4, 3, 10, 10)), torch.tensor([0, 1, 2, 3])).backward()
     assert {n for n, p in net.named_parameters() if p.grad is not None} == expected
     assert torch.equal(net.bn1.running_mean, running) == (phase.lower() != "b")
+
+
+def test_phase_b_takes_every_batchnorm_kind():
+    # Any _BatchNorm subclass, not only BatchNorm2d: e.g. a BatchNorm1d after the pooling and a SyncBatchNorm
+    # (which runs as a plain BatchNorm on the CPU in eval mode; only its parameters matter here).
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(4)
+    )
+    add_filter_attention(net)
+    params = apply_phase(net, "b")
+    assert {n for n, p in net.named_parameters() if any(p is q for q in params)} == {
+        "1.weight",
+        "1.bias",
+        "4.weight",
+        "4.bias",
+    }
 
 
 def test_attention_phases_fresh_optimizer_per_phase():
