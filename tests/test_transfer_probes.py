@@ -90,6 +90,9 @@ def test_loss_forgets_the_captured_outputs():
     mentee(x)  # a mentee forward alone is not enough: the mentor's features would be stale
     with pytest.raises(RuntimeError, match="run the mentor forward"):
         probes.loss()
+    mentor(x)  # nor a mentor forward alone: the failed loss() forgot the mentee's features too
+    with pytest.raises(RuntimeError, match="run the mentee forward"):
+        probes.loss()
 
 
 def test_shape_mismatch_is_a_clear_error():
