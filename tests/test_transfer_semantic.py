@@ -82,6 +82,8 @@ def test_structure(intrinsic):
 def test_a_total_below_a_frequency_is_rejected():
     with pytest.raises(ValueError, match="below the largest frequency"):
         Hierarchy(PARENTS, CUMULATIVE, total=4)  # P(A) = 12/4 > 1: a negative IC
+    with pytest.raises(ValueError, match="below the largest frequency"):
+        Hierarchy(PARENTS, CUMULATIVE, total=11.5)  # just below freq(A) = 12
 
 
 def test_cycles_are_rejected():
@@ -139,6 +141,8 @@ def test_frequency_validation():
         Hierarchy(PARENTS, {"Z": 1.0})
     with pytest.raises(ValueError, match=">= 0"):
         Hierarchy(PARENTS, {"A": -1.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        Hierarchy(PARENTS, {"A": float("nan")})
     with pytest.raises(ValueError, match="> 0"):
         Hierarchy(PARENTS, {"G": 0.0})
     with pytest.raises(ValueError, match="'Q'"):
@@ -193,6 +197,13 @@ def test_lin_conventions(intrinsic):
     # Both roots with the full frequency: IC(a) + IC(b) == 0 -> 0.
     two = Hierarchy({"r1": [], "r2": []}, {"r1": 5, "r2": 5}, total=5)
     assert two.lin("r1", "r2") == 0.0
+    # A node and its ancestor with the full frequency (every count at the leaf): they share the root, IC 0 -> 0.
+    chain = Hierarchy.from_counts({"r": [], "c": ["r"]}, {"c": 5})
+    assert chain.information_content("c") == 0.0 and chain.lin("r", "c") == 0.0
+    # Frequencies that are not cumulative (children above their parent) would give Lin > 1: clipped to 1.
+    loose = Hierarchy({"r": [], "a": ["r"], "b": ["r"]}, {"r": 1, "a": 8, "b": 8}, total=10)
+    assert 2 * loose.information_content("r") > loose.information_content("a") + loose.information_content("b")
+    assert loose.lin("a", "b") == 1.0
 
 
 # ---------------------------------------------------------------------- Wu-Palmer
