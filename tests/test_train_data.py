@@ -6,6 +6,7 @@ Everything runs on the CPU with tiny images written by PIL into tmp_path.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import warnings
@@ -523,12 +524,20 @@ def test_eval_of_constant_image_is_normalised_constant(out_size):
 
 
 @pytest.mark.parametrize("out_size", [20, 13, 31])
-def test_train_full_crop_without_flip_equals_eval(out_size):
+def test_train_full_crop_equals_eval_and_its_flip(out_size):
     x = _batch()
     g = torch.Generator().manual_seed(1)
     out, boxes, _ = train_transform(x, out_size, g, scale=(1, 1), ratio=(1, 1), flip=False, return_params=True)
     assert boxes.tolist() == [[0, 0, 20, 20]] * 6
-    torch.testing.assert_close(out, eval_transform(x, out_size), atol=1e-5, rtol=0)
+    plain = eval_transform(x, out_size)
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
+    # With flips (at out_size 20 the boxes alone would make the resampling an identity): the flipped ones mirror.
+    out, _, flips = train_transform(
+        x, out_size, torch.Generator().manual_seed(1), scale=(1, 1), ratio=(1, 1), return_params=True
+    )
+    assert 0 < int(flips.sum()) < 6
+    torch.testing.assert_close(out[flips], plain[flips].flip(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[~flips], plain[~flips], atol=1e-5, rtol=0)
 
 
 def test_train_flip_matches_torch_flip():
@@ -561,6 +570,37 @@ def test_crop_boxes_inside_image_and_fallback():
         ours = sample_crop_boxes(3, h, w, g, scale=(2.0, 3.0), ratio=ratio)
         ref = rrc.get_params(torch.zeros(3, h, w), [2.0, 3.0], list(ratio))
         assert ours.tolist() == [list(ref)] * 3
+
+
+def _torchvision_boxes(u_area, u_ratio, u_pos, h, w, scale, ratio):
+    """RandomResizedCrop.get_params, one sample at a time as torchvision writes it, on given uniforms."""
+    boxes = []
+    for n in range(u_area.shape[0]):
+        for t in range(u_area.shape[1]):
+            target = h * w * (scale[0] + (scale[1] - scale[0]) * u_area[n, t].item())
+            aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u_ratio[n, t].item())
+            bw, bh = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < bw <= w and 0 < bh <= h:  # randint(0, h - bh + 1) and randint(0, w - bw + 1) from the uniforms
+                top, left = math.floor(u_pos[n, 0].item() * (h - bh + 1)), math.floor(u_pos[n, 1].item() * (w - bw + 1))
+                boxes.append([top, left, bh, bw])
+                break
+        else:
+            boxes.append(None)  # the central fallback, checked in test_crop_boxes_inside_image_and_fallback
+    return boxes
+
+
+@pytest.mark.parametrize(("h", "w", "scale"), [(7, 7, (0.08, 1.0)), (9, 13, (0.5, 1.0)), (40, 30, (0.08, 1.0))])
+def test_crop_boxes_follow_torchvision_rule_per_sample(h, w, scale):
+    # The vectorised draw against a per-sample loop on the same uniforms (a generator of the same seed): candidates
+    # that fit exactly (h == H or w == W), the first fitting one of ten, round half to even, offsets in [0, H - h].
+    ratio = (3 / 4, 4 / 3)
+    boxes = sample_crop_boxes(3000, h, w, torch.Generator().manual_seed(9), scale, ratio)
+    g = torch.Generator().manual_seed(9)
+    draws = [torch.rand(3000, *shape, generator=g, dtype=torch.float64) for shape in ((10,), (10,), (2,))]
+    expected = _torchvision_boxes(*draws, h, w, scale, ratio)
+    assert all(e is None or boxes[n].tolist() == e for n, e in enumerate(expected))
+    assert any(e is not None and (e[2] == h or e[3] == w) for e in expected)  # boxes as tall or wide as the image
+    assert any(e is not None and e[0] == h - e[2] for e in expected)  # and one touching the bottom edge
 
 
 def test_train_transform_deterministic():
@@ -602,9 +642,11 @@ def test_crop_resize_matches_torchvision_resized_crop_float64():
         ref = ref.flip(-1) if flips[i] else ref
         torch.testing.assert_close(out[i], ref, atol=1e-4, rtol=0)
         assert (out[i] - ref).abs().max() < 1e-10
-    ev = eval_transform(x, 9, mean=(0, 0, 0), std=(1, 1, 1), dtype=torch.float64, crop_fraction=0.8)
-    ref = TF.resize(TF.center_crop(x.permute(0, 3, 1, 2).double() / 255, [17, 22]), [9, 9], antialias=False)
-    torch.testing.assert_close(ev, ref, atol=1e-10, rtol=0)
+    # 0.8: a 17 x 22 centre; 2/3: 14 x 18, whose top offset 3.5 rounds half to even (4), as center_crop does.
+    for fraction, crop in [(0.8, [17, 22]), (2 / 3, [14, 18])]:
+        ev = eval_transform(x, 9, mean=(0, 0, 0), std=(1, 1, 1), dtype=torch.float64, crop_fraction=fraction)
+        ref = TF.resize(TF.center_crop(x.permute(0, 3, 1, 2).double() / 255, crop), [9, 9], antialias=False)
+        torch.testing.assert_close(ev, ref, atol=1e-10, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
