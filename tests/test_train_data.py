@@ -403,6 +403,16 @@ def test_loader_drop_last():
     with pytest.raises(DataError, match="no batches"):
         CachedLoader(images, labels, 11)
     assert len(CachedLoader(images, labels, 11, drop_last=False)) == 1
+    assert len(CachedLoader(images, labels, 5, drop_last=False)) == 2  # no empty batch when bs divides the samples
+
+
+def test_loader_more_ranks_than_samples():
+    # 3 samples over 8 ranks: the permutation wraps around more than once, one sample per rank.
+    images, labels = _indexed(3)
+    seen = [torch.cat(_epoch(CachedLoader(images, labels, 1, seed=2, rank=r, world_size=8), 0)) for r in range(8)]
+    assert all(len(s) == 1 for s in seen)
+    perm = torch.randperm(3, generator=torch.Generator().manual_seed(2))
+    assert torch.cat(seen).tolist() == perm.repeat(3)[:8].tolist()
 
 
 def test_loader_resume():
@@ -429,8 +439,17 @@ def test_loader_resume():
     assert len(list(fresh)) == 7
     with pytest.raises(DataError, match="world_size"):
         CachedLoader(images, labels, 4, seed=9, world_size=2).load_state_dict(state)
+    with pytest.raises(DataError, match="seed"):
+        CachedLoader(images, labels, 4, seed=8).load_state_dict(state)
     with pytest.raises(ValueError, match="start_batch"):
         ld.set_epoch(0, start_batch=8)
+    # A state saved at the end of an epoch resumes with nothing left of it.
+    ld.set_epoch(5, start_batch=7)
+    assert list(ld) == [] and ld.state_dict()["start_batch"] == 7
+    # An iterator that has yielded nothing yet already marks where it starts.
+    it = ld.iter_from(6, 2)
+    assert (ld.state_dict()["epoch"], ld.state_dict()["start_batch"]) == (6, 2)
+    it.close()
 
 
 def _wait_for_threads(baseline: int) -> int:
