@@ -262,9 +262,23 @@ def test_prepare_verify_detects_tampering(cache_dir, tmp_path):
     with pytest.raises(DataError, match="checksum mismatch.*images.u8") as e:
         open_cache(copy, verify=True)
     _one_line(e)
-    (copy / "images.u8").write_bytes(bytes(raw[:-1]))
-    with pytest.raises(DataError, match="bytes, expected"):
+    for wrong in (bytes(raw[:-1]), bytes(raw) + b"\0"):  # one byte short, one byte over
+        (copy / "images.u8").write_bytes(wrong)
+        with pytest.raises(DataError, match="bytes, expected"):
+            open_cache(copy)
+    (copy / "images.u8").write_bytes(bytes(raw))
+    # Labels: labels.npy against index.json's list, and (both changed alike) against the recorded checksum.
+    labels = np.load(copy / "labels.npy")
+    assert not np.array_equal(labels, labels[::-1])
+    np.save(copy / "labels.npy", labels[::-1].copy())
+    with pytest.raises(DataError, match="do not match"):
         open_cache(copy)
+    index = json.loads((copy / "index.json").read_text())
+    index["labels"] = labels[::-1].tolist()
+    (copy / "index.json").write_text(json.dumps(index))
+    open_cache(copy)
+    with pytest.raises(DataError, match="checksum mismatch.*labels.npy"):
+        open_cache(copy, verify=True)
     index = json.loads((copy / "index.json").read_text())
     index["version"] = 99
     (copy / "index.json").write_text(json.dumps(index))
