@@ -83,9 +83,16 @@ class KTFTConfig:
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    """The augmentation seed of one step on one rank: distinct per (seed, step, rank), independent of the device."""
+    """The augmentation seed of one step on one rank, independent of the device: distinct per (seed, step, rank)
+    for seeds below 7e7, runs below 1,000,003 steps and fewer than 65,537 ranks.
+
+    Rank 0 keeps the single-process seeds ``seed * 1_000_003 + step``. The other ranks take the upper half of the
+    range, ``2**62 + ...``, which no rank-0 seed reaches: a plain ``base * 65_537 + rank`` gave rank r's first
+    step the seed of rank 0's step r (seed 0), and so the same crops, flips and dropout masks."""
     base = seed * 1_000_003 + step
-    return (base if rank == 0 else base * 65_537 + rank) % (2**63 - 1)  # rank 0 keeps the single-process seeds
+    if rank == 0:
+        return base % (2**63 - 1)
+    return 2**62 + (base * 65_537 + rank) % 2**62
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: KTFTConfig) -> torch.optim.Optimizer:
