@@ -8,11 +8,20 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ktkernels.train import __main__ as cli
 from ktkernels.train.demo import DemoSettings, random_shift_crops, run_demo
-from ktkernels.train.engine import KTFTConfig, KTFTStep, evaluate, make_optimizer, make_schedule, shift_consistency
+from ktkernels.train.engine import (
+    KTFTConfig,
+    KTFTStep,
+    evaluate,
+    make_optimizer,
+    make_schedule,
+    shift_consistency,
+    step_seed,
+)
 from ktkernels.train.models import ModelError, build_teacher, check_stages, default_stages, demo_teacher, make_student
 
 
@@ -58,10 +67,13 @@ def test_plain_finetuning_does_not_run_the_teacher(pair):
     handle = teacher.register_forward_hook(lambda *_: calls.append(1))
     cfg = KTFTConfig(steps=1)
     model = copy.deepcopy(student)
+    x, y = torch.randn(2, 3, 36, 36), torch.tensor([1, 2])
+    expected_ce = F.cross_entropy(copy.deepcopy(model).train()(x), y)  # the plain CE of the student's logits
     step = KTFTStep(model, teacher, cfg, make_optimizer(model.parameters(), cfg))
-    terms = step.step(torch.randn(2, 3, 36, 36), torch.tensor([1, 2]))
+    terms = step.step(x, y)
     handle.remove()
     assert calls == [] and set(terms) == {"ce", "total"} and terms["ce"] == terms["total"]
+    torch.testing.assert_close(terms["ce"], expected_ce.detach())
 
 
 def test_a_ktft_step_moves_only_the_student(pair):
@@ -72,6 +84,9 @@ def test_a_ktft_step_moves_only_the_student(pair):
     w0 = model.fc.weight.detach().clone()
     step = KTFTStep(model, teacher, cfg, make_optimizer(model.parameters(), cfg))
     terms = step.step(torch.randn(2, 3, 36, 36), torch.tensor([1, 2]))
+    for tap in (step.student_tap, step.teacher_tap):  # the step keeps no features (nor their memory) past itself
+        with pytest.raises(RuntimeError, match="no output captured"):
+            tap["layer2"]
     step.close()
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
     assert not torch.equal(model.fc.weight, w0)
@@ -85,14 +100,26 @@ def test_schedules_and_optimizers():
     sched = make_schedule(make_optimizer(p, cfg), cfg)
     factors = [sched.lr_lambdas[0](k) for k in range(12)]
     assert factors[:2] == [0.5, 1.0] and factors[2] == 1.0 and factors[6] == pytest.approx(0.5) and factors[10] == 0
+    assert factors[11] == 0  # past the last step the cosine stays at 0
     cfg = KTFTConfig(steps=10, schedule="step", step_every=3, gamma=0.5)
     step = make_schedule(make_optimizer(p, cfg), cfg).lr_lambdas[0]
     assert [step(k) for k in (0, 2, 3, 6, 9)] == [1.0, 1.0, 0.5, 0.25, 0.125]
+    cfg = KTFTConfig(steps=10, schedule="step", step_every=3, gamma=0.5, warmup_steps=2)
+    step = make_schedule(make_optimizer(p, cfg), cfg).lr_lambdas[0]
+    assert [step(k) for k in (0, 1, 2, 4, 5, 8)] == [0.5, 1.0, 1.0, 1.0, 0.5, 0.25]  # decay counted after warm-up
     assert isinstance(make_optimizer(p, KTFTConfig(optimizer="adamw")), torch.optim.AdamW)
     with pytest.raises(ValueError, match="optimizer must be"):
         make_optimizer(p, KTFTConfig(optimizer="lamb"))
     with pytest.raises(ValueError, match="schedule must be"):
         make_schedule(make_optimizer(p, cfg), KTFTConfig(schedule="poly"))
+
+
+def test_step_seeds_are_distinct_per_seed_step_and_rank():
+    # The augmentation of step k on rank r draws from step_seed(seed, k, r): no two (seed, step, rank) share one,
+    # and rank 0 keeps the single-process seeds.
+    seeds = {step_seed(s, k, r) for s in range(4) for k in range(300) for r in range(8)}
+    assert len(seeds) == 4 * 300 * 8 and all(0 <= v < 2**63 for v in seeds)
+    assert all(step_seed(s, k, 0) == step_seed(s, k) for s in range(4) for k in range(300))
 
 
 class _Fixed(nn.Module):
@@ -107,13 +134,37 @@ def test_evaluate_top1_top5_and_consistency():
     x = torch.zeros(6, 3, 8, 8)
     x[:3] = 1.0  # constant images: every shift sees the same pixel
     x[3:] = -1.0
-    labels = torch.tensor([0, 1, 3, 1, 0, 2])  # positive v ranks 0,3,5,2,4,1; negative v ranks 1,4,2,5,3,0
-    m = evaluate(_Fixed(), lambda: iter([(x, labels)]), max_shift=2)
+    # positive v ranks 0,3,5,2,4,1; negative v ranks 1,4,2,5,3,0. Sample 2's label is the 5th class (top-5 only).
+    labels = torch.tensor([0, 1, 4, 1, 0, 2])
+    model = _Fixed().eval()
+    m = evaluate(model, lambda: iter([(x, labels)]), max_shift=2)
     assert m["top1"] == pytest.approx(100 * 2 / 6) and m["top5"] == pytest.approx(100 * 4 / 6)
     assert m["consistency"] == 100.0
+    assert not model.training  # the training flag is restored, whichever it was
+    # Accuracy reads the centre crop: (1, 1) onwards for max_shift 2, where only pixel (1, 1) is positive.
+    centre = torch.full((2, 3, 8, 8), -1.0)
+    centre[..., 1, 1] = 1.0
+    assert evaluate(_Fixed(), lambda: iter([(centre, torch.tensor([0, 0]))]), max_shift=2)["top1"] == 100.0
     ramp = torch.arange(8.0).repeat(6, 3, 8, 1).transpose(-1, -2) + torch.arange(8.0)  # varies with the offset
     agree = shift_consistency(_Fixed(), ramp, 4, torch.Generator().manual_seed(3))
     assert agree.dtype == torch.bool and agree.shape == (6,)
+
+
+def test_shift_consistency_offsets_cover_zero_to_max_shift():
+    class TopLeft(nn.Module):  # records the top-left pixel of every crop: 10 * dy + dx of the index image
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def forward(self, x):
+            self.seen.add(int(x[0, 0, 0, 0]))
+            return x[:, 0, :2, 0]
+
+    index = (10 * torch.arange(6.0)[:, None] + torch.arange(6.0)).expand(1, 3, 6, 6)
+    model, generator = TopLeft(), torch.Generator().manual_seed(0)
+    for _ in range(100):
+        shift_consistency(model, index, 2, generator)
+    assert model.seen == {10 * dy + dx for dy in range(3) for dx in range(3)}
 
 
 def test_random_shift_crops_are_crops():
@@ -212,5 +263,9 @@ def test_annealed_loss_weights(pair):
         assert torch.allclose(terms["total"], expected, rtol=1e-5)
     step.close()
     assert seen == [(0.0, 2.0), (0.25, 1.5), (0.5, 1.0), (0.75, 0.5), (1.0, 0.0)]
+    cfg = KTFTConfig(steps=3, lr=0.0, stages=["layer4"], w_dct=0.0, anneal={"dct": 1.0})
+    step = KTFTStep(model, teacher, cfg, make_optimizer(model.parameters(), cfg))
+    assert "dct" in step.step(x, y)  # computed from the first step, at weight 0
+    step.close()
     with pytest.raises(ValueError, match="unknown loss weight"):
         KTFTStep(model, teacher, KTFTConfig(anneal={"kd": 0.0}), make_optimizer(model.parameters(), cfg))
