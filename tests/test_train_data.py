@@ -128,9 +128,12 @@ def test_scan_image_folder_rules(tmp_path):
         },
     )
     (tmp_path / "readme.png").write_bytes(b"")  # a file at the root is not a class
+    outside = tmp_path.parent / f"{tmp_path.name}-linked"  # a symlinked sub-folder is followed (as torchvision)
+    _touch_tree(outside, {"more": ["5.png"]})
+    (tmp_path / "a" / "link").symlink_to(outside / "more", target_is_directory=True)
     classes, files = scan_image_folder(tmp_path)
     assert classes == ["a", "b"]
-    assert files == {"a": ["a/y.jpeg", "a/z.TIFF"], "b": ["b/1.JPG", "b/2.png", "b/sub/3.webp"]}
+    assert files == {"a": ["a/link/5.png", "a/y.jpeg", "a/z.TIFF"], "b": ["b/1.JPG", "b/2.png", "b/sub/3.webp"]}
 
 
 def test_select_subset_deterministic(tmp_path):
@@ -175,6 +178,8 @@ def test_select_subset_errors(tmp_path):
         select_subset(tmp_path / "flat" / "x.png", 1, seed=0)
     with pytest.raises(DataError, match="not found"):
         select_subset(tmp_path / "ok", 1, seed=0, classes=["a", "zzz"])
+    with pytest.raises(ValueError, match="duplicates"):
+        select_subset(tmp_path / "ok", 1, seed=0, classes=["a", "b", "a"])
     assert issubclass(DataError, ValueError)
 
 
@@ -189,6 +194,11 @@ def test_subset_json_round_trip(tmp_path):
         Subset.load(tmp_path / "bad.json")
     with pytest.raises(DataError, match="not found"):
         Subset.load(tmp_path / "nope.json")
+    # A label past the last class (2 classes: labels 0 and 1).
+    d = s.to_dict()
+    d["samples"][0][1] = 2
+    with pytest.raises(DataError, match="outside 0..1"):
+        Subset.from_dict(d)
 
 
 # ---------------------------------------------------------------------------------------------------------------
