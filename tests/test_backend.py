@@ -1,4 +1,5 @@
-"""Triton launches run on their tensors' CUDA device (backend.triton_device), in every op family."""
+"""ktkernels.backend: Triton launches run on their tensors' CUDA device (backend.triton_device) in every op family,
+and the choice itself (names, restoring, what a named backend that cannot run does)."""
 
 from __future__ import annotations
 
@@ -80,3 +81,36 @@ def test_triton_runs_on_the_inputs_gpu_when_another_is_current():
     assert y.device == gx.device == m.device == torch.device("cuda:1")
     torch.testing.assert_close(y.double().cpu(), expected, atol=2e-6, rtol=0)
     assert torch.isfinite(gx).all() and torch.isfinite(m).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# The choice itself (backend.py), without running kernels
+
+
+def test_names_are_case_insensitive_and_restored_after_an_exception():
+    before = backend.get_backend()
+    with ktkernels.use_backend("TORCH"):  # as KTK_BACKEND=Torch would be read
+        assert backend.get_backend() == "torch"
+    with pytest.raises(KeyError), ktkernels.use_backend("torch"):
+        raise KeyError("inside the block")
+    assert backend.get_backend() == before
+
+
+def test_named_triton_needs_the_interpreter_for_cpu_tensors(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with ktkernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        backend.resolve("blurpool", torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with ktkernels.use_backend("triton"):
+        assert backend.resolve("blurpool", torch.device("cpu")) == "triton"
+
+
+def test_an_extension_without_a_family_raises_when_named_and_warns_under_auto(monkeypatch):
+    # An extension built from an older checkout may lack a newer family's kernels.
+    monkeypatch.setattr(backend, "has_compiled_kernels", lambda device_type, family="blurpool": False)
+    backend._warn_once.cache_clear()
+    with ktkernels.use_backend("cpu"), pytest.raises(RuntimeError, match="built without CPU losses kernels"):
+        backend.resolve("losses", torch.device("cpu"))
+    with ktkernels.use_backend("auto"), pytest.warns(RuntimeWarning, match="pure-PyTorch reference"):
+        assert backend.resolve("losses", torch.device("cpu")) == "torch"
+    backend._warn_once.cache_clear()
