@@ -492,8 +492,8 @@ def test_apply_phase_selects_exactly_one_group(phase):
 
 
 def test_phase_b_takes_every_batchnorm_kind():
-    # Any _BatchNorm subclass, not only BatchNorm2d: e.g. a BatchNorm1d after the pooling and a SyncBatchNorm
-    # (which runs as a plain BatchNorm on the CPU in eval mode; only its parameters matter here).
+    # Any _BatchNorm subclass, not only BatchNorm2d: e.g. a SyncBatchNorm and a BatchNorm1d after the pooling
+    # (nothing runs here: only which parameters the phase trains).
     net = nn.Sequential(
         nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(4)
     )
