@@ -252,7 +252,7 @@ def test_power_mean_high_exponents(device, dtype, x_layout):
             tol = 1e-12 if dtype == torch.float64 else 1e-5
             assert_close(out, power_reference(x, p), torch.zeros(out.shape), tol)
             g = torch.randn(shape[0], shape[2], shape[3], dtype=dtype, device=device)
-            gx, buf = make_output(shape, dtype, device, "nchw")
+            gx, _ = make_output(shape, dtype, device, "nchw")
             ops.channel_power_mean_backward_(x, g, p, gx)
             assert_close(gx, power_grad_reference(x, g, p), torch.zeros(shape), tol)
             assert (gx[x == 0] == 0).all()
